@@ -1,0 +1,3 @@
+//! The image-generation server: model, sampler, trajectories, adapters.
+
+pub mod model;

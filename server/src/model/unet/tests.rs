@@ -1,0 +1,161 @@
+//! Gradient and consistency checks of the UNet on diffusers' tiny test configuration.
+
+use candle_core::{D, DType, Device, Tensor, Var};
+use rand::{SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use super::{UNet2DConditionModel, UNetConfig};
+use crate::model::lora::{AdapterBatch, LoraPair, LoraWeights};
+use crate::model::nn::Mode;
+use crate::model::seeded::SeededWeights;
+
+fn randn(rng: &mut StdRng, shape: &[usize], dtype: DType, scale: f64) -> Tensor {
+    let n: usize = shape.iter().product();
+    let v: Vec<f64> = (0..n).map(|_| scale * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng)).collect();
+    Tensor::from_vec(v, shape, &Device::Cpu).unwrap().to_dtype(dtype).unwrap()
+}
+
+fn tiny_unet(dtype: DType) -> UNet2DConditionModel {
+    let weights = SeededWeights::new(7);
+    UNet2DConditionModel::new(&UNetConfig::tiny(), weights.var_builder(dtype, &Device::Cpu)).unwrap()
+}
+
+/// LoRA with both factors random (B = 0 would make every A-gradient vanish), as variables.
+fn random_lora(unet: &UNet2DConditionModel, dtype: DType, rng: &mut StdRng) -> (LoraWeights, Vec<(String, Var)>) {
+    let rank = 2;
+    let mut vars = Vec::new();
+    let layers = unet
+        .lora_targets()
+        .iter()
+        .map(|t| {
+            let down = Var::from_tensor(&randn(rng, &[rank, t.in_features], dtype, 0.3)).unwrap();
+            let up = Var::from_tensor(&randn(rng, &[t.out_features, rank], dtype, 0.3)).unwrap();
+            let pair = LoraPair { down: down.as_tensor().clone(), up: up.as_tensor().clone() };
+            vars.push((format!("{}.lora_A", t.path), down));
+            vars.push((format!("{}.lora_B", t.path), up));
+            Some(pair)
+        })
+        .collect();
+    (LoraWeights::new(rank, 4.0, unet.lora_targets(), layers).unwrap(), vars)
+}
+
+struct Inputs {
+    sample: Tensor,
+    context: Tensor,
+    probe: Tensor,
+    timesteps: Vec<f64>,
+}
+
+fn inputs(dtype: DType, rng: &mut StdRng) -> Inputs {
+    Inputs {
+        sample: randn(rng, &[2, 4, 8, 8], dtype, 1.0),
+        context: randn(rng, &[2, 5, 32], dtype, 1.0),
+        probe: randn(rng, &[2, 4, 8, 8], dtype, 1.0),
+        // Items of one batch at different timesteps, as training batches are.
+        timesteps: vec![901.0, 51.0],
+    }
+}
+
+fn objective(unet: &UNet2DConditionModel, lora: &LoraWeights, x: &Inputs, mode: Mode) -> Tensor {
+    let adapters = AdapterBatch::Uniform(Some(lora));
+    let out = unet.forward(&x.sample, &x.timesteps, &x.context, &adapters, mode).unwrap();
+    (out * &x.probe).unwrap().sum_all().unwrap()
+}
+
+#[test]
+fn lora_gradients_match_finite_differences() {
+    let mut rng = StdRng::seed_from_u64(1);
+    let unet = tiny_unet(DType::F64);
+    let (lora, vars) = random_lora(&unet, DType::F64, &mut rng);
+    let x = inputs(DType::F64, &mut rng);
+    let grads = objective(&unet, &lora, &x, Mode::Training).backward().unwrap();
+
+    // Every kind of projection, in self- and cross-attention, in the down, mid and up path.
+    let checked = [
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A",
+        "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k.lora_B",
+        "down_blocks.1.attentions.1.transformer_blocks.0.attn2.to_q.lora_B",
+        "mid_block.attentions.0.transformer_blocks.0.attn2.to_k.lora_A",
+        "mid_block.attentions.0.transformer_blocks.0.attn1.to_v.lora_A",
+        "up_blocks.0.attentions.2.transformer_blocks.0.attn1.to_out.0.lora_B",
+    ];
+    let h = 1e-5;
+    for name in checked {
+        let var = &vars.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("no {name}")).1;
+        let analytic: Vec<f64> = grads.get(var.as_tensor()).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let original: Vec<f64> = var.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
+        for &i in &[0, original.len() / 2, original.len() - 1] {
+            let eval = |delta: f64| {
+                let mut v = original.clone();
+                v[i] += delta;
+                var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
+                objective(&unet, &lora, &x, Mode::Inference).to_scalar::<f64>().unwrap()
+            };
+            let numeric = (eval(h) - eval(-h)) / (2.0 * h);
+            var.set(&Tensor::from_vec(original.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+            let err = (analytic[i] - numeric).abs();
+            assert!(
+                numeric.abs() > 1e-6 && err <= 1e-5 * numeric.abs().max(1.0),
+                "{name}[{i}]: analytic {} vs numeric {numeric}",
+                analytic[i]
+            );
+        }
+    }
+}
+
+/// The failure the training mode exists for: fused kernels cut the graph, and the gradients of
+/// `to_q`/`to_k` (upstream of the softmax) silently come out zero.
+#[test]
+fn fused_inference_kernels_cut_the_graph() {
+    let mut rng = StdRng::seed_from_u64(2);
+    let unet = tiny_unet(DType::F32);
+    let (lora, vars) = random_lora(&unet, DType::F32, &mut rng);
+    let x = inputs(DType::F32, &mut rng);
+    let q = &vars.iter().find(|(n, _)| n.ends_with("mid_block.attentions.0.transformer_blocks.0.attn1.to_q.lora_A")).unwrap().1;
+    let norm = |mode| {
+        let grads = objective(&unet, &lora, &x, mode).backward().unwrap();
+        grads
+            .get(q.as_tensor())
+            .map(|g| g.sqr().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap())
+            .unwrap_or(0.0)
+    };
+    assert_eq!(norm(Mode::Inference), 0.0);
+    assert!(norm(Mode::Training) > 0.0);
+}
+
+#[test]
+fn training_and_inference_modes_agree_and_lora_rows_are_independent() {
+    let mut rng = StdRng::seed_from_u64(3);
+    let unet = tiny_unet(DType::F32);
+    let (lora, _) = random_lora(&unet, DType::F32, &mut rng);
+    let x = inputs(DType::F32, &mut rng);
+    let run = |adapters: &AdapterBatch<'_>, mode| {
+        unet.forward(&x.sample, &x.timesteps, &x.context, adapters, mode).unwrap()
+    };
+    let max_diff = |a: &Tensor, b: &Tensor| {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar::<f32>().unwrap()
+    };
+    let with = run(&AdapterBatch::Uniform(Some(&lora)), Mode::Inference);
+    let trained = run(&AdapterBatch::Uniform(Some(&lora)), Mode::Training);
+    assert!(max_diff(&with, &trained) < 1e-4, "modes differ by {}", max_diff(&with, &trained));
+
+    // Row 0 with the adapter, row 1 without: each equals its uniform-batch counterpart.
+    let base = run(&AdapterBatch::BASE, Mode::Inference);
+    let mixed = run(&AdapterBatch::Spans(vec![(1, Some(&lora)), (1, None)]), Mode::Inference);
+    assert!(max_diff(&mixed.narrow(0, 0, 1).unwrap(), &with.narrow(0, 0, 1).unwrap()) < 1e-5);
+    assert!(max_diff(&mixed.narrow(0, 1, 1).unwrap(), &base.narrow(0, 1, 1).unwrap()) < 1e-5);
+    assert!(max_diff(&with, &base) > 1e-3, "the adapter must change the output");
+}
+
+#[test]
+fn tiny_unet_has_the_diffusers_parameter_count_and_targets() {
+    let weights = SeededWeights::new(0);
+    let unet = UNet2DConditionModel::new(&UNetConfig::tiny(), weights.var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let params: usize = weights.tensors().values().map(|t| t.elem_count()).sum();
+    // Counted layer by layer from diffusers' UNet2DConditionModel definition for this config
+    // (an independent count, in the closing note of the model-core issue).
+    assert_eq!(params, 1_427_012);
+    // 2 down + 1 mid + 3 up transformers, each with self- and cross-attention.
+    assert_eq!(unet.lora_targets().len(), 6 * 2 * 4);
+    assert_eq!(unet.lora_targets()[0].path, "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q");
+}
