@@ -1,0 +1,163 @@
+//! A tiny Stable Diffusion pipeline built from code with deterministic random weights, written in
+//! the diffusers layout so that tests exercise the real loading code. The sizes are diffusers'
+//! own test configuration (`tests/pipelines/stable_diffusion/test_stable_diffusion.py`), so
+//! timings compare directly with diffusers on the same shapes.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use super::clip::{ClipConfig, ClipTextModel};
+use super::seeded::SeededWeights;
+use super::tokenizer::{BOS, EOS, byte_alphabet};
+use super::unet::{UNet2DConditionModel, UNetConfig};
+use super::vae::{VaeConfig, VaeDecoder};
+use crate::error::ModelError;
+
+/// Words the tiny vocabulary learns whole (the procedural captions of the embedded model).
+const WORDS: &[&str] = &[
+    "a", "an", "the", "small", "large", "big", "tiny", "red", "green", "blue", "yellow", "purple",
+    "orange", "white", "black", "gray", "pink", "brown", "circle", "square", "triangle", "on",
+    "in", "of", "with", "and", "background", "top", "bottom", "left", "right", "center", "corner",
+    "photo", "picture", "shape", "bright", "dark",
+];
+
+/// Writes the tiny pipeline into `dir` (created if needed). The same `seed` writes the same bytes.
+pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
+    let device = Device::Cpu;
+    let unet_weights = SeededWeights::new(seed);
+    let unet_config = UNetConfig::tiny();
+    UNet2DConditionModel::new(&unet_config, unet_weights.var_builder(DType::F32, &device))?;
+    let mut unet_json = serde_json::to_value(&unet_config).map_err(|e| config_err(dir, e))?;
+    unet_json["_class_name"] = json!("UNet2DConditionModel");
+    write_component(dir, "unet", "diffusion_pytorch_model", &unet_json, unet_weights.tensors())?;
+
+    let vae_weights = SeededWeights::new(seed.wrapping_add(1));
+    let vae_config = VaeConfig::tiny();
+    VaeDecoder::new(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
+    let mut vae_json = serde_json::to_value(&vae_config).map_err(|e| config_err(dir, e))?;
+    vae_json["_class_name"] = json!("AutoencoderKL");
+    vae_json["down_block_types"] = json!(["DownEncoderBlock2D", "DownEncoderBlock2D"]);
+    vae_json["up_block_types"] = json!(["UpDecoderBlock2D", "UpDecoderBlock2D"]);
+    write_component(dir, "vae", "diffusion_pytorch_model", &vae_json, vae_weights.tensors())?;
+
+    let clip_weights = SeededWeights::new(seed.wrapping_add(2));
+    let clip_config = ClipConfig::tiny();
+    ClipTextModel::new(&clip_config, clip_weights.var_builder(DType::F32, &device))?;
+    let mut clip_json = serde_json::to_value(&clip_config).map_err(|e| config_err(dir, e))?;
+    clip_json["_class_name"] = json!("CLIPTextModel");
+    clip_json["architectures"] = json!(["CLIPTextModel"]);
+    clip_json["bos_token_id"] = json!(0);
+    clip_json["eos_token_id"] = json!(2);
+    clip_json["pad_token_id"] = json!(1);
+    write_component(dir, "text_encoder", "model", &clip_json, clip_weights.tensors())?;
+
+    write_tokenizer(&dir.join("tokenizer"), clip_config.vocab_size)?;
+    write_json(
+        &dir.join("scheduler/scheduler_config.json"),
+        &json!({
+            "_class_name": "DDIMScheduler",
+            "num_train_timesteps": 1000,
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "beta_schedule": "scaled_linear",
+            "clip_sample": false,
+            "set_alpha_to_one": false,
+            "steps_offset": 1,
+            "prediction_type": "epsilon",
+            "timestep_spacing": "leading"
+        }),
+    )?;
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": "StableDiffusionPipeline",
+            "feature_extractor": [null, null],
+            "safety_checker": [null, null],
+            "requires_safety_checker": false,
+            "scheduler": ["diffusers", "DDIMScheduler"],
+            "text_encoder": ["transformers", "CLIPTextModel"],
+            "tokenizer": ["transformers", "CLIPTokenizer"],
+            "unet": ["diffusers", "UNet2DConditionModel"],
+            "vae": ["diffusers", "AutoencoderKL"]
+        }),
+    )?;
+    Ok(())
+}
+
+fn config_err(dir: &Path, e: serde_json::Error) -> ModelError {
+    ModelError::Config { path: dir.to_path_buf(), reason: e.to_string() }
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {
+    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent).map_err(io)?;
+    }
+    let text = serde_json::to_string_pretty(value).map_err(|e| config_err(path, e))?;
+    std::fs::write(path, text + "\n").map_err(io)
+}
+
+fn write_component(
+    dir: &Path,
+    name: &str,
+    stem: &str,
+    config: &serde_json::Value,
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<(), ModelError> {
+    write_json(&dir.join(name).join("config.json"), config)?;
+    let path = dir.join(name).join(format!("{stem}.safetensors"));
+    let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&tensors, &path)
+        .map_err(|e| ModelError::Weights { path: path.clone(), reason: e.to_string() })
+}
+
+/// A byte-level BPE vocabulary in CLIP's layout: the 256 byte characters, the same with `</w>`,
+/// merges that spell out every word of [`WORDS`] left to right, then the two special tokens.
+fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<(), ModelError> {
+    let alphabet = byte_alphabet();
+    let mut vocab: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
+    vocab.extend(alphabet.iter().map(|c| format!("{c}</w>")));
+    let mut merges: Vec<(String, String)> = Vec::new();
+    let mut known: BTreeSet<String> = vocab.iter().cloned().collect();
+    for word in WORDS {
+        let chars: Vec<String> = word.chars().map(|c| c.to_string()).collect();
+        let mut acc = chars[0].clone();
+        for (i, c) in chars.iter().enumerate().skip(1) {
+            let right = if i == chars.len() - 1 { format!("{c}</w>") } else { c.clone() };
+            let merged = format!("{acc}{right}");
+            if known.insert(merged.clone()) {
+                merges.push((acc.clone(), right));
+                vocab.push(merged.clone());
+            }
+            acc = merged;
+        }
+    }
+    vocab.push(BOS.into());
+    vocab.push(EOS.into());
+    if vocab.len() > vocab_size {
+        return Err(ModelError::Config {
+            path: dir.to_path_buf(),
+            reason: format!("tokenizer needs {} ids, the encoder has {vocab_size}", vocab.len()),
+        });
+    }
+    let vocab_json: serde_json::Map<String, serde_json::Value> =
+        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    write_json(&dir.join("vocab.json"), &serde_json::Value::Object(vocab_json))?;
+    let mut merges_text = String::from("#version: 0.2\n");
+    for (a, b) in &merges {
+        merges_text.push_str(&format!("{a} {b}\n"));
+    }
+    let path = dir.join("merges.txt");
+    std::fs::write(&path, merges_text).map_err(|source| ModelError::Io { path, source })?;
+    write_json(
+        &dir.join("special_tokens_map.json"),
+        &json!({ "bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS }),
+    )?;
+    write_json(
+        &dir.join("tokenizer_config.json"),
+        &json!({ "model_max_length": 77, "do_lower_case": true, "tokenizer_class": "CLIPTokenizer" }),
+    )
+}
