@@ -301,3 +301,87 @@ impl DdimSchedule {
         self.steps.is_empty()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_spacing(spacing: TimestepSpacing, offset: usize) -> SchedulerConfig {
+        SchedulerConfig { timestep_spacing: spacing, steps_offset: offset, ..SchedulerConfig::default() }
+    }
+
+    #[test]
+    fn timestep_spacings_match_diffusers() {
+        // DDIMScheduler(...).set_timesteps(10).timesteps for each spacing.
+        let leading = with_spacing(TimestepSpacing::Leading, 1).timesteps(10).unwrap();
+        assert_eq!(leading, vec![901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
+        let trailing = with_spacing(TimestepSpacing::Trailing, 0).timesteps(10).unwrap();
+        assert_eq!(trailing, vec![999, 899, 799, 699, 599, 499, 399, 299, 199, 99]);
+        let linspace = with_spacing(TimestepSpacing::Linspace, 0).timesteps(10).unwrap();
+        assert_eq!(linspace, vec![999, 888, 777, 666, 555, 444, 333, 222, 111, 0]);
+        // 1000 / 3 does not divide: leading keeps the integer ratio 333.
+        assert_eq!(with_spacing(TimestepSpacing::Leading, 1).timesteps(3).unwrap(), vec![667, 334, 1]);
+    }
+
+    #[test]
+    fn out_of_range_steps_and_settings_are_refused() {
+        let config = SchedulerConfig::default();
+        assert!(config.timesteps(0).is_err());
+        assert!(config.timesteps(1001).is_err());
+        let err = SchedulerConfig::from_json(r#"{"rescale_betas_zero_snr": true}"#).unwrap_err();
+        assert!(err.to_string().contains("rescale_betas_zero_snr"), "{err}");
+        let err = SchedulerConfig::from_json(r#"{"beta_schedule": "squaredcos_cap_v2"}"#).unwrap_err();
+        assert!(err.to_string().contains("squaredcos_cap_v2"), "{err}");
+        // steps_offset pushing the last timestep past the schedule.
+        assert!(with_spacing(TimestepSpacing::Leading, 100).timesteps(1).is_ok());
+        assert!(with_spacing(TimestepSpacing::Leading, 1000).timesteps(1).is_err());
+    }
+
+    #[test]
+    fn config_reads_diffusers_json_and_ignores_unknown_keys() {
+        let json = r#"{"_class_name": "PNDMScheduler", "beta_end": 0.012, "beta_schedule": "scaled_linear",
+            "beta_start": 0.00085, "clip_sample": false, "num_train_timesteps": 1000,
+            "prediction_type": "v_prediction", "set_alpha_to_one": false, "skip_prk_steps": true,
+            "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null}"#;
+        let config = SchedulerConfig::from_json(json).unwrap();
+        assert_eq!(config.prediction_type, PredictionType::VPrediction);
+        assert_eq!(config, SchedulerConfig { prediction_type: PredictionType::VPrediction, ..SchedulerConfig::default() });
+    }
+
+    #[test]
+    fn alpha_bar_of_the_first_and_last_training_step() {
+        let a = SchedulerConfig::default().alphas_cumprod();
+        // 1 - beta_0 = 1 - 0.00085; the rest of the grid is pinned by the reference vectors.
+        // SD's schedule does not reach zero terminal SNR: sqrt(alpha_bar_999) is about 0.068.
+        assert!((f64::from(a[0]) - 0.99915).abs() < 1e-7);
+        assert!((f64::from(a[999]).sqrt() - 0.068).abs() < 1e-3, "{}", a[999]);
+        assert!(a.windows(2).all(|w| w[1] < w[0]), "alpha_bar decreases");
+        let linear = SchedulerConfig { beta_schedule: BetaSchedule::Linear, beta_start: 0.0001, beta_end: 0.02, ..SchedulerConfig::default() };
+        assert!((f64::from(linear.alphas_cumprod()[0]) - 0.9999).abs() < 1e-7);
+    }
+
+    #[test]
+    fn v_prediction_coefficients_equal_converting_v_to_eps() {
+        let schedule = DdimSchedule::new(&SchedulerConfig::default(), 20).unwrap();
+        for step in schedule.steps() {
+            let (x, v) = (0.7, -0.3);
+            let a = step.alpha_bar;
+            let eps = a.sqrt() * v + (1.0 - a).sqrt() * x;
+            let (ex, ee) = step.mean_coefficients(0.5, PredictionType::Epsilon);
+            let (vx, vv) = step.mean_coefficients(0.5, PredictionType::VPrediction);
+            let via_eps = ex * x + ee * eps;
+            let direct = vx * x + vv * v;
+            assert!((via_eps - direct).abs() < 1e-12, "step {}", step.index);
+        }
+    }
+
+    #[test]
+    fn last_step_lands_on_alpha_bar_zero_or_one() {
+        let sd = DdimSchedule::new(&SchedulerConfig::default(), 20).unwrap();
+        let last = sd.step(19).unwrap();
+        assert_eq!((last.t, last.t_prev), (1, 0));
+        assert!((last.alpha_bar_prev - 0.99915).abs() < 1e-7);
+        let one = SchedulerConfig { set_alpha_to_one: true, ..SchedulerConfig::default() };
+        assert_eq!(DdimSchedule::new(&one, 20).unwrap().step(19).unwrap().alpha_bar_prev, 1.0);
+    }
+}

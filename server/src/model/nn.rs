@@ -70,11 +70,20 @@ impl Module for Linear {
     }
 }
 
-/// A 2-D convolution with square kernel, as diffusers' `nn.Conv2d`.
+/// A 2-D convolution with square kernel over **channels-last** activations `[B, H, W, C]`,
+/// with diffusers' `nn.Conv2d` weights `[out, in, k, k]`.
+///
+/// It runs as one im2col gemm: the k*k shifted windows of the padded input are copied out as
+/// contiguous row blocks, concatenated along channels, and multiplied once by the weights
+/// pre-arranged as `[out, kh*kw*in]`. candle's own CPU conv builds its im2col tiles element by
+/// element from NCHW and re-flattens the kernel on every call; with it the convolutions were
+/// the largest cost of a UNet forward. Every op used here has a backward pass.
 #[derive(Debug, Clone)]
 pub(crate) struct Conv2d {
-    weight: Tensor,
+    /// `[out, k*k*in]`: the weight in im2col order (kh, kw, in).
+    weight_cols: Tensor,
     bias: Tensor,
+    kernel: usize,
     padding: usize,
     stride: usize,
 }
@@ -95,18 +104,57 @@ impl Conv2d {
         )?;
         let bound = 1.0 / ((in_ch * kernel * kernel) as f64).sqrt();
         let bias = vb.get_with_hints(out_ch, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
-        Ok(Self { weight, bias: bias.reshape((1, out_ch, 1, 1))?, padding, stride })
+        let weight_cols = weight
+            .permute((0, 2, 3, 1))?
+            .contiguous()?
+            .reshape((out_ch, kernel * kernel * in_ch))?;
+        Ok(Self { weight_cols, bias, kernel, padding, stride })
     }
 }
 
 impl Module for Conv2d {
+    /// `[B, H, W, in] -> [B, H', W', out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?
-            .broadcast_add(&self.bias)
+        let (b, h, w, c) = x.dims4()?;
+        let (k, p, s) = (self.kernel, self.padding, self.stride);
+        if h + 2 * p < k || w + 2 * p < k {
+            candle_core::bail!("{h}x{w} input is smaller than the {k}x{k} kernel");
+        }
+        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let cols = if k == 1 && s == 1 && p == 0 {
+            x.clone()
+        } else {
+            // Pad so that every window of s*o rows fits (strided windows are then subsampled).
+            let bottom = (k - 1 + s * oh).saturating_sub(h + p);
+            let right = (k - 1 + s * ow).saturating_sub(w + p);
+            let padded = x.pad_with_zeros(1, p, bottom)?.pad_with_zeros(2, p, right)?;
+            let windows = (0..k * k)
+                .map(|i| {
+                    let win = padded.narrow(1, i / k, s * oh)?.narrow(2, i % k, s * ow)?.contiguous()?;
+                    if s == 1 {
+                        Ok(win)
+                    } else {
+                        win.reshape((b, oh, s, ow, s, c))?
+                            .narrow(2, 0, 1)?
+                            .narrow(4, 0, 1)?
+                            .contiguous()?
+                            .reshape((b, oh, ow, c))
+                    }
+                })
+                .collect::<Result<Vec<_>>>()?;
+            Tensor::cat(&windows, 3)?
+        };
+        let out_ch = self.weight_cols.dim(0)?;
+        cols.reshape((b * oh * ow, k * k * c))?
+            .matmul(&self.weight_cols.t()?)?
+            .broadcast_add(&self.bias)?
+            .reshape((b, oh, ow, out_ch))
     }
 }
 
-/// Group normalisation over `[B, C, ...]`, statistics in f32 for half-precision inputs.
+/// Group normalisation over **channels-last** `[B, ..., C]`: channels split into groups along
+/// the last dimension, statistics over every position and the group's channels (in f32 for
+/// half-precision inputs). Equal to `nn.GroupNorm` on the NCHW view.
 #[derive(Debug, Clone)]
 pub(crate) struct GroupNorm {
     weight: Tensor,
@@ -129,16 +177,32 @@ impl GroupNorm {
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
-        let (batch, channels) = (dims[0], dims[1]);
+        let (batch, channels) = (dims[0], dims[dims.len() - 1]);
         let dtype = x.dtype();
-        let grouped = x.reshape((batch, self.groups, ()))?.to_dtype(upcast(dtype))?;
-        let normed = normalize_last_dim(&grouped, self.eps)?.to_dtype(dtype)?.reshape(dims.as_slice())?;
-        let mut affine_shape = vec![1usize; dims.len()];
-        affine_shape[1] = channels;
-        normed
-            .broadcast_mul(&self.weight.reshape(affine_shape.as_slice())?)?
-            .broadcast_add(&self.bias.reshape(affine_shape.as_slice())?)
+        let per_group = channels / self.groups;
+        let positions = x.elem_count() / (batch * channels);
+        let count = (positions * per_group) as f64;
+        let g = x.reshape((batch, positions, self.groups, per_group))?.to_dtype(upcast(dtype))?;
+        // Sum over the group's channels (contiguous) first, then over positions.
+        let mean = (g.sum_keepdim(3)?.sum_keepdim(1)? / count)?;
+        let centred = g.broadcast_sub(&mean)?;
+        let var = (centred.sqr()?.sum_keepdim(3)?.sum_keepdim(1)? / count)?;
+        centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?
+            .reshape(dims.as_slice())?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
     }
+}
+
+/// Nearest-neighbour 2x upsampling of channels-last `[B, H, W, C]` (differentiable: a broadcast).
+pub(crate) fn upsample_nearest_2x(x: &Tensor) -> Result<Tensor> {
+    let (b, h, w, c) = x.dims4()?;
+    x.reshape((b, h, 1, w, 1, c))?
+        .broadcast_as((b, h, 2, w, 2, c))?
+        .contiguous()?
+        .reshape((b, 2 * h, 2 * w, c))
 }
 
 /// Layer normalisation over the last dimension.
@@ -206,5 +270,80 @@ impl Linear {
         let bound = 1.0 / (in_dim as f64).sqrt();
         let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
         Ok(Self { weight, bias: Some(bias) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, DType, Device, Module, Tensor};
+
+    use super::*;
+    use crate::model::seeded::SeededWeights;
+
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar().unwrap()
+    }
+
+    fn input(shape: (usize, usize, usize, usize)) -> Tensor {
+        let n = shape.0 * shape.1 * shape.2 * shape.3;
+        let v: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
+        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+    }
+
+    /// The channels-last im2col convolution equals candle's NCHW `conv2d` on the same weights.
+    #[test]
+    fn conv_matches_candle_conv2d() {
+        for (k, stride, pad, h, w) in [(3, 1, 1, 8, 6), (3, 2, 1, 8, 8), (3, 2, 1, 7, 5), (1, 1, 0, 4, 4), (3, 1, 0, 5, 5)] {
+            let seeded = SeededWeights::new(k as u64 + stride as u64);
+            let vb = seeded.var_builder(DType::F32, &Device::Cpu);
+            let conv = Conv2d::new(5, 7, k, stride, pad, vb.pp("c")).unwrap();
+            let weights = seeded.tensors();
+            let (weight, bias) = (&weights["c.weight"], &weights["c.bias"]);
+            let x = input((2, 5, h, w));
+            let want = x.conv2d(weight, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((1, 7, 1, 1)).unwrap()).unwrap();
+            let got = conv.forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+            assert_eq!(got.dims(), want.dims(), "k{k} s{stride} p{pad} {h}x{w}");
+            assert!(max_diff(&got, &want) < 1e-5, "k{k} s{stride} p{pad}: {}", max_diff(&got, &want));
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_candle_group_norm_on_nchw() {
+        let seeded = SeededWeights::new(3);
+        let vb = seeded.var_builder(DType::F32, &Device::Cpu);
+        let ours = GroupNorm::new(4, 8, 1e-5, vb.pp("n")).unwrap();
+        // Non-trivial affine parameters.
+        let w = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().affine(0.1, 0.5).unwrap();
+        let b = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().affine(-0.2, 0.3).unwrap();
+        let ours = GroupNorm { weight: w.clone(), bias: b.clone(), ..ours };
+        let reference = candle_nn::GroupNorm::new(w, b, 8, 4, 1e-5).unwrap();
+        let x = input((2, 8, 3, 5));
+        let want = reference.forward(&x).unwrap();
+        let got = ours.forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+    }
+
+    #[test]
+    fn upsample_matches_candle_nearest() {
+        let x = input((2, 3, 4, 5));
+        let want = x.upsample_nearest2d(8, 10).unwrap();
+        let got = upsample_nearest_2x(&x.permute((0, 2, 3, 1)).unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+        assert_eq!(max_diff(&got, &want), 0.0);
+    }
+
+    #[test]
+    fn layer_norm_modes_agree_and_softmax_modes_agree() {
+        let seeded = SeededWeights::new(4);
+        let ln = LayerNorm::new(6, 1e-5, seeded.var_builder(DType::F32, &Device::Cpu).pp("ln")).unwrap();
+        let x = input((1, 2, 3, 6));
+        let fused = ln.forward(&x, Mode::Inference).unwrap();
+        let composed = ln.forward(&x, Mode::Training).unwrap();
+        assert!(max_diff(&fused, &composed) < 1e-5);
+        // Hand check: softmax of [0, ln 3] is [1/4, 3/4].
+        let t = Tensor::new(&[[0f32, 3f32.ln()]], &Device::Cpu).unwrap();
+        for mode in [Mode::Inference, Mode::Training] {
+            let p: Vec<Vec<f32>> = softmax_last_dim(&t, mode).unwrap().to_vec2().unwrap();
+            assert!((p[0][0] - 0.25).abs() < 1e-6 && (p[0][1] - 0.75).abs() < 1e-6, "{mode:?}");
+        }
     }
 }

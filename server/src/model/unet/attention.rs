@@ -53,22 +53,26 @@ impl Attention {
         let (b, n, inner) = q.dims3()?;
         let m = k.dim(1)?;
         let head_dim = inner / self.heads;
-        let split = |t: Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((b, len, self.heads, head_dim))?.transpose(1, 2)?.contiguous()
-        };
-        // Scaling q before the product touches N*d values instead of N*M.
-        let q = split((q * self.scale)?, n)?;
-        let k = split(k, m)?;
-        let v = split(v, m)?;
-        let dtype = q.dtype();
-        let scores = q.matmul(&k.t()?)?;
-        // Scores and softmax in f32 for half-precision weights (diffusers' upcast_attention).
-        let probs = if matches!(dtype, DType::F16 | DType::BF16) {
-            softmax_last_dim(&scores.to_dtype(DType::F32)?, ctx.mode)?.to_dtype(dtype)?
-        } else {
-            softmax_last_dim(&scores, ctx.mode)?
-        };
-        let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, inner))?;
+        // One batch item at a time: `[N, H, d] -> [H, N, d]` is then a strided view the gemm
+        // reads directly (no copies of q, k, v), and the score matrix is B times smaller.
+        let q = (q * self.scale)?; // scaling q touches N*d values instead of N*M
+        let mut outs = Vec::with_capacity(b);
+        for item in 0..b {
+            let heads_of = |t: &Tensor, len: usize| -> Result<Tensor> {
+                t.get(item)?.reshape((len, self.heads, head_dim))?.transpose(0, 1)
+            };
+            let (qi, ki, vi) = (heads_of(&q, n)?, heads_of(&k, m)?, heads_of(&v, m)?);
+            let dtype = qi.dtype();
+            let scores = qi.matmul(&ki.t()?)?;
+            // Scores and softmax in f32 for half-precision weights (diffusers' upcast_attention).
+            let probs = if matches!(dtype, DType::F16 | DType::BF16) {
+                softmax_last_dim(&scores.to_dtype(DType::F32)?, ctx.mode)?.to_dtype(dtype)?
+            } else {
+                softmax_last_dim(&scores, ctx.mode)?
+            };
+            outs.push(probs.matmul(&vi)?.transpose(0, 1)?.reshape((n, inner))?);
+        }
+        let out = Tensor::stack(&outs, 0)?;
         self.to_out.forward(&out, ctx.adapters)
     }
 }
@@ -177,13 +181,12 @@ impl Transformer2D {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, context: &Tensor, ctx: &Ctx<'_>) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let tokens = self.norm.forward(x)?.permute((0, 2, 3, 1))?.reshape((b, h * w, c))?;
+        let (b, h, w, c) = x.dims4()?;
+        let tokens = self.norm.forward(x)?.reshape((b, h * w, c))?;
         let mut tokens = self.proj_in.forward(&tokens)?;
         for block in &self.blocks {
             tokens = block.forward(&tokens, context, ctx)?;
         }
-        let out = self.proj_out.forward(&tokens)?.reshape((b, h, w, c))?.permute((0, 3, 1, 2))?;
-        out + x
+        self.proj_out.forward(&tokens)?.reshape((b, h, w, c))? + x
     }
 }

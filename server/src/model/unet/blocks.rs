@@ -1,4 +1,5 @@
-//! Resnets and the down, mid and up blocks of the UNet.
+//! Resnets and the down, mid and up blocks of the UNet. Activations are channels-last
+//! `[B, H, W, C]` throughout.
 
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
@@ -6,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::Ctx;
 use super::attention::{Transformer2D, TransformerSpec};
 use crate::model::lora::LoraTarget;
-use crate::model::nn::{Conv2d, GroupNorm, Linear};
+use crate::model::nn::{Conv2d, GroupNorm, Linear, upsample_nearest_2x};
 
 /// `ResnetBlock2D`: two norm-silu-conv stages with the time embedding added between them.
 #[derive(Debug, Clone)]
@@ -39,7 +40,7 @@ impl ResnetBlock {
     /// `temb_act` is `silu(time embedding)`, computed once per forward and shared.
     pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self.time_emb_proj.forward(temb_act)?.unsqueeze(2)?.unsqueeze(3)?;
+        let t = self.time_emb_proj.forward(temb_act)?.unsqueeze(1)?.unsqueeze(1)?;
         let h = h.broadcast_add(&t)?;
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         match &self.shortcut {
@@ -195,18 +196,14 @@ impl UpBlock {
             let Some(skip) = skips.pop() else {
                 candle_core::bail!("UNet skip connections exhausted");
             };
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 1)?, temb)?;
+            h = resnet.forward(&Tensor::cat(&[&h, &skip], 3)?, temb)?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, ctx)?;
             }
         }
         if let Some(up) = &self.upsample {
-            // Upsample to the size of the skip it meets next (2x unless a side was odd).
-            let (th, tw) = match skips.last() {
-                Some(s) => (s.dim(2)?, s.dim(3)?),
-                None => (h.dim(2)? * 2, h.dim(3)? * 2),
-            };
-            h = up.forward(&h.upsample_nearest2d(th, tw)?)?;
+            // Latent sides are multiples of 2^levels (checked by the UNet), so this is exact.
+            h = up.forward(&upsample_nearest_2x(&h)?)?;
         }
         Ok(h)
     }

@@ -191,7 +191,8 @@ impl UNet2DConditionModel {
         let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
         let temb_act = temb.silu()?;
 
-        let mut h = self.conv_in.forward(sample)?;
+        // Channels-last inside: convolutions, norms and attention then need no transposes.
+        let mut h = self.conv_in.forward(&sample.permute((0, 2, 3, 1))?.contiguous()?)?;
         let mut skips = vec![h.clone()];
         for block in &self.down {
             h = block.forward(&h, &temb_act, context, &ctx, &mut skips)?;
@@ -200,7 +201,10 @@ impl UNet2DConditionModel {
         for block in &self.up {
             h = block.forward(&h, &temb_act, context, &ctx, &mut skips)?;
         }
-        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+        self.conv_out
+            .forward(&self.norm_out.forward(&h)?.silu()?)?
+            .permute((0, 3, 1, 2))?
+            .contiguous()
     }
 }
 
