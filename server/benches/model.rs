@@ -72,6 +72,9 @@ fn main() -> anyhow::Result<()> {
         println!("{images} image(s): {}", ms(d));
     }
 
+    let latents = randn(&[4, 4, 32, 32], 6);
+    println!("VAE decode of 4 latents (part of the above): {}", ms(time(n, || model.vae.decode_rgb8(&latents).expect("decode"))));
+
     println!("\n== cost of recording (per 20-step generation of 4 images) ==");
     let lat = randn(&[4, 4, 32, 32], 3);
     let mu = randn(&[4, 4, 32, 32], 4);

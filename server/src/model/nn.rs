@@ -5,7 +5,8 @@
 //! graph they silently cut it and the LoRA gradients upstream of them come out zero. Every layer
 //! here therefore takes a [`Mode`] and uses the fused kernel only when nothing is differentiated.
 
-use candle_core::{D, DType, Module, Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 /// Whether a forward pass will be differentiated.
@@ -59,11 +60,7 @@ impl Module for Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
-        let y = x.reshape((rows, in_dim))?.matmul(&self.weight.t()?)?;
-        let y = match &self.bias {
-            Some(b) => y.broadcast_add(b)?,
-            None => y,
-        };
+        let y = frozen_matmul(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref())?;
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = self.out_dim();
         y.reshape(out_dims)
@@ -145,10 +142,59 @@ impl Module for Conv2d {
             Tensor::cat(&windows, 3)?
         };
         let out_ch = self.weight_cols.dim(0)?;
-        cols.reshape((b * oh * ow, k * k * c))?
-            .matmul(&self.weight_cols.t()?)?
-            .broadcast_add(&self.bias)?
+        frozen_matmul(&cols.reshape((b * oh * ow, k * k * c))?, &self.weight_cols, Some(&self.bias))?
             .reshape((b, oh, ow, out_ch))
+    }
+}
+
+/// `x W^T + b` for `x` `[rows, in]` and a frozen (never trained) `W` `[out, in]`.
+///
+/// When `x` is part of an autograd graph, candle's matmul backward would also compute the
+/// gradient of `W` (a second gemm as large as the forward, plus memory for it) only to throw it
+/// away. Here the value is computed off the graph and attached to `x` by [`FrozenWeightGrad`],
+/// whose backward produces `grad_x = grad_y W` and nothing else.
+pub(crate) fn frozen_matmul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    let value = x.detach().matmul(&weight.t()?)?;
+    let value = match bias {
+        Some(b) => value.broadcast_add(b)?,
+        None => value,
+    };
+    if x.track_op() {
+        x.apply_op2(&value, FrozenWeightGrad { weight: weight.clone() })
+    } else {
+        Ok(value)
+    }
+}
+
+/// Passes a precomputed `x W^T + b` through, with the backward of a product by a constant `W`.
+struct FrozenWeightGrad {
+    weight: Tensor,
+}
+
+impl FrozenWeightGrad {
+    fn pass_through<S: BackendStorage>(value: &S, layout: &Layout) -> Result<(S, Shape)> {
+        if !layout.is_contiguous() || layout.start_offset() != 0 {
+            candle_core::bail!("frozen-weight matmul expects a fresh contiguous value");
+        }
+        Ok((value.try_clone(layout)?, layout.shape().clone()))
+    }
+}
+
+impl CustomOp2 for FrozenWeightGrad {
+    fn name(&self) -> &'static str {
+        "frozen-weight-matmul"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, value: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        Self::pass_through(value, layout)
+    }
+
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, value: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+        Self::pass_through(value, layout)
+    }
+
+    fn bwd(&self, _x: &Tensor, _value: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(&self.weight)?), None))
     }
 }
 
