@@ -15,7 +15,10 @@ pub struct D3poLossConfig {
 
 impl Default for D3poLossConfig {
     fn default() -> Self {
-        Self { beta: 0.1, clamp_eps: 0.1 }
+        Self {
+            beta: 0.1,
+            clamp_eps: 0.1,
+        }
     }
 }
 

@@ -89,16 +89,14 @@ impl SchedulerConfig {
             ("rescale_betas_zero_snr", serde_json::Value::Bool(false)),
             ("thresholding", serde_json::Value::Bool(false)),
         ] {
-            if let Some(v) = raw.get(key) {
-                if *v != harmless {
-                    return Err(D3poError::InvalidSchedule(format!(
-                        "`{key}` = {v} is not supported (only {harmless})"
-                    )));
-                }
+            if let Some(v) = raw.get(key).filter(|v| **v != harmless) {
+                return Err(D3poError::InvalidSchedule(format!(
+                    "`{key}` = {v} is not supported (only {harmless})"
+                )));
             }
         }
-        let config: Self = serde_json::from_value(raw)
-            .map_err(|e| D3poError::InvalidSchedule(e.to_string()))?;
+        let config: Self =
+            serde_json::from_value(raw).map_err(|e| D3poError::InvalidSchedule(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
@@ -124,10 +122,9 @@ impl SchedulerConfig {
         let n = self.num_train_timesteps;
         let (start, end) = match self.beta_schedule {
             BetaSchedule::Linear => (self.beta_start as f32, self.beta_end as f32),
-            BetaSchedule::ScaledLinear => (
-                self.beta_start.sqrt() as f32,
-                self.beta_end.sqrt() as f32,
-            ),
+            BetaSchedule::ScaledLinear => {
+                (self.beta_start.sqrt() as f32, self.beta_end.sqrt() as f32)
+            }
         };
         // torch.linspace in f32: the first half counts up from start, the second down from end.
         let step = (end - start) / (n - 1) as f32;
@@ -180,7 +177,11 @@ impl SchedulerConfig {
                 (0..num_steps)
                     .rev()
                     .map(|j| {
-                        let v = if num_steps == 1 { 0.0 } else { last * j as f64 / (num_steps - 1) as f64 };
+                        let v = if num_steps == 1 {
+                            0.0
+                        } else {
+                            last * j as f64 / (num_steps - 1) as f64
+                        };
                         v.round() as usize
                     })
                     .collect()
@@ -252,7 +253,11 @@ impl DdimSchedule {
     pub fn new(config: &SchedulerConfig, num_steps: usize) -> Result<Self> {
         config.validate()?;
         let alphas = config.alphas_cumprod();
-        let final_alpha = if config.set_alpha_to_one { 1.0 } else { f64::from(alphas[0]) };
+        let final_alpha = if config.set_alpha_to_one {
+            1.0
+        } else {
+            f64::from(alphas[0])
+        };
         // diffusers always steps back by the integer ratio, whatever the spacing.
         let ratio = config.num_train_timesteps / num_steps.max(1);
         let steps = config
@@ -265,12 +270,22 @@ impl DdimSchedule {
                     Some(p) => (p, f64::from(alphas[p])),
                     None => (0, final_alpha),
                 };
-                let variance = (1.0 - alpha_bar_prev) / (1.0 - alpha_bar)
-                    * (1.0 - alpha_bar / alpha_bar_prev);
-                StepConstants { index, t, t_prev, alpha_bar, alpha_bar_prev, variance }
+                let variance =
+                    (1.0 - alpha_bar_prev) / (1.0 - alpha_bar) * (1.0 - alpha_bar / alpha_bar_prev);
+                StepConstants {
+                    index,
+                    t,
+                    t_prev,
+                    alpha_bar,
+                    alpha_bar_prev,
+                    variance,
+                }
             })
             .collect();
-        Ok(Self { prediction: config.prediction_type, steps })
+        Ok(Self {
+            prediction: config.prediction_type,
+            steps,
+        })
     }
 
     /// The steps, noisiest first.
@@ -280,10 +295,12 @@ impl DdimSchedule {
 
     /// The step at chain position `index`.
     pub fn step(&self, index: usize) -> Result<&StepConstants> {
-        self.steps.get(index).ok_or_else(|| D3poError::InvalidArgument {
-            name: "step_index",
-            reason: format!("must be below {}, got {index}", self.steps.len()),
-        })
+        self.steps
+            .get(index)
+            .ok_or_else(|| D3poError::InvalidArgument {
+                name: "step_index",
+                reason: format!("must be below {}, got {index}", self.steps.len()),
+            })
     }
 
     /// What the model predicts.
@@ -307,20 +324,44 @@ mod tests {
     use super::*;
 
     fn with_spacing(spacing: TimestepSpacing, offset: usize) -> SchedulerConfig {
-        SchedulerConfig { timestep_spacing: spacing, steps_offset: offset, ..SchedulerConfig::default() }
+        SchedulerConfig {
+            timestep_spacing: spacing,
+            steps_offset: offset,
+            ..SchedulerConfig::default()
+        }
     }
 
     #[test]
     fn timestep_spacings_match_diffusers() {
         // DDIMScheduler(...).set_timesteps(10).timesteps for each spacing.
-        let leading = with_spacing(TimestepSpacing::Leading, 1).timesteps(10).unwrap();
-        assert_eq!(leading, vec![901, 801, 701, 601, 501, 401, 301, 201, 101, 1]);
-        let trailing = with_spacing(TimestepSpacing::Trailing, 0).timesteps(10).unwrap();
-        assert_eq!(trailing, vec![999, 899, 799, 699, 599, 499, 399, 299, 199, 99]);
-        let linspace = with_spacing(TimestepSpacing::Linspace, 0).timesteps(10).unwrap();
-        assert_eq!(linspace, vec![999, 888, 777, 666, 555, 444, 333, 222, 111, 0]);
+        let leading = with_spacing(TimestepSpacing::Leading, 1)
+            .timesteps(10)
+            .unwrap();
+        assert_eq!(
+            leading,
+            vec![901, 801, 701, 601, 501, 401, 301, 201, 101, 1]
+        );
+        let trailing = with_spacing(TimestepSpacing::Trailing, 0)
+            .timesteps(10)
+            .unwrap();
+        assert_eq!(
+            trailing,
+            vec![999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+        );
+        let linspace = with_spacing(TimestepSpacing::Linspace, 0)
+            .timesteps(10)
+            .unwrap();
+        assert_eq!(
+            linspace,
+            vec![999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+        );
         // 1000 / 3 does not divide: leading keeps the integer ratio 333.
-        assert_eq!(with_spacing(TimestepSpacing::Leading, 1).timesteps(3).unwrap(), vec![667, 334, 1]);
+        assert_eq!(
+            with_spacing(TimestepSpacing::Leading, 1)
+                .timesteps(3)
+                .unwrap(),
+            vec![667, 334, 1]
+        );
     }
 
     #[test]
@@ -330,11 +371,20 @@ mod tests {
         assert!(config.timesteps(1001).is_err());
         let err = SchedulerConfig::from_json(r#"{"rescale_betas_zero_snr": true}"#).unwrap_err();
         assert!(err.to_string().contains("rescale_betas_zero_snr"), "{err}");
-        let err = SchedulerConfig::from_json(r#"{"beta_schedule": "squaredcos_cap_v2"}"#).unwrap_err();
+        let err =
+            SchedulerConfig::from_json(r#"{"beta_schedule": "squaredcos_cap_v2"}"#).unwrap_err();
         assert!(err.to_string().contains("squaredcos_cap_v2"), "{err}");
         // steps_offset pushing the last timestep past the schedule.
-        assert!(with_spacing(TimestepSpacing::Leading, 100).timesteps(1).is_ok());
-        assert!(with_spacing(TimestepSpacing::Leading, 1000).timesteps(1).is_err());
+        assert!(
+            with_spacing(TimestepSpacing::Leading, 100)
+                .timesteps(1)
+                .is_ok()
+        );
+        assert!(
+            with_spacing(TimestepSpacing::Leading, 1000)
+                .timesteps(1)
+                .is_err()
+        );
     }
 
     #[test]
@@ -345,7 +395,13 @@ mod tests {
             "steps_offset": 1, "timestep_spacing": "leading", "trained_betas": null}"#;
         let config = SchedulerConfig::from_json(json).unwrap();
         assert_eq!(config.prediction_type, PredictionType::VPrediction);
-        assert_eq!(config, SchedulerConfig { prediction_type: PredictionType::VPrediction, ..SchedulerConfig::default() });
+        assert_eq!(
+            config,
+            SchedulerConfig {
+                prediction_type: PredictionType::VPrediction,
+                ..SchedulerConfig::default()
+            }
+        );
     }
 
     #[test]
@@ -354,9 +410,18 @@ mod tests {
         // 1 - beta_0 = 1 - 0.00085; the rest of the grid is pinned by the reference vectors.
         // SD's schedule does not reach zero terminal SNR: sqrt(alpha_bar_999) is about 0.068.
         assert!((f64::from(a[0]) - 0.99915).abs() < 1e-7);
-        assert!((f64::from(a[999]).sqrt() - 0.068).abs() < 1e-3, "{}", a[999]);
+        assert!(
+            (f64::from(a[999]).sqrt() - 0.068).abs() < 1e-3,
+            "{}",
+            a[999]
+        );
         assert!(a.windows(2).all(|w| w[1] < w[0]), "alpha_bar decreases");
-        let linear = SchedulerConfig { beta_schedule: BetaSchedule::Linear, beta_start: 0.0001, beta_end: 0.02, ..SchedulerConfig::default() };
+        let linear = SchedulerConfig {
+            beta_schedule: BetaSchedule::Linear,
+            beta_start: 0.0001,
+            beta_end: 0.02,
+            ..SchedulerConfig::default()
+        };
         assert!((f64::from(linear.alphas_cumprod()[0]) - 0.9999).abs() < 1e-7);
     }
 
@@ -381,7 +446,17 @@ mod tests {
         let last = sd.step(19).unwrap();
         assert_eq!((last.t, last.t_prev), (1, 0));
         assert!((last.alpha_bar_prev - 0.99915).abs() < 1e-7);
-        let one = SchedulerConfig { set_alpha_to_one: true, ..SchedulerConfig::default() };
-        assert_eq!(DdimSchedule::new(&one, 20).unwrap().step(19).unwrap().alpha_bar_prev, 1.0);
+        let one = SchedulerConfig {
+            set_alpha_to_one: true,
+            ..SchedulerConfig::default()
+        };
+        assert_eq!(
+            DdimSchedule::new(&one, 20)
+                .unwrap()
+                .step(19)
+                .unwrap()
+                .alpha_bar_prev,
+            1.0
+        );
     }
 }

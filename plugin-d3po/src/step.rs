@@ -60,8 +60,12 @@ fn inverse_two_variances(sigmas: &[f64]) -> Result<Vec<f64>> {
 pub fn log_prob(x_prev: &Tensor, mu: &Tensor, sigmas: &[f64]) -> Result<Tensor> {
     let inv = inverse_two_variances(sigmas)?;
     let sq = mean_per_item(&(x_prev - mu)?.sqr()?)?;
-    let scale = Tensor::from_vec(inv.iter().map(|v| -v).collect::<Vec<_>>(), sq.dim(0)?, sq.device())?
-        .to_dtype(sq.dtype())?;
+    let scale = Tensor::from_vec(
+        inv.iter().map(|v| -v).collect::<Vec<_>>(),
+        sq.dim(0)?,
+        sq.device(),
+    )?
+    .to_dtype(sq.dtype())?;
     let offset: Vec<f64> = sigmas.iter().map(|s| -s.ln() - LN_SQRT_2PI).collect();
     let offset = Tensor::from_vec(offset, sq.dim(0)?, sq.device())?.to_dtype(sq.dtype())?;
     Ok(((sq * scale)? + offset)?)
@@ -70,7 +74,12 @@ pub fn log_prob(x_prev: &Tensor, mu: &Tensor, sigmas: &[f64]) -> Result<Tensor> 
 /// `delta = log pi_theta(x_prev | x_t) - log pi_ref(x_prev | x_t)` for each item, computed as
 /// `mean[(x_prev - mu_ref)^2 - (x_prev - mu_theta)^2] / (2 sigma^2)`: no `ln sigma` terms to
 /// cancel, and exactly 0 when the two means are equal. Gradients flow through both means.
-pub fn log_ratio(x_prev: &Tensor, mu_policy: &Tensor, mu_ref: &Tensor, sigmas: &[f64]) -> Result<Tensor> {
+pub fn log_ratio(
+    x_prev: &Tensor,
+    mu_policy: &Tensor,
+    mu_ref: &Tensor,
+    sigmas: &[f64],
+) -> Result<Tensor> {
     let inv = inverse_two_variances(sigmas)?;
     let diff = ((x_prev - mu_ref)?.sqr()? - (x_prev - mu_policy)?.sqr()?)?;
     let per = mean_per_item(&diff)?;

@@ -1,6 +1,8 @@
 //! The reference vectors of `d3po-vectors.json` (diffusers' DDIM scheduler in float64), copied
 //! from `../shared/docs` into `tests/data` so a bare clone can run them.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use candle_core::{DType, Device, Tensor};
 use plugin_d3po::{
     D3poLossConfig, DdimSchedule, PredictionType, SchedulerConfig, d3po_loss, log_prob, log_ratio,
@@ -49,7 +51,10 @@ fn vectors() -> Vectors {
 fn assert_rel(actual: f64, expected: f64, rel: f64, what: &str) {
     let err = (actual - expected).abs();
     let tol = rel * expected.abs().max(1e-12);
-    assert!(err <= tol, "{what}: got {actual}, want {expected} (err {err:e} > {tol:e})");
+    assert!(
+        err <= tol,
+        "{what}: got {actual}, want {expected} (err {err:e} > {tol:e})"
+    );
 }
 
 #[test]
@@ -59,9 +64,19 @@ fn schedule_matches_diffusers() {
     assert_eq!(schedule.len(), 20);
     for row in &v.schedule {
         let step = schedule.step(row.index).unwrap();
-        assert_eq!((step.t, step.t_prev), (row.t, row.t_prev), "timesteps at {}", row.index);
+        assert_eq!(
+            (step.t, step.t_prev),
+            (row.t, row.t_prev),
+            "timesteps at {}",
+            row.index
+        );
         assert_rel(step.alpha_bar, row.alpha_bar, 1e-6, "alpha_bar");
-        assert_rel(step.alpha_bar_prev, row.alpha_bar_prev, 1e-6, "alpha_bar_prev");
+        assert_rel(
+            step.alpha_bar_prev,
+            row.alpha_bar_prev,
+            1e-6,
+            "alpha_bar_prev",
+        );
         assert_rel(step.sigma(v.eta), row.sigma, 1e-6, "sigma");
     }
 }
@@ -86,10 +101,20 @@ fn case_inputs(p: f64, coeffs: (f64, f64), sigma: f64, guidance: f64) -> CaseInp
     let cond = |k: f64| uncond(k) + 0.2 * (0.5 * k + 0.2).sin();
     let guide = |u: f64, c: f64| u + guidance * (c - u);
     let eps_policy = mk(&|k| guide(uncond(k), cond(k)));
-    let eps_ref = mk(&|k| guide(uncond(k) + p * (0.13 * k).sin(), cond(k) - p * (0.29 * k).cos()));
+    let eps_ref = mk(&|k| {
+        guide(
+            uncond(k) + p * (0.13 * k).sin(),
+            cond(k) - p * (0.29 * k).cos(),
+        )
+    });
     let mu_ref = step_mean(&x_t, &eps_ref, &[coeffs; 2]).unwrap();
     let x_prev = (mu_ref + mk(&|k| sigma * (0.71 * k + 0.3).cos())).unwrap();
-    CaseInputs { x_t, eps_policy, eps_ref, x_prev }
+    CaseInputs {
+        x_t,
+        eps_policy,
+        eps_ref,
+        x_prev,
+    }
 }
 
 fn to_vec(t: &Tensor) -> Vec<f64> {
@@ -100,7 +125,10 @@ fn to_vec(t: &Tensor) -> Vec<f64> {
 fn log_probs_deltas_and_loss_match_reference() {
     let v = vectors();
     let schedule = DdimSchedule::new(&SchedulerConfig::default(), 20).unwrap();
-    let config = D3poLossConfig { beta: v.beta, clamp_eps: v.clamp_eps };
+    let config = D3poLossConfig {
+        beta: v.beta,
+        clamp_eps: v.clamp_eps,
+    };
     for case in &v.cases {
         let step = schedule.step(case.step_index).unwrap();
         assert_eq!(step.t, case.t);
@@ -120,8 +148,8 @@ fn log_probs_deltas_and_loss_match_reference() {
         // Differentiate the loss with respect to delta directly.
         let delta = log_ratio(&inputs.x_prev, &mu_policy, &mu_ref, &sigmas).unwrap();
         let delta_values = to_vec(&delta);
-        for i in 0..2 {
-            assert_rel(delta_values[i], case.delta[i], 1e-4, "delta");
+        for (got, want) in delta_values.iter().zip(&case.delta) {
+            assert_rel(*got, *want, 1e-4, "delta");
         }
         let delta_var = candle_core::Var::from_tensor(&delta).unwrap();
         let d_w = delta_var.as_tensor().narrow(0, 0, 1).unwrap();
@@ -133,11 +161,11 @@ fn log_probs_deltas_and_loss_match_reference() {
         assert_rel((-case.z).exp().ln_1p(), loss_value, 1e-4, "z");
         let grads = loss.sum_all().unwrap().backward().unwrap();
         let g = to_vec(grads.get(delta_var.as_tensor()).unwrap());
-        for i in 0..2 {
-            if case.dloss_ddelta[i] == 0.0 {
-                assert_eq!(g[i], 0.0, "gradient outside the clamp must be exactly zero");
+        for (got, want) in g.iter().zip(&case.dloss_ddelta) {
+            if *want == 0.0 {
+                assert_eq!(*got, 0.0, "gradient outside the clamp must be exactly zero");
             } else {
-                assert_rel(g[i], case.dloss_ddelta[i], 1e-4, "dloss/ddelta");
+                assert_rel(*got, *want, 1e-4, "dloss/ddelta");
             }
         }
     }

@@ -16,7 +16,10 @@ use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 
 fn iters() -> usize {
-    std::env::var("BENCH_ITERS").ok().and_then(|v| v.parse().ok()).unwrap_or(5)
+    std::env::var("BENCH_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(5)
 }
 
 /// Runs `f` once to warm up, then `n` times; returns the median.
@@ -44,21 +47,36 @@ fn randn(shape: &[usize], seed: u64) -> Tensor {
     Tensor::from_vec(v, shape, &Device::Cpu).expect("tensor")
 }
 
-fn unet_forward(unet: &UNet2DConditionModel, batch: usize, side: usize, seq: usize, n: usize) -> Duration {
+fn unet_forward(
+    unet: &UNet2DConditionModel,
+    batch: usize,
+    side: usize,
+    seq: usize,
+    n: usize,
+) -> Duration {
     let ch = unet.config().in_channels;
     let x = randn(&[batch, ch, side, side], 1);
     let ctx = randn(&[batch, seq, unet.config().cross_attention_dim], 2);
     let t = vec![500.0; batch];
-    time(n, || unet.forward(&x, &t, &ctx, &AdapterBatch::BASE, Mode::Inference).expect("forward"))
+    time(n, || {
+        unet.forward(&x, &t, &ctx, &AdapterBatch::BASE, Mode::Inference)
+            .expect("forward")
+    })
 }
 
 fn main() -> anyhow::Result<()> {
     let n = iters();
     println!("threads: {}", candle_core::utils::get_num_threads());
     println!("\n== UNet forward, tiny config (32x32 latent, 77 tokens), inference ==");
-    let tiny = UNet2DConditionModel::new(&UNetConfig::tiny(), SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu))?;
+    let tiny = UNet2DConditionModel::new(
+        &UNetConfig::tiny(),
+        SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu),
+    )?;
     for batch in [1, 2, 4, 8] {
-        println!("batch {batch}: {}", ms(unet_forward(&tiny, batch, 32, 77, n * 4)));
+        println!(
+            "batch {batch}: {}",
+            ms(unet_forward(&tiny, batch, 32, 77, n * 4))
+        );
     }
 
     println!("\n== 20-step generation, tiny pipeline, CFG 5, eta 1, 64x64 px (recording on) ==");
@@ -67,13 +85,33 @@ fn main() -> anyhow::Result<()> {
     let model = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
     let cond = model.conditioning("a small red circle on a blue background", "")?;
     for images in [1, 4] {
-        let req = SampleRequest { num_images: images, seed: 1, steps: 20, guidance_scale: 5.0, eta: 1.0, width: 64, height: 64 };
-        let d = time(n, || model.generate(std::slice::from_ref(&req), std::slice::from_ref(&cond), AdapterChoice::default(), &mut |_, _| true).expect("generate"));
+        let req = SampleRequest {
+            num_images: images,
+            seed: 1,
+            steps: 20,
+            guidance_scale: 5.0,
+            eta: 1.0,
+            width: 64,
+            height: 64,
+        };
+        let d = time(n, || {
+            model
+                .generate(
+                    std::slice::from_ref(&req),
+                    std::slice::from_ref(&cond),
+                    AdapterChoice::default(),
+                    &mut |_, _| true,
+                )
+                .expect("generate")
+        });
         println!("{images} image(s): {}", ms(d));
     }
 
     let latents = randn(&[4, 4, 32, 32], 6);
-    println!("VAE decode of 4 latents (part of the above): {}", ms(time(n, || model.vae.decode_rgb8(&latents).expect("decode"))));
+    println!(
+        "VAE decode of 4 latents (part of the above): {}",
+        ms(time(n, || model.vae.decode_rgb8(&latents).expect("decode")))
+    );
 
     println!("\n== cost of recording (per 20-step generation of 4 images) ==");
     let lat = randn(&[4, 4, 32, 32], 3);
@@ -81,23 +119,56 @@ fn main() -> anyhow::Result<()> {
     let snaps: Vec<Tensor> = (0..21).map(|i| randn(&[4, 4, 32, 32], 10 + i)).collect();
     let record = time(n * 4, || {
         for _ in 0..20 {
-            let lp = log_prob(&lat, &mu, &[0.5; 4]).expect("logp").to_vec1::<f32>().expect("vec");
+            let lp = log_prob(&lat, &mu, &[0.5; 4])
+                .expect("logp")
+                .to_vec1::<f32>()
+                .expect("vec");
             std::hint::black_box(lp);
         }
         let chains = Tensor::stack(&snaps, 1).expect("stack");
-        (0..4).map(|i| chains.get(i).expect("get")).collect::<Vec<_>>()
+        (0..4)
+            .map(|i| chains.get(i).expect("get"))
+            .collect::<Vec<_>>()
     });
-    println!("log-probs + latent snapshots + chain assembly: {}", ms(record));
+    println!(
+        "log-probs + latent snapshots + chain assembly: {}",
+        ms(record)
+    );
 
-    println!("\n== D3PO LoRA training step, tiny: one pair (2 images x CFG), policy fwd+bwd + reference fwd ==");
-    let req = SampleRequest { num_images: 2, seed: 5, steps: 20, guidance_scale: 5.0, eta: 1.0, width: 64, height: 64 };
-    let gen_ = model.generate(std::slice::from_ref(&req), std::slice::from_ref(&cond), AdapterChoice::default(), &mut |_, _| true)?.remove(0);
+    println!(
+        "\n== D3PO LoRA training step, tiny: one pair (2 images x CFG), policy fwd+bwd + reference fwd =="
+    );
+    let req = SampleRequest {
+        num_images: 2,
+        seed: 5,
+        steps: 20,
+        guidance_scale: 5.0,
+        eta: 1.0,
+        width: 64,
+        height: 64,
+    };
+    let gen_ = model
+        .generate(
+            std::slice::from_ref(&req),
+            std::slice::from_ref(&cond),
+            AdapterChoice::default(),
+            &mut |_, _| true,
+        )?
+        .remove(0);
     println!("{}", train_step(&model, &gen_.trajectories, n)?);
 
-    if std::env::var("BENCH_SD15").map(|v| v != "0").unwrap_or(true) {
-        println!("\n== UNet forward, SD-1.5 size (random weights, 64x64 latent, 77 tokens), inference ==");
+    if std::env::var("BENCH_SD15")
+        .map(|v| v != "0")
+        .unwrap_or(true)
+    {
+        println!(
+            "\n== UNet forward, SD-1.5 size (random weights, 64x64 latent, 77 tokens), inference =="
+        );
         let start = Instant::now();
-        let sd = UNet2DConditionModel::new(&UNetConfig::sd15(), SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu))?;
+        let sd = UNet2DConditionModel::new(
+            &UNetConfig::sd15(),
+            SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu),
+        )?;
         println!("(built in {:.1} s)", start.elapsed().as_secs_f64());
         for batch in [1, 2] {
             println!("batch {batch}: {}", ms(unet_forward(&sd, batch, 64, 77, 1)));
@@ -106,10 +177,21 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn train_step(model: &DiffusionModel, trajectories: &[imagegen_server::sampler::Trajectory], n: usize) -> anyhow::Result<String> {
+fn train_step(
+    model: &DiffusionModel,
+    trajectories: &[imagegen_server::sampler::Trajectory],
+    n: usize,
+) -> anyhow::Result<String> {
     let targets = model.unet.lora_targets().to_vec();
     let mut rng = StdRng::seed_from_u64(9);
-    let lora = TrainableLora::init(&targets, 4, 4.0, &["to_q", "to_k", "to_v", "to_out.0"], &Device::Cpu, || StandardNormal.sample(&mut rng))?;
+    let lora = TrainableLora::init(
+        &targets,
+        4,
+        4.0,
+        &["to_q", "to_k", "to_v", "to_out.0"],
+        &Device::Cpu,
+        || StandardNormal.sample(&mut rng),
+    )?;
     let reference = lora.weights.detached()?;
     let items = [(&trajectories[0], 10usize), (&trajectories[1], 10usize)];
     let batch = TransitionBatch::new(model, &items)?;
@@ -118,12 +200,33 @@ fn train_step(model: &DiffusionModel, trajectories: &[imagegen_server::sampler::
     let mut fwd = Duration::ZERO;
     let step = time(n, || {
         let start = Instant::now();
-        let (mu_ref, _) = batch.policy_mean(model, &AdapterBatch::Uniform(Some(&reference)), Mode::Training).expect("ref");
-        let (mu, _) = batch.policy_mean(model, &AdapterBatch::Uniform(Some(&lora.weights)), Mode::Training).expect("policy");
+        let (mu_ref, _) = batch
+            .policy_mean(
+                model,
+                &AdapterBatch::Uniform(Some(&reference)),
+                Mode::Training,
+            )
+            .expect("ref");
+        let (mu, _) = batch
+            .policy_mean(
+                model,
+                &AdapterBatch::Uniform(Some(&lora.weights)),
+                Mode::Training,
+            )
+            .expect("policy");
         let delta = log_ratio(&batch.x_prev, &mu, &mu_ref.detach(), &sigmas).expect("delta");
-        let loss = d3po_loss(&delta.narrow(0, 0, 1).expect("w"), &delta.narrow(0, 1, 1).expect("l"), &cfg).expect("loss");
+        let loss = d3po_loss(
+            &delta.narrow(0, 0, 1).expect("w"),
+            &delta.narrow(0, 1, 1).expect("l"),
+            &cfg,
+        )
+        .expect("loss");
         fwd = start.elapsed();
         loss.sum_all().expect("sum").backward().expect("backward")
     });
-    Ok(format!("step (fwd ref + fwd policy + loss + backward): {}   of which forwards: {}", ms(step), ms(fwd)))
+    Ok(format!(
+        "step (fwd ref + fwd policy + loss + backward): {}   of which forwards: {}",
+        ms(step),
+        ms(fwd)
+    ))
 }

@@ -1,6 +1,8 @@
 //! The model core through the library API on the tiny pipeline written to disk in the diffusers
 //! layout: loading (and its errors), sampling, trajectories, log-prob consistency.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::collections::HashMap;
 use std::path::Path;
 
@@ -22,12 +24,26 @@ fn load(dir: &Path) -> DiffusionModel {
 }
 
 fn request(seed: u64, num_images: usize, steps: usize) -> SampleRequest {
-    SampleRequest { num_images, seed, steps, guidance_scale: 5.0, eta: 1.0, width: 64, height: 64 }
+    SampleRequest {
+        num_images,
+        seed,
+        steps,
+        guidance_scale: 5.0,
+        eta: 1.0,
+        width: 64,
+        height: 64,
+    }
 }
 
 fn generate(model: &DiffusionModel, req: &SampleRequest, adapter: AdapterChoice<'_>) -> Generation {
-    let cond = model.conditioning("a small red circle on a blue background", "").expect("encode");
-    let mut out = model.generate(std::slice::from_ref(req), &[cond], adapter, &mut |_, _| true).expect("generate");
+    let cond = model
+        .conditioning("a small red circle on a blue background", "")
+        .expect("encode");
+    let mut out = model
+        .generate(std::slice::from_ref(req), &[cond], adapter, &mut |_, _| {
+            true
+        })
+        .expect("generate");
     out.remove(0)
 }
 
@@ -35,7 +51,9 @@ fn generate(model: &DiffusionModel, req: &SampleRequest, adapter: AdapterChoice<
 fn random_adapter(model: &DiffusionModel) -> LoraWeights {
     let mut state = 12345u64;
     let mut next = || {
-        state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.2
     };
     let layers = model
@@ -62,7 +80,10 @@ fn generates_images_and_trajectories_of_the_requested_shape() {
     let gen_ = generate(&model, &request(7, 2, 4), AdapterChoice::default());
     assert_eq!(gen_.images.len(), 2);
     for image in &gen_.images {
-        assert_eq!((image.width, image.height, image.data.len()), (64, 64, 64 * 64 * 3));
+        assert_eq!(
+            (image.width, image.height, image.data.len()),
+            (64, 64, 64 * 64 * 3)
+        );
         let distinct: std::collections::HashSet<_> = image.data.iter().collect();
         assert!(distinct.len() > 10, "a decoded image is not constant");
     }
@@ -74,7 +95,15 @@ fn generates_images_and_trajectories_of_the_requested_shape() {
     assert_eq!((a.seed, a.image_index, b.image_index), (7, 0, 1));
     assert_eq!(a.adapter_generation, None);
     // Images of one request share x_T; the per-step noise is fresh.
-    let x_t = |t: &imagegen_server::sampler::Trajectory, j: usize| t.latents.get(j).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+    let x_t = |t: &imagegen_server::sampler::Trajectory, j: usize| {
+        t.latents
+            .get(j)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
     assert_eq!(x_t(a, 0), x_t(b, 0));
     assert_ne!(x_t(a, 1), x_t(b, 1));
 }
@@ -97,26 +126,53 @@ fn recomputed_log_probs_reproduce_the_recorded_ones() {
     let adapter = random_adapter(&model);
     let steps = 10;
     for weights in [None, Some(&adapter)] {
-        let choice = AdapterChoice { generation: weights.map(|_| "g1"), weights };
+        let choice = AdapterChoice {
+            generation: weights.map(|_| "g1"),
+            weights,
+        };
         let gen_ = generate(&model, &request(3, 2, steps), choice);
         // Every step of both images in one batch: items at different timesteps.
-        let items: Vec<_> = gen_.trajectories.iter().flat_map(|t| (0..steps).map(move |j| (t, j))).collect();
-        let recomputed = model.recompute_log_probs(&items, weights, Mode::Inference).unwrap();
+        let items: Vec<_> = gen_
+            .trajectories
+            .iter()
+            .flat_map(|t| (0..steps).map(move |j| (t, j)))
+            .collect();
+        let recomputed = model
+            .recompute_log_probs(&items, weights, Mode::Inference)
+            .unwrap();
         for ((traj, j), value) in items.iter().zip(&recomputed) {
             let recorded = traj.log_probs[*j];
-            assert!((recorded - value).abs() <= 1e-5, "step {j}: recorded {recorded}, recomputed {value}");
+            assert!(
+                (recorded - value).abs() <= 1e-5,
+                "step {j}: recorded {recorded}, recomputed {value}"
+            );
         }
         // The differentiable training path agrees too.
-        let trained = model.recompute_log_probs(&items, weights, Mode::Training).unwrap();
+        let trained = model
+            .recompute_log_probs(&items, weights, Mode::Training)
+            .unwrap();
         for ((traj, j), value) in items.iter().zip(&trained) {
-            assert!((traj.log_probs[*j] - value).abs() <= 1e-4, "training mode, step {j}");
+            assert!(
+                (traj.log_probs[*j] - value).abs() <= 1e-4,
+                "training mode, step {j}"
+            );
         }
         if weights.is_some() {
             // Under another policy (the base model) the same chain is less likely.
-            let base = model.recompute_log_probs(&items, None, Mode::Inference).unwrap();
+            let base = model
+                .recompute_log_probs(&items, None, Mode::Inference)
+                .unwrap();
             let mean = |v: &[f32]| v.iter().sum::<f32>() / v.len() as f32;
-            assert!(mean(&base) < mean(&recomputed), "base {} vs adapter {}", mean(&base), mean(&recomputed));
-            assert_eq!(gen_.trajectories[0].adapter_generation.as_deref(), Some("g1"));
+            assert!(
+                mean(&base) < mean(&recomputed),
+                "base {} vs adapter {}",
+                mean(&base),
+                mean(&recomputed)
+            );
+            assert_eq!(
+                gen_.trajectories[0].adapter_generation.as_deref(),
+                Some("g1")
+            );
         }
     }
 }
@@ -128,22 +184,38 @@ fn half_precision_variants_load() {
     let unet_dir = dir.path().join("unet");
     let full = unet_dir.join("diffusion_pytorch_model.safetensors");
     let tensors = candle_core::safetensors::load(&full, &Device::Cpu).unwrap();
-    let half: HashMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap())).collect();
-    candle_core::safetensors::save(&half, unet_dir.join("diffusion_pytorch_model.fp16.safetensors")).unwrap();
+    let half: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::F16).unwrap()))
+        .collect();
+    candle_core::safetensors::save(
+        &half,
+        unet_dir.join("diffusion_pytorch_model.fp16.safetensors"),
+    )
+    .unwrap();
     std::fs::remove_file(&full).unwrap();
     let vae = dir.path().join("vae/diffusion_pytorch_model.safetensors");
     let tensors = candle_core::safetensors::load(&vae, &Device::Cpu).unwrap();
-    let bf16: HashMap<String, Tensor> = tensors.into_iter().map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap())).collect();
+    let bf16: HashMap<String, Tensor> = tensors
+        .into_iter()
+        .map(|(k, t)| (k, t.to_dtype(DType::BF16).unwrap()))
+        .collect();
     candle_core::safetensors::save(&bf16, &vae).unwrap();
     // candle's CPU backend has no bf16 matmul: bf16 compute is refused there, with the reason.
-    let err = DiffusionModel::load(dir.path(), DType::BF16, &Device::Cpu).unwrap_err().to_string();
+    let err = DiffusionModel::load(dir.path(), DType::BF16, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bf16") && err.contains("CPU"), "{err}");
     for dtype in [DType::F32, DType::F16] {
-        let model = DiffusionModel::load(dir.path(), dtype, &Device::Cpu).unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
+        let model = DiffusionModel::load(dir.path(), dtype, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{dtype:?}: {e}"));
         assert_eq!(model.unet.dtype(), dtype);
         let gen_ = generate(&model, &request(1, 1, 2), AdapterChoice::default());
         assert_eq!(gen_.images[0].data.len(), 64 * 64 * 3);
-        assert!(gen_.trajectories[0].log_probs.iter().all(|v| v.is_finite()), "{dtype:?}");
+        assert!(
+            gen_.trajectories[0].log_probs.iter().all(|v| v.is_finite()),
+            "{dtype:?}"
+        );
     }
 }
 
@@ -154,36 +226,61 @@ fn loading_errors_name_the_file_and_the_key() {
     std::fs::remove_file(dir.path().join("vae/diffusion_pytorch_model.safetensors")).unwrap();
     let err = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err();
     assert!(matches!(err, ModelError::MissingFile { .. }), "{err}");
-    assert!(err.to_string().contains("vae/diffusion_pytorch_model.safetensors"), "{err}");
+    assert!(
+        err.to_string()
+            .contains("vae/diffusion_pytorch_model.safetensors"),
+        "{err}"
+    );
 
     // A missing tensor, and a tensor of the wrong shape.
     let key = "down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k.weight";
     for (case, mutate) in [
-        ("missing", Box::new(|m: &mut HashMap<String, Tensor>| {
-            m.remove(key);
-        }) as Box<dyn Fn(&mut HashMap<String, Tensor>)>),
-        ("shape", Box::new(|m: &mut HashMap<String, Tensor>| {
-            m.insert(key.into(), Tensor::zeros((64, 31), DType::F32, &Device::Cpu).unwrap());
-        })),
+        (
+            "missing",
+            Box::new(|m: &mut HashMap<String, Tensor>| {
+                m.remove(key);
+            }) as Box<dyn Fn(&mut HashMap<String, Tensor>)>,
+        ),
+        (
+            "shape",
+            Box::new(|m: &mut HashMap<String, Tensor>| {
+                m.insert(
+                    key.into(),
+                    Tensor::zeros((64, 31), DType::F32, &Device::Cpu).unwrap(),
+                );
+            }),
+        ),
     ] {
         let dir = tiny_dir();
         let path = dir.path().join("unet/diffusion_pytorch_model.safetensors");
         let mut tensors = candle_core::safetensors::load(&path, &Device::Cpu).unwrap();
         mutate(&mut tensors);
         candle_core::safetensors::save(&tensors, &path).unwrap();
-        let err = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
-        assert!(err.contains(key) && err.contains("unet/diffusion_pytorch_model.safetensors"), "{case}: {err}");
+        let err = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(key) && err.contains("unet/diffusion_pytorch_model.safetensors"),
+            "{case}: {err}"
+        );
     }
 
     // An unsupported scheduler setting and a malformed config.
     let dir = tiny_dir();
     let sched = dir.path().join("scheduler/scheduler_config.json");
     std::fs::write(&sched, r#"{"prediction_type": "sample"}"#).unwrap();
-    let err = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
-    assert!(err.contains("scheduler_config.json") && err.contains("sample"), "{err}");
+    let err = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("scheduler_config.json") && err.contains("sample"),
+        "{err}"
+    );
     std::fs::write(dir.path().join("unet/config.json"), "{ not json").unwrap();
     std::fs::write(&sched, "{}").unwrap();
-    let err = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap_err().to_string();
+    let err = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("unet/config.json"), "{err}");
 }
 
@@ -192,17 +289,62 @@ fn bad_requests_are_rejected_with_the_field_named() {
     let dir = tiny_dir();
     let model = load(dir.path());
     let cases = [
-        (SampleRequest { eta: 0.0, ..request(1, 1, 2) }, "eta"),
-        (SampleRequest { eta: 1.5, ..request(1, 1, 2) }, "eta"),
-        (SampleRequest { steps: 0, ..request(1, 1, 2) }, "steps"),
-        (SampleRequest { steps: 1001, ..request(1, 1, 2) }, "steps"),
-        (SampleRequest { width: 66, ..request(1, 1, 2) }, "width"),
-        (SampleRequest { num_images: 0, ..request(1, 1, 2) }, "num_images"),
-        (SampleRequest { guidance_scale: f64::NAN, ..request(1, 1, 2) }, "guidance_scale"),
+        (
+            SampleRequest {
+                eta: 0.0,
+                ..request(1, 1, 2)
+            },
+            "eta",
+        ),
+        (
+            SampleRequest {
+                eta: 1.5,
+                ..request(1, 1, 2)
+            },
+            "eta",
+        ),
+        (
+            SampleRequest {
+                steps: 0,
+                ..request(1, 1, 2)
+            },
+            "steps",
+        ),
+        (
+            SampleRequest {
+                steps: 1001,
+                ..request(1, 1, 2)
+            },
+            "steps",
+        ),
+        (
+            SampleRequest {
+                width: 66,
+                ..request(1, 1, 2)
+            },
+            "width",
+        ),
+        (
+            SampleRequest {
+                num_images: 0,
+                ..request(1, 1, 2)
+            },
+            "num_images",
+        ),
+        (
+            SampleRequest {
+                guidance_scale: f64::NAN,
+                ..request(1, 1, 2)
+            },
+            "guidance_scale",
+        ),
     ];
     for (req, field) in cases {
         let err = model.check_request(&req).unwrap_err();
-        assert!(matches!(err, ModelError::InvalidRequest { field: f, .. } if f == field), "{field}: {err}");
+        assert!(
+            matches!(err, ModelError::InvalidRequest { field: f, .. } if f == field),
+            "{field}: {err}"
+        );
     }
 }
 

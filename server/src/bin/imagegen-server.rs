@@ -6,7 +6,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Debug, Parser)]
-#[command(name = "imagegen-server", version, about = "Image-generation server that learns from feedback (D3PO)")]
+#[command(
+    name = "imagegen-server",
+    version,
+    about = "Image-generation server that learns from feedback (D3PO)"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -26,7 +30,9 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     match Cli::parse().command {
         Command::MakeTinyModel { dir, seed } => {

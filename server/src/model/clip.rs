@@ -61,14 +61,19 @@ impl ClipConfig {
 
     /// Checks sizes and the activation; the message names what to fix.
     pub fn validate(&self) -> std::result::Result<(), String> {
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0
+            || !self.hidden_size.is_multiple_of(self.num_attention_heads)
+        {
             return Err(format!(
                 "hidden_size {} is not divisible into {} heads",
                 self.hidden_size, self.num_attention_heads
             ));
         }
         if !matches!(self.hidden_act.as_str(), "quick_gelu" | "gelu") {
-            return Err(format!("hidden_act `{}` is not supported (quick_gelu, gelu)", self.hidden_act));
+            return Err(format!(
+                "hidden_act `{}` is not supported (quick_gelu, gelu)",
+                self.hidden_act
+            ));
         }
         Ok(())
     }
@@ -120,19 +125,34 @@ impl ClipTextModel {
         config.validate().map_err(candle_core::Error::msg)?;
         let vb = vb.pp("text_model");
         let emb = vb.pp("embeddings");
-        let token_embedding = candle_nn::embedding(config.vocab_size, config.hidden_size, emb.pp("token_embedding"))?;
-        let position_embedding = emb
-            .pp("position_embedding")
-            .get_with_hints(
-                (config.max_position_embeddings, config.hidden_size),
-                "weight",
-                candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 },
-            )?;
+        let token_embedding = candle_nn::embedding(
+            config.vocab_size,
+            config.hidden_size,
+            emb.pp("token_embedding"),
+        )?;
+        let position_embedding = emb.pp("position_embedding").get_with_hints(
+            (config.max_position_embeddings, config.hidden_size),
+            "weight",
+            candle_nn::Init::Randn {
+                mean: 0.0,
+                stdev: 0.02,
+            },
+        )?;
         let layers = (0..config.num_hidden_layers)
             .map(|i| EncoderLayer::new(config, vb.pp(format!("encoder.layers.{i}"))))
             .collect::<Result<Vec<_>>>()?;
-        let final_norm = LayerNorm::new(config.hidden_size, config.layer_norm_eps, vb.pp("final_layer_norm"))?;
-        Ok(Self { config: config.clone(), token_embedding, position_embedding, layers, final_norm })
+        let final_norm = LayerNorm::new(
+            config.hidden_size,
+            config.layer_norm_eps,
+            vb.pp("final_layer_norm"),
+        )?;
+        Ok(Self {
+            config: config.clone(),
+            token_embedding,
+            position_embedding,
+            layers,
+            final_norm,
+        })
     }
 
     /// The architecture.
@@ -151,26 +171,43 @@ impl ClipTextModel {
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         if s > self.config.max_position_embeddings {
-            candle_core::bail!("{s} tokens exceed the encoder's {} positions", self.config.max_position_embeddings);
+            candle_core::bail!(
+                "{s} tokens exceed the encoder's {} positions",
+                self.config.max_position_embeddings
+            );
         }
         let dtype = self.position_embedding.dtype();
-        let mut x = self.token_embedding.forward(ids)?.broadcast_add(&self.position_embedding.i(..s)?)?;
+        let mut x = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.i(..s)?)?;
         let heads = self.config.num_attention_heads;
         let head_dim = self.config.hidden_size / heads;
         let mask = causal_mask(s, ids.device())?.to_dtype(dtype)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         for layer in &self.layers {
             let h = layer.norm1.forward(&x, Mode::Inference)?;
-            let split = |t: Tensor| t.reshape((b, s, heads, head_dim))?.transpose(1, 2)?.contiguous();
+            let split = |t: Tensor| {
+                t.reshape((b, s, heads, head_dim))?
+                    .transpose(1, 2)?
+                    .contiguous()
+            };
             let q = split((layer.q.forward(&h)? * scale)?)?;
             let k = split(layer.k.forward(&h)?)?;
             let v = split(layer.v.forward(&h)?)?;
             let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-            let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, Mode::Inference)?.to_dtype(dtype)?;
-            let attn = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, s, self.config.hidden_size))?;
+            let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, Mode::Inference)?
+                .to_dtype(dtype)?;
+            let attn =
+                probs
+                    .matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((b, s, self.config.hidden_size))?;
             x = (layer.out.forward(&attn)? + x)?;
             let h = layer.norm2.forward(&x, Mode::Inference)?;
-            let h = layer.fc2.forward(&self.activation(&layer.fc1.forward(&h)?)?)?;
+            let h = layer
+                .fc2
+                .forward(&self.activation(&layer.fc1.forward(&h)?)?)?;
             x = (h + x)?;
         }
         self.final_norm.forward(&x, Mode::Inference)
@@ -183,4 +220,52 @@ fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
         .flat_map(|i| (0..s).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
         .collect();
     Tensor::from_vec(v, (s, s), device)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, DType, Device, Tensor};
+    use candle_transformers::models::clip::text_model::{
+        Activation, ClipTextConfig, ClipTextTransformer,
+    };
+
+    use super::*;
+    use crate::model::seeded::SeededWeights;
+
+    /// Our encoder equals candle-transformers' CLIP text transformer (quick-gelu) on the same weights.
+    #[test]
+    fn encoder_matches_candle_transformers() {
+        let weights = SeededWeights::new(5);
+        let config = ClipConfig::tiny();
+        let ours =
+            ClipTextModel::new(&config, weights.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        let reference_config = ClipTextConfig {
+            vocab_size: config.vocab_size,
+            embed_dim: config.hidden_size,
+            activation: Activation::QuickGelu,
+            intermediate_size: config.intermediate_size,
+            max_position_embeddings: config.max_position_embeddings,
+            pad_with: None,
+            num_hidden_layers: config.num_hidden_layers,
+            num_attention_heads: config.num_attention_heads,
+            projection_dim: config.hidden_size,
+        };
+        let vb = weights.var_builder(DType::F32, &Device::Cpu);
+        let reference = ClipTextTransformer::new(vb.pp("text_model"), &reference_config).unwrap();
+        let ids: Vec<u32> = (0..2 * 77).map(|i| (i * 37 % 1000) as u32).collect();
+        let ids = Tensor::from_vec(ids, (2, 77), &Device::Cpu).unwrap();
+        let want = reference.forward_with_mask(&ids, usize::MAX).unwrap();
+        let got = ours.forward(&ids).unwrap();
+        let diff: f32 = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "max difference {diff}");
+    }
 }

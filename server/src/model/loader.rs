@@ -59,26 +59,39 @@ impl DiffusionModel {
             if index.get(component).is_none() {
                 return Err(ModelError::Config {
                     path: index_path.clone(),
-                    reason: format!("no `{component}` component: this is not a Stable Diffusion pipeline"),
+                    reason: format!(
+                        "no `{component}` component: this is not a Stable Diffusion pipeline"
+                    ),
                 });
             }
         }
         let scheduler_path = dir.join("scheduler/scheduler_config.json");
         let scheduler_text = read_text(&scheduler_path)?;
-        let scheduler = SchedulerConfig::from_json(&scheduler_text)
-            .map_err(|e| ModelError::Config { path: scheduler_path, reason: e.to_string() })?;
+        let scheduler =
+            SchedulerConfig::from_json(&scheduler_text).map_err(|e| ModelError::Config {
+                path: scheduler_path,
+                reason: e.to_string(),
+            })?;
 
         let unet_config: UNetConfig = read_json(&dir.join("unet/config.json"))?;
         unet_config
             .validate()
-            .map_err(|reason| ModelError::Config { path: dir.join("unet/config.json"), reason })?;
+            .map_err(|reason| ModelError::Config {
+                path: dir.join("unet/config.json"),
+                reason,
+            })?;
         let unet_file = weight_file(&dir.join("unet"), "diffusion_pytorch_model", dtype)?;
-        let unet = with_weights(&unet_file, dtype, device, |vb| UNet2DConditionModel::new(&unet_config, vb))?;
+        let unet = with_weights(&unet_file, dtype, device, |vb| {
+            UNet2DConditionModel::new(&unet_config, vb)
+        })?;
 
         let clip_config: ClipConfig = read_json(&dir.join("text_encoder/config.json"))?;
         clip_config
             .validate()
-            .map_err(|reason| ModelError::Config { path: dir.join("text_encoder/config.json"), reason })?;
+            .map_err(|reason| ModelError::Config {
+                path: dir.join("text_encoder/config.json"),
+                reason,
+            })?;
         if clip_config.hidden_size != unet_config.cross_attention_dim {
             return Err(ModelError::Config {
                 path: dir.join("text_encoder/config.json"),
@@ -89,12 +102,17 @@ impl DiffusionModel {
             });
         }
         let clip_file = weight_file(&dir.join("text_encoder"), "model", dtype)?;
-        let text_encoder = with_weights(&clip_file, dtype, device, |vb| ClipTextModel::new(&clip_config, vb))?;
-        let tokenizer = ClipTokenizer::from_dir(&dir.join("tokenizer"), clip_config.max_position_embeddings)?;
+        let text_encoder = with_weights(&clip_file, dtype, device, |vb| {
+            ClipTextModel::new(&clip_config, vb)
+        })?;
+        let tokenizer =
+            ClipTokenizer::from_dir(&dir.join("tokenizer"), clip_config.max_position_embeddings)?;
 
         let vae_config: VaeConfig = read_json(&dir.join("vae/config.json"))?;
         let vae_file = weight_file(&dir.join("vae"), "diffusion_pytorch_model", dtype)?;
-        let vae = with_weights(&vae_file, dtype, device, |vb| VaeDecoder::new(&vae_config, vb))?;
+        let vae = with_weights(&vae_file, dtype, device, |vb| {
+            VaeDecoder::new(&vae_config, vb)
+        })?;
         if vae_config.latent_channels != unet_config.in_channels {
             return Err(ModelError::Config {
                 path: dir.join("vae/config.json"),
@@ -109,7 +127,14 @@ impl DiffusionModel {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into());
-        Ok(Self { id, unet, text_encoder, tokenizer, vae, scheduler })
+        Ok(Self {
+            id,
+            unet,
+            text_encoder,
+            tokenizer,
+            vae,
+            scheduler,
+        })
     }
 
     /// Image pixels per latent cell.
@@ -120,21 +145,33 @@ impl DiffusionModel {
     /// Prompt embeddings `[1, S, D]` for one text.
     pub fn encode_prompt(&self, text: &str) -> Result<Tensor, ModelError> {
         let tokens = self.tokenizer.encode(text)?;
-        let ids = Tensor::from_vec(tokens.ids, (1, self.tokenizer.max_len()), self.unet.device())?;
+        let ids = Tensor::from_vec(
+            tokens.ids,
+            (1, self.tokenizer.max_len()),
+            self.unet.device(),
+        )?;
         Ok(self.text_encoder.forward(&ids)?)
     }
 }
 
 fn read_text(path: &Path) -> Result<String, ModelError> {
     if !path.is_file() {
-        return Err(ModelError::MissingFile { path: path.to_path_buf() });
+        return Err(ModelError::MissingFile {
+            path: path.to_path_buf(),
+        });
     }
-    std::fs::read_to_string(path).map_err(|source| ModelError::Io { path: path.to_path_buf(), source })
+    std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<T, ModelError> {
     let text = read_text(path)?;
-    serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.to_path_buf(), reason: e.to_string() })
+    serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    })
 }
 
 /// `stem.safetensors`, or its `.fp16` variant: preferred for half-precision loads, used for any
@@ -143,7 +180,11 @@ fn weight_file(dir: &Path, stem: &str, dtype: DType) -> Result<PathBuf, ModelErr
     let full = dir.join(format!("{stem}.safetensors"));
     let half = dir.join(format!("{stem}.fp16.safetensors"));
     let prefer_half = matches!(dtype, DType::F16 | DType::BF16);
-    let order = if prefer_half { [&half, &full] } else { [&full, &half] };
+    let order = if prefer_half {
+        [&half, &full]
+    } else {
+        [&full, &half]
+    };
     order
         .into_iter()
         .find(|p| p.is_file())
@@ -159,8 +200,12 @@ fn with_weights<T>(
     device: &Device,
     build: impl FnOnce(VarBuilder<'static>) -> candle_core::Result<T>,
 ) -> Result<T, ModelError> {
-    let weights_err = |e: candle_core::Error| ModelError::Weights { path: path.to_path_buf(), reason: e.to_string() };
-    let tensors: HashMap<String, Tensor> = candle_core::safetensors::load(path, &Device::Cpu).map_err(weights_err)?;
+    let weights_err = |e: candle_core::Error| ModelError::Weights {
+        path: path.to_path_buf(),
+        reason: e.to_string(),
+    };
+    let tensors: HashMap<String, Tensor> =
+        candle_core::safetensors::load(path, &Device::Cpu).map_err(weights_err)?;
     // Convert per tensor on the CPU first so a half-precision file never doubles GPU memory.
     let tensors = tensors
         .into_iter()

@@ -28,7 +28,10 @@ impl LoraTarget {
     /// The projection's short name (`to_q`, `to_out.0`, ...).
     pub fn module(&self) -> &str {
         let attn = self.path.rfind(".attn").map(|i| i + 1).unwrap_or(0);
-        self.path[attn..].split_once('.').map(|(_, m)| m).unwrap_or(&self.path)
+        self.path[attn..]
+            .split_once('.')
+            .map(|(_, m)| m)
+            .unwrap_or(&self.path)
     }
 }
 
@@ -52,12 +55,23 @@ pub struct LoraWeights {
 
 impl LoraWeights {
     /// Builds weights from factors given per slot; checks every shape against its target.
-    pub fn new(rank: usize, alpha: f64, targets: &[LoraTarget], layers: Vec<Option<LoraPair>>) -> Result<Self> {
+    pub fn new(
+        rank: usize,
+        alpha: f64,
+        targets: &[LoraTarget],
+        layers: Vec<Option<LoraPair>>,
+    ) -> Result<Self> {
         if rank == 0 || !alpha.is_finite() {
-            candle_core::bail!("LoRA rank must be positive and alpha finite (rank {rank}, alpha {alpha})");
+            candle_core::bail!(
+                "LoRA rank must be positive and alpha finite (rank {rank}, alpha {alpha})"
+            );
         }
         if layers.len() != targets.len() {
-            candle_core::bail!("{} LoRA layers for a UNet with {} targets", layers.len(), targets.len());
+            candle_core::bail!(
+                "{} LoRA layers for a UNet with {} targets",
+                layers.len(),
+                targets.len()
+            );
         }
         for (target, layer) in targets.iter().zip(&layers) {
             if let Some(pair) = layer {
@@ -73,7 +87,11 @@ impl LoraWeights {
                 }
             }
         }
-        Ok(Self { rank, alpha, layers })
+        Ok(Self {
+            rank,
+            alpha,
+            layers,
+        })
     }
 
     /// The rank shared by every layer.
@@ -97,7 +115,10 @@ impl LoraWeights {
     }
 
     /// Factors keyed by module path, for saving.
-    pub fn named_layers<'a>(&'a self, targets: &'a [LoraTarget]) -> impl Iterator<Item = (&'a str, &'a LoraPair)> {
+    pub fn named_layers<'a>(
+        &'a self,
+        targets: &'a [LoraTarget],
+    ) -> impl Iterator<Item = (&'a str, &'a LoraPair)> {
         targets
             .iter()
             .zip(&self.layers)
@@ -120,11 +141,20 @@ impl LoraWeights {
             .iter()
             .map(|l| {
                 l.as_ref()
-                    .map(|p| Ok::<_, candle_core::Error>(LoraPair { down: p.down.copy()?.detach(), up: p.up.copy()?.detach() }))
+                    .map(|p| {
+                        Ok::<_, candle_core::Error>(LoraPair {
+                            down: p.down.copy()?.detach(),
+                            up: p.up.copy()?.detach(),
+                        })
+                    })
                     .transpose()
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { rank: self.rank, alpha: self.alpha, layers })
+        Ok(Self {
+            rank: self.rank,
+            alpha: self.alpha,
+            layers,
+        })
     }
 }
 
@@ -157,14 +187,22 @@ impl TrainableLora {
                 continue;
             }
             let std = 1.0 / rank as f32;
-            let a: Vec<f32> = (0..rank * target.in_features).map(|_| normal() * std).collect();
+            let a: Vec<f32> = (0..rank * target.in_features)
+                .map(|_| normal() * std)
+                .collect();
             let down = Var::from_tensor(&Tensor::from_vec(a, (rank, target.in_features), device)?)?;
             let up = Var::zeros((target.out_features, rank), DType::F32, device)?;
-            layers.push(Some(LoraPair { down: down.as_tensor().clone(), up: up.as_tensor().clone() }));
+            layers.push(Some(LoraPair {
+                down: down.as_tensor().clone(),
+                up: up.as_tensor().clone(),
+            }));
             vars.push(down);
             vars.push(up);
         }
-        Ok(Self { weights: LoraWeights::new(rank, alpha, targets, layers)?, vars })
+        Ok(Self {
+            weights: LoraWeights::new(rank, alpha, targets, layers)?,
+            vars,
+        })
     }
 
     /// Wraps existing factors (e.g. the live adapter) as trainable variables.
@@ -177,14 +215,20 @@ impl TrainableLora {
                 Some(p) => {
                     let down = Var::from_tensor(&p.down.to_dtype(DType::F32)?)?;
                     let up = Var::from_tensor(&p.up.to_dtype(DType::F32)?)?;
-                    let pair = LoraPair { down: down.as_tensor().clone(), up: up.as_tensor().clone() };
+                    let pair = LoraPair {
+                        down: down.as_tensor().clone(),
+                        up: up.as_tensor().clone(),
+                    };
                     vars.push(down);
                     vars.push(up);
                     Some(pair)
                 }
             });
         }
-        Ok(Self { weights: LoraWeights::new(weights.rank, weights.alpha, targets, layers)?, vars })
+        Ok(Self {
+            weights: LoraWeights::new(weights.rank, weights.alpha, targets, layers)?,
+            vars,
+        })
     }
 }
 
@@ -216,7 +260,11 @@ impl LoraLinear {
     /// Wraps `base` as target `slot`, recording the target in `targets`.
     pub(crate) fn new(base: Linear, path: String, targets: &mut Vec<LoraTarget>) -> Self {
         let slot = targets.len();
-        targets.push(LoraTarget { path, in_features: base.in_dim(), out_features: base.out_dim() });
+        targets.push(LoraTarget {
+            path,
+            in_features: base.in_dim(),
+            out_features: base.out_dim(),
+        });
         Self { base, slot }
     }
 
@@ -247,9 +295,16 @@ impl LoraLinear {
                     start += rows;
                 }
                 if start != x.dim(0)? {
-                    candle_core::bail!("adapter spans cover {start} rows of a batch of {}", x.dim(0)?);
+                    candle_core::bail!(
+                        "adapter spans cover {start} rows of a batch of {}",
+                        x.dim(0)?
+                    );
                 }
-                if any { y + Tensor::cat(&parts, 0)? } else { Ok(y) }
+                if any {
+                    y + Tensor::cat(&parts, 0)?
+                } else {
+                    Ok(y)
+                }
             }
         }
     }
@@ -263,7 +318,9 @@ impl LoraLinear {
         let dims = x.dims().to_vec();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
-        let x2 = x.reshape((rows, in_dim))?.to_dtype(upcast(dtype).max_f32())?;
+        let x2 = x
+            .reshape((rows, in_dim))?
+            .to_dtype(upcast(dtype).max_f32())?;
         let down = pair.down.to_dtype(x2.dtype())?;
         let up = pair.up.to_dtype(x2.dtype())?;
         let h = x2.matmul(&down.t()?)?.matmul(&up.t()?)?;
@@ -282,11 +339,19 @@ trait AtLeastF32 {
 
 impl AtLeastF32 for DType {
     fn max_f32(self) -> DType {
-        if self == DType::F64 { DType::F64 } else { DType::F32 }
+        if self == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        }
     }
 }
 
 /// Target slots by path, for loading adapters saved under module names.
 pub fn slots_by_path(targets: &[LoraTarget]) -> HashMap<&str, usize> {
-    targets.iter().enumerate().map(|(i, t)| (t.path.as_str(), i)).collect()
+    targets
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.path.as_str(), i))
+        .collect()
 }

@@ -6,7 +6,9 @@
 //! here therefore takes a [`Mode`] and uses the fused kernel only when nothing is differentiated.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, D, DType, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, D, DType, Layout, Module, Result, Shape, Tensor,
+};
 use candle_nn::VarBuilder;
 
 /// Whether a forward pass will be differentiated.
@@ -37,7 +39,10 @@ impl Linear {
             Some(vb.get_with_hints(
                 out_dim,
                 "bias",
-                candle_nn::Init::Uniform { lo: -bound, up: bound },
+                candle_nn::Init::Uniform {
+                    lo: -bound,
+                    up: bound,
+                },
             )?)
         } else {
             None
@@ -60,7 +65,11 @@ impl Module for Linear {
         let dims = x.dims();
         let in_dim = dims[dims.len() - 1];
         let rows = x.elem_count() / in_dim.max(1);
-        let y = frozen_matmul(&x.reshape((rows, in_dim))?, &self.weight, self.bias.as_ref())?;
+        let y = frozen_matmul(
+            &x.reshape((rows, in_dim))?,
+            &self.weight,
+            self.bias.as_ref(),
+        )?;
         let mut out_dims = dims.to_vec();
         out_dims[dims.len() - 1] = self.out_dim();
         y.reshape(out_dims)
@@ -100,12 +109,25 @@ impl Conv2d {
             candle_nn::init::DEFAULT_KAIMING_NORMAL,
         )?;
         let bound = 1.0 / ((in_ch * kernel * kernel) as f64).sqrt();
-        let bias = vb.get_with_hints(out_ch, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
+        let bias = vb.get_with_hints(
+            out_ch,
+            "bias",
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
         let weight_cols = weight
             .permute((0, 2, 3, 1))?
             .contiguous()?
             .reshape((out_ch, kernel * kernel * in_ch))?;
-        Ok(Self { weight_cols, bias, kernel, padding, stride })
+        Ok(Self {
+            weight_cols,
+            bias,
+            kernel,
+            padding,
+            stride,
+        })
     }
 }
 
@@ -124,10 +146,15 @@ impl Module for Conv2d {
             // Pad so that every window of s*o rows fits (strided windows are then subsampled).
             let bottom = (k - 1 + s * oh).saturating_sub(h + p);
             let right = (k - 1 + s * ow).saturating_sub(w + p);
-            let padded = x.pad_with_zeros(1, p, bottom)?.pad_with_zeros(2, p, right)?;
+            let padded = x
+                .pad_with_zeros(1, p, bottom)?
+                .pad_with_zeros(2, p, right)?;
             let windows = (0..k * k)
                 .map(|i| {
-                    let win = padded.narrow(1, i / k, s * oh)?.narrow(2, i % k, s * ow)?.contiguous()?;
+                    let win = padded
+                        .narrow(1, i / k, s * oh)?
+                        .narrow(2, i % k, s * ow)?
+                        .contiguous()?;
                     if s == 1 {
                         Ok(win)
                     } else {
@@ -142,8 +169,12 @@ impl Module for Conv2d {
             Tensor::cat(&windows, 3)?
         };
         let out_ch = self.weight_cols.dim(0)?;
-        frozen_matmul(&cols.reshape((b * oh * ow, k * k * c))?, &self.weight_cols, Some(&self.bias))?
-            .reshape((b, oh, ow, out_ch))
+        frozen_matmul(
+            &cols.reshape((b * oh * ow, k * k * c))?,
+            &self.weight_cols,
+            Some(&self.bias),
+        )?
+        .reshape((b, oh, ow, out_ch))
     }
 }
 
@@ -160,7 +191,12 @@ pub(crate) fn frozen_matmul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
         None => value,
     };
     if x.track_op() {
-        x.apply_op2(&value, FrozenWeightGrad { weight: weight.clone() })
+        x.apply_op2(
+            &value,
+            FrozenWeightGrad {
+                weight: weight.clone(),
+            },
+        )
     } else {
         Ok(value)
     }
@@ -185,15 +221,33 @@ impl CustomOp2 for FrozenWeightGrad {
         "frozen-weight-matmul"
     }
 
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout, value: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        value: &CpuStorage,
+        layout: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
         Self::pass_through(value, layout)
     }
 
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout, value: &CudaStorage, layout: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        value: &CudaStorage,
+        layout: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
         Self::pass_through(value, layout)
     }
 
-    fn bwd(&self, _x: &Tensor, _value: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        _value: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(&self.weight)?), None))
     }
 }
@@ -211,12 +265,17 @@ pub(crate) struct GroupNorm {
 
 impl GroupNorm {
     pub(crate) fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
-        if groups == 0 || channels % groups != 0 {
+        if groups == 0 || !channels.is_multiple_of(groups) {
             candle_core::bail!("{channels} channels cannot be split into {groups} norm groups");
         }
         let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
         let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
-        Ok(Self { weight, bias, groups, eps })
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
     }
 }
 
@@ -228,7 +287,9 @@ impl Module for GroupNorm {
         let per_group = channels / self.groups;
         let positions = x.elem_count() / (batch * channels);
         let count = (positions * per_group) as f64;
-        let g = x.reshape((batch, positions, self.groups, per_group))?.to_dtype(upcast(dtype))?;
+        let g = x
+            .reshape((batch, positions, self.groups, per_group))?
+            .to_dtype(upcast(dtype))?;
         // Sum over the group's channels (contiguous) first, then over positions.
         let mean = (g.sum_keepdim(3)?.sum_keepdim(1)? / count)?;
         let centred = g.broadcast_sub(&mean)?;
@@ -311,11 +372,25 @@ impl Linear {
     /// A 1x1 convolution's weights `[out, in, 1, 1]` used as a dense layer over channels.
     pub(crate) fn from_conv1x1(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb
-            .get_with_hints((out_dim, in_dim, 1, 1), "weight", candle_nn::init::DEFAULT_KAIMING_NORMAL)?
+            .get_with_hints(
+                (out_dim, in_dim, 1, 1),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?
             .reshape((out_dim, in_dim))?;
         let bound = 1.0 / (in_dim as f64).sqrt();
-        let bias = vb.get_with_hints(out_dim, "bias", candle_nn::Init::Uniform { lo: -bound, up: bound })?;
-        Ok(Self { weight, bias: Some(bias) })
+        let bias = vb.get_with_hints(
+            out_dim,
+            "bias",
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+        })
     }
 }
 
@@ -327,7 +402,16 @@ mod tests {
     use crate::model::seeded::SeededWeights;
 
     fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b).unwrap().abs().unwrap().flatten_all().unwrap().max(D::Minus1).unwrap().to_scalar().unwrap()
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap()
     }
 
     fn input(shape: (usize, usize, usize, usize)) -> Tensor {
@@ -339,17 +423,35 @@ mod tests {
     /// The channels-last im2col convolution equals candle's NCHW `conv2d` on the same weights.
     #[test]
     fn conv_matches_candle_conv2d() {
-        for (k, stride, pad, h, w) in [(3, 1, 1, 8, 6), (3, 2, 1, 8, 8), (3, 2, 1, 7, 5), (1, 1, 0, 4, 4), (3, 1, 0, 5, 5)] {
+        for (k, stride, pad, h, w) in [
+            (3, 1, 1, 8, 6),
+            (3, 2, 1, 8, 8),
+            (3, 2, 1, 7, 5),
+            (1, 1, 0, 4, 4),
+            (3, 1, 0, 5, 5),
+        ] {
             let seeded = SeededWeights::new(k as u64 + stride as u64);
             let vb = seeded.var_builder(DType::F32, &Device::Cpu);
             let conv = Conv2d::new(5, 7, k, stride, pad, vb.pp("c")).unwrap();
             let weights = seeded.tensors();
             let (weight, bias) = (&weights["c.weight"], &weights["c.bias"]);
             let x = input((2, 5, h, w));
-            let want = x.conv2d(weight, pad, stride, 1, 1).unwrap().broadcast_add(&bias.reshape((1, 7, 1, 1)).unwrap()).unwrap();
-            let got = conv.forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+            let want = x
+                .conv2d(weight, pad, stride, 1, 1)
+                .unwrap()
+                .broadcast_add(&bias.reshape((1, 7, 1, 1)).unwrap())
+                .unwrap();
+            let got = conv
+                .forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap())
+                .unwrap()
+                .permute((0, 3, 1, 2))
+                .unwrap();
             assert_eq!(got.dims(), want.dims(), "k{k} s{stride} p{pad} {h}x{w}");
-            assert!(max_diff(&got, &want) < 1e-5, "k{k} s{stride} p{pad}: {}", max_diff(&got, &want));
+            assert!(
+                max_diff(&got, &want) < 1e-5,
+                "k{k} s{stride} p{pad}: {}",
+                max_diff(&got, &want)
+            );
         }
     }
 
@@ -359,13 +461,27 @@ mod tests {
         let vb = seeded.var_builder(DType::F32, &Device::Cpu);
         let ours = GroupNorm::new(4, 8, 1e-5, vb.pp("n")).unwrap();
         // Non-trivial affine parameters.
-        let w = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().affine(0.1, 0.5).unwrap();
-        let b = Tensor::arange(0f32, 8., &Device::Cpu).unwrap().affine(-0.2, 0.3).unwrap();
-        let ours = GroupNorm { weight: w.clone(), bias: b.clone(), ..ours };
+        let w = Tensor::arange(0f32, 8., &Device::Cpu)
+            .unwrap()
+            .affine(0.1, 0.5)
+            .unwrap();
+        let b = Tensor::arange(0f32, 8., &Device::Cpu)
+            .unwrap()
+            .affine(-0.2, 0.3)
+            .unwrap();
+        let ours = GroupNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            ..ours
+        };
         let reference = candle_nn::GroupNorm::new(w, b, 8, 4, 1e-5).unwrap();
         let x = input((2, 8, 3, 5));
         let want = reference.forward(&x).unwrap();
-        let got = ours.forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+        let got = ours
+            .forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap())
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
         assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
     }
 
@@ -373,14 +489,22 @@ mod tests {
     fn upsample_matches_candle_nearest() {
         let x = input((2, 3, 4, 5));
         let want = x.upsample_nearest2d(8, 10).unwrap();
-        let got = upsample_nearest_2x(&x.permute((0, 2, 3, 1)).unwrap()).unwrap().permute((0, 3, 1, 2)).unwrap();
+        let got = upsample_nearest_2x(&x.permute((0, 2, 3, 1)).unwrap())
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
         assert_eq!(max_diff(&got, &want), 0.0);
     }
 
     #[test]
     fn layer_norm_modes_agree_and_softmax_modes_agree() {
         let seeded = SeededWeights::new(4);
-        let ln = LayerNorm::new(6, 1e-5, seeded.var_builder(DType::F32, &Device::Cpu).pp("ln")).unwrap();
+        let ln = LayerNorm::new(
+            6,
+            1e-5,
+            seeded.var_builder(DType::F32, &Device::Cpu).pp("ln"),
+        )
+        .unwrap();
         let x = input((1, 2, 3, 6));
         let fused = ln.forward(&x, Mode::Inference).unwrap();
         let composed = ln.forward(&x, Mode::Training).unwrap();
@@ -389,7 +513,10 @@ mod tests {
         let t = Tensor::new(&[[0f32, 3f32.ln()]], &Device::Cpu).unwrap();
         for mode in [Mode::Inference, Mode::Training] {
             let p: Vec<Vec<f32>> = softmax_last_dim(&t, mode).unwrap().to_vec2().unwrap();
-            assert!((p[0][0] - 0.25).abs() < 1e-6 && (p[0][1] - 0.75).abs() < 1e-6, "{mode:?}");
+            assert!(
+                (p[0][0] - 0.25).abs() < 1e-6 && (p[0][1] - 0.75).abs() < 1e-6,
+                "{mode:?}"
+            );
         }
     }
 }

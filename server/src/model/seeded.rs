@@ -25,7 +25,10 @@ pub struct SeededWeights {
 impl SeededWeights {
     /// A generator for `seed`.
     pub fn new(seed: u64) -> Self {
-        Self { seed, made: Arc::default() }
+        Self {
+            seed,
+            made: Arc::default(),
+        }
     }
 
     /// A builder that draws from this generator in `dtype`.
@@ -45,7 +48,11 @@ impl SeededWeights {
         let fan_in = FanInOut::FanIn.for_shape(shape).max(1) as f64;
         let normal = |rng: &mut StdRng, mean: f64, std: f64| -> Vec<f32> {
             (0..n)
-                .map(|_| (mean + std * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng)) as f32)
+                .map(|_| {
+                    (mean
+                        + std * <StandardNormal as Distribution<f64>>::sample(&StandardNormal, rng))
+                        as f32
+                })
                 .collect()
         };
         let uniform = |rng: &mut StdRng, lo: f64, up: f64| -> Vec<f32> {
@@ -55,7 +62,11 @@ impl SeededWeights {
             Init::Const(c) => vec![c as f32; n],
             Init::Randn { mean, stdev } => normal(&mut rng, mean, stdev),
             Init::Uniform { lo, up } => uniform(&mut rng, lo, up),
-            Init::Kaiming { dist, non_linearity, .. } => {
+            Init::Kaiming {
+                dist,
+                non_linearity,
+                ..
+            } => {
                 let gain = match non_linearity {
                     NonLinearity::ReLU => 2f64.sqrt(),
                     _ => 1.0,
@@ -75,12 +86,24 @@ impl SeededWeights {
 
 /// FNV-1a: a stable (cross-platform, cross-version) hash of a tensor name.
 fn fnv1a(s: &str) -> u64 {
-    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3))
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 impl SimpleBackend for SeededWeights {
-    fn get(&self, shape: Shape, name: &str, init: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let mut made = self.made.lock().map_err(|_| candle_core::Error::msg("weight generator poisoned"))?;
+    fn get(
+        &self,
+        shape: Shape,
+        name: &str,
+        init: Init,
+        dtype: DType,
+        dev: &Device,
+    ) -> Result<Tensor> {
+        let mut made = self
+            .made
+            .lock()
+            .map_err(|_| candle_core::Error::msg("weight generator poisoned"))?;
         if let Some(t) = made.get(name) {
             if t.shape() != &shape {
                 candle_core::bail!("{name} requested as {shape:?} and as {:?}", t.shape());
@@ -94,7 +117,10 @@ impl SimpleBackend for SeededWeights {
     }
 
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
-        let made = self.made.lock().map_err(|_| candle_core::Error::msg("weight generator poisoned"))?;
+        let made = self
+            .made
+            .lock()
+            .map_err(|_| candle_core::Error::msg("weight generator poisoned"))?;
         match made.get(name) {
             Some(t) => t.to_device(dev)?.to_dtype(dtype),
             None => candle_core::bail!("{name} has no shape yet: request it with a shape first"),

@@ -18,10 +18,44 @@ use crate::error::ModelError;
 
 /// Words the tiny vocabulary learns whole (the procedural captions of the embedded model).
 const WORDS: &[&str] = &[
-    "a", "an", "the", "small", "large", "big", "tiny", "red", "green", "blue", "yellow", "purple",
-    "orange", "white", "black", "gray", "pink", "brown", "circle", "square", "triangle", "on",
-    "in", "of", "with", "and", "background", "top", "bottom", "left", "right", "center", "corner",
-    "photo", "picture", "shape", "bright", "dark",
+    "a",
+    "an",
+    "the",
+    "small",
+    "large",
+    "big",
+    "tiny",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "gray",
+    "pink",
+    "brown",
+    "circle",
+    "square",
+    "triangle",
+    "on",
+    "in",
+    "of",
+    "with",
+    "and",
+    "background",
+    "top",
+    "bottom",
+    "left",
+    "right",
+    "center",
+    "corner",
+    "photo",
+    "picture",
+    "shape",
+    "bright",
+    "dark",
 ];
 
 /// Writes the tiny pipeline into `dir` (created if needed). The same `seed` writes the same bytes.
@@ -32,16 +66,31 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
     UNet2DConditionModel::new(&unet_config, unet_weights.var_builder(DType::F32, &device))?;
     let mut unet_json = serde_json::to_value(&unet_config).map_err(|e| config_err(dir, e))?;
     unet_json["_class_name"] = json!("UNet2DConditionModel");
-    write_component(dir, "unet", "diffusion_pytorch_model", &unet_json, unet_weights.tensors())?;
+    write_component(
+        dir,
+        "unet",
+        "diffusion_pytorch_model",
+        &unet_json,
+        unet_weights.tensors(),
+    )?;
 
     let vae_weights = SeededWeights::new(seed.wrapping_add(1));
     let vae_config = VaeConfig::tiny();
+    // The whole autoencoder (encoder too), so the folder is a complete diffusers checkpoint.
+    full_autoencoder(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
     VaeDecoder::new(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
     let mut vae_json = serde_json::to_value(&vae_config).map_err(|e| config_err(dir, e))?;
     vae_json["_class_name"] = json!("AutoencoderKL");
+    vae_json["use_quant_conv"] = json!(true);
     vae_json["down_block_types"] = json!(["DownEncoderBlock2D", "DownEncoderBlock2D"]);
     vae_json["up_block_types"] = json!(["UpDecoderBlock2D", "UpDecoderBlock2D"]);
-    write_component(dir, "vae", "diffusion_pytorch_model", &vae_json, vae_weights.tensors())?;
+    write_component(
+        dir,
+        "vae",
+        "diffusion_pytorch_model",
+        &vae_json,
+        vae_weights.tensors(),
+    )?;
 
     let clip_weights = SeededWeights::new(seed.wrapping_add(2));
     let clip_config = ClipConfig::tiny();
@@ -52,7 +101,13 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
     clip_json["bos_token_id"] = json!(0);
     clip_json["eos_token_id"] = json!(2);
     clip_json["pad_token_id"] = json!(1);
-    write_component(dir, "text_encoder", "model", &clip_json, clip_weights.tensors())?;
+    write_component(
+        dir,
+        "text_encoder",
+        "model",
+        &clip_json,
+        clip_weights.tensors(),
+    )?;
 
     write_tokenizer(&dir.join("tokenizer"), clip_config.vocab_size)?;
     write_json(
@@ -87,12 +142,35 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
     Ok(())
 }
 
+/// candle-transformers' `AutoEncoderKL` (encoder and decoder) on the same config.
+pub fn full_autoencoder(
+    config: &VaeConfig,
+    vb: candle_nn::VarBuilder,
+) -> candle_core::Result<candle_transformers::models::stable_diffusion::vae::AutoEncoderKL> {
+    use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+    let kl = AutoEncoderKLConfig {
+        block_out_channels: config.block_out_channels.clone(),
+        layers_per_block: config.layers_per_block,
+        latent_channels: config.latent_channels,
+        norm_num_groups: config.norm_num_groups,
+        use_quant_conv: true,
+        use_post_quant_conv: config.use_post_quant_conv,
+    };
+    AutoEncoderKL::new(vb, config.in_channels, config.out_channels, kl)
+}
+
 fn config_err(dir: &Path, e: serde_json::Error) -> ModelError {
-    ModelError::Config { path: dir.to_path_buf(), reason: e.to_string() }
+    ModelError::Config {
+        path: dir.to_path_buf(),
+        reason: e.to_string(),
+    }
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {
-    let io = |source| ModelError::Io { path: path.to_path_buf(), source };
+    let io = |source| ModelError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent).map_err(io)?;
     }
@@ -110,8 +188,10 @@ fn write_component(
     write_json(&dir.join(name).join("config.json"), config)?;
     let path = dir.join(name).join(format!("{stem}.safetensors"));
     let tensors: HashMap<String, Tensor> = tensors.into_iter().collect();
-    candle_core::safetensors::save(&tensors, &path)
-        .map_err(|e| ModelError::Weights { path: path.clone(), reason: e.to_string() })
+    candle_core::safetensors::save(&tensors, &path).map_err(|e| ModelError::Weights {
+        path: path.clone(),
+        reason: e.to_string(),
+    })
 }
 
 /// A byte-level BPE vocabulary in CLIP's layout: the 256 byte characters, the same with `</w>`,
@@ -126,7 +206,11 @@ fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<(), ModelError> {
         let chars: Vec<String> = word.chars().map(|c| c.to_string()).collect();
         let mut acc = chars[0].clone();
         for (i, c) in chars.iter().enumerate().skip(1) {
-            let right = if i == chars.len() - 1 { format!("{c}</w>") } else { c.clone() };
+            let right = if i == chars.len() - 1 {
+                format!("{c}</w>")
+            } else {
+                c.clone()
+            };
             let merged = format!("{acc}{right}");
             if known.insert(merged.clone()) {
                 merges.push((acc.clone(), right));
@@ -140,12 +224,21 @@ fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<(), ModelError> {
     if vocab.len() > vocab_size {
         return Err(ModelError::Config {
             path: dir.to_path_buf(),
-            reason: format!("tokenizer needs {} ids, the encoder has {vocab_size}", vocab.len()),
+            reason: format!(
+                "tokenizer needs {} ids, the encoder has {vocab_size}",
+                vocab.len()
+            ),
         });
     }
-    let vocab_json: serde_json::Map<String, serde_json::Value> =
-        vocab.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
-    write_json(&dir.join("vocab.json"), &serde_json::Value::Object(vocab_json))?;
+    let vocab_json: serde_json::Map<String, serde_json::Value> = vocab
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.clone(), json!(i)))
+        .collect();
+    write_json(
+        &dir.join("vocab.json"),
+        &serde_json::Value::Object(vocab_json),
+    )?;
     let mut merges_text = String::from("#version: 0.2\n");
     for (a, b) in &merges {
         merges_text.push_str(&format!("{a} {b}\n"));

@@ -62,19 +62,30 @@ impl ClipTokenizer {
             .build()
             .map_err(|e| tokenizer_err("vocab.json / merges.txt", e))?;
         let mut inner = Tokenizer::new(bpe);
-        let whitespace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ").map_err(|e| tokenizer_err("normalizer", e))?;
-        inner.with_normalizer(Some(NormalizerSequence::new(vec![NFC.into(), whitespace.into(), Lowercase.into()])));
-        let split = Split::new(SplitPattern::Regex(CLIP_PATTERN.into()), SplitDelimiterBehavior::Removed, true)
-            .map_err(|e| tokenizer_err("pre-tokenizer", e))?;
+        let whitespace = Replace::new(ReplacePattern::Regex(r"\s+".into()), " ")
+            .map_err(|e| tokenizer_err("normalizer", e))?;
+        inner.with_normalizer(Some(NormalizerSequence::new(vec![
+            NFC.into(),
+            whitespace.into(),
+            Lowercase.into(),
+        ])));
+        let split = Split::new(
+            SplitPattern::Regex(CLIP_PATTERN.into()),
+            SplitDelimiterBehavior::Removed,
+            true,
+        )
+        .map_err(|e| tokenizer_err("pre-tokenizer", e))?;
         inner.with_pre_tokenizer(Some(PreTokenizerSequence::new(vec![
             split.into(),
             ByteLevel::new(false, true, false).into(),
         ])));
         let id = |token: &str| {
-            inner.token_to_id(token).ok_or_else(|| ModelError::Tokenizer {
-                path: vocab.clone(),
-                reason: format!("the vocabulary has no `{token}` token"),
-            })
+            inner
+                .token_to_id(token)
+                .ok_or_else(|| ModelError::Tokenizer {
+                    path: vocab.clone(),
+                    reason: format!("the vocabulary has no `{token}` token"),
+                })
         };
         let (bos, eos) = (id(BOS)?, id(EOS)?);
         let pad = match read_pad_token(dir)? {
@@ -82,9 +93,18 @@ impl ClipTokenizer {
             None => eos,
         };
         if max_len < 2 {
-            return Err(ModelError::Tokenizer { path: dir.to_path_buf(), reason: format!("sequence length {max_len} is too short") });
+            return Err(ModelError::Tokenizer {
+                path: dir.to_path_buf(),
+                reason: format!("sequence length {max_len} is too short"),
+            });
         }
-        Ok(Self { inner, bos, eos, pad, max_len })
+        Ok(Self {
+            inner,
+            bos,
+            eos,
+            pad,
+            max_len,
+        })
     }
 
     /// The fixed sequence length.
@@ -94,10 +114,13 @@ impl ClipTokenizer {
 
     /// Tokenizes `text` into exactly `max_len` ids, cutting it if it is too long.
     pub fn encode(&self, text: &str) -> Result<Tokens, ModelError> {
-        let encoding = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer {
-            path: Default::default(),
-            reason: format!("cannot tokenize the prompt: {e}"),
-        })?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: Default::default(),
+                reason: format!("cannot tokenize the prompt: {e}"),
+            })?;
         let body = encoding.get_ids();
         let room = self.max_len - 2;
         let truncated = body.len() > room;
@@ -111,10 +134,13 @@ impl ClipTokenizer {
 
     /// The sub-word pieces of `text` (for diagnostics and tests).
     pub fn pieces(&self, text: &str) -> Result<Vec<String>, ModelError> {
-        let encoding = self.inner.encode(text, false).map_err(|e| ModelError::Tokenizer {
-            path: Default::default(),
-            reason: e.to_string(),
-        })?;
+        let encoding = self
+            .inner
+            .encode(text, false)
+            .map_err(|e| ModelError::Tokenizer {
+                path: Default::default(),
+                reason: e.to_string(),
+            })?;
         Ok(encoding.get_tokens().to_vec())
     }
 }
@@ -125,12 +151,20 @@ fn read_pad_token(dir: &Path) -> Result<Option<String>, ModelError> {
     if !path.is_file() {
         return Ok(None);
     }
-    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io { path: path.clone(), source })?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| ModelError::Config { path: path.clone(), reason: e.to_string() })?;
+    let text = std::fs::read_to_string(&path).map_err(|source| ModelError::Io {
+        path: path.clone(),
+        source,
+    })?;
+    let json: serde_json::Value = serde_json::from_str(&text).map_err(|e| ModelError::Config {
+        path: path.clone(),
+        reason: e.to_string(),
+    })?;
     Ok(match json.get("pad_token") {
         Some(serde_json::Value::String(s)) => Some(s.clone()),
-        Some(obj) => obj.get("content").and_then(|c| c.as_str()).map(String::from),
+        Some(obj) => obj
+            .get("content")
+            .and_then(|c| c.as_str())
+            .map(String::from),
         None => None,
     })
 }
@@ -138,7 +172,9 @@ fn read_pad_token(dir: &Path) -> Result<Option<String>, ModelError> {
 /// The GPT-2 / CLIP byte-to-character map: printable bytes map to themselves, the rest to
 /// code points from 256 up, so every byte sequence is a string of visible characters.
 pub fn byte_alphabet() -> Vec<char> {
-    let printable = |b: u32| (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+    let printable = |b: u32| {
+        (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b)
+    };
     let mut next = 256u32;
     (0u32..256)
         .map(|b| {

@@ -1,11 +1,12 @@
-//! The VAE (`AutoencoderKL`, `vae/` of a diffusers pipeline): its decoder turns latents into
-//! RGB images. The network itself is candle-transformers'; this wraps its config and the
-//! latent scaling.
+//! The VAE decoder (`AutoencoderKL.decoder` and `post_quant_conv`, `vae/` of a diffusers
+//! pipeline): latents to RGB images, channels-last with the UNet's fast convolutions.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
 use serde::{Deserialize, Serialize};
+
+use super::nn::{Conv2d, GroupNorm, Linear, Mode, softmax_last_dim, upsample_nearest_2x};
+use super::unet::blocks::ResnetBlock;
 
 /// `vae/config.json` (the fields the decoder reads).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -25,8 +26,6 @@ pub struct VaeConfig {
     pub norm_num_groups: usize,
     /// Latents are divided by this before decoding (0.18215 for SD 1.x/2.x).
     pub scaling_factor: f64,
-    /// Whether `quant_conv` exists.
-    pub use_quant_conv: bool,
     /// Whether `post_quant_conv` exists.
     pub use_post_quant_conv: bool,
     /// Image side the VAE was trained at.
@@ -44,7 +43,6 @@ impl Default for VaeConfig {
             latent_channels: 4,
             norm_num_groups: 32,
             scaling_factor: 0.18215,
-            use_quant_conv: true,
             use_post_quant_conv: true,
             sample_size: 512,
         }
@@ -67,28 +65,150 @@ impl VaeConfig {
     pub fn scale_factor(&self) -> usize {
         1 << self.block_out_channels.len().saturating_sub(1)
     }
+
+    /// Checks the sizes; the message says what is wrong.
+    pub fn validate(&self) -> std::result::Result<(), String> {
+        if self.block_out_channels.is_empty() || self.layers_per_block == 0 {
+            return Err(
+                "block_out_channels and layers_per_block must be non-empty / positive".into(),
+            );
+        }
+        if let Some(c) = self
+            .block_out_channels
+            .iter()
+            .find(|&&c| self.norm_num_groups == 0 || c % self.norm_num_groups != 0)
+        {
+            return Err(format!(
+                "{c} channels are not divisible into {} norm groups",
+                self.norm_num_groups
+            ));
+        }
+        if !(self.scaling_factor.is_finite() && self.scaling_factor > 0.0) {
+            return Err(format!(
+                "scaling_factor must be positive, got {}",
+                self.scaling_factor
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The mid block's single-head self-attention over all pixels.
+#[derive(Debug, Clone)]
+struct SpatialAttention {
+    norm: GroupNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+}
+
+impl SpatialAttention {
+    fn new(ch: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+        // Checkpoints saved before diffusers 0.14 use the legacy names.
+        let names = if vb.contains_tensor("to_q.weight") {
+            ["to_q", "to_k", "to_v", "to_out.0"]
+        } else {
+            ["query", "key", "value", "proj_attn"]
+        };
+        let linear = |name: &str| Linear::new(ch, ch, true, vb.pp(name));
+        Ok(Self {
+            norm: GroupNorm::new(groups, ch, 1e-6, vb.pp("group_norm"))?,
+            q: linear(names[0])?,
+            k: linear(names[1])?,
+            v: linear(names[2])?,
+            out: linear(names[3])?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, h, w, c) = x.dims4()?;
+        let tokens = self.norm.forward(x)?.reshape((b, h * w, c))?;
+        let q = (self.q.forward(&tokens)? / (c as f64).sqrt())?;
+        let k = self.k.forward(&tokens)?;
+        let v = self.v.forward(&tokens)?;
+        let outs = (0..b)
+            .map(|i| {
+                let scores = q.get(i)?.matmul(&k.get(i)?.t()?)?;
+                let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, Mode::Inference)?
+                    .to_dtype(x.dtype())?;
+                probs.matmul(&v.get(i)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        self.out
+            .forward(&Tensor::stack(&outs, 0)?)?
+            .reshape((b, h, w, c))?
+            + x
+    }
+}
+
+#[derive(Debug, Clone)]
+struct UpDecoderBlock {
+    resnets: Vec<ResnetBlock>,
+    upsample: Option<Conv2d>,
 }
 
 /// The decoder half of the VAE, with the latent scaling folded in.
 #[derive(Debug)]
 pub struct VaeDecoder {
-    inner: AutoEncoderKL,
     config: VaeConfig,
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_first: ResnetBlock,
+    mid_attention: SpatialAttention,
+    mid_second: ResnetBlock,
+    up: Vec<UpDecoderBlock>,
+    norm_out: GroupNorm,
+    conv_out: Conv2d,
 }
 
 impl VaeDecoder {
-    /// Loads the whole autoencoder (the checkpoint holds both halves) and keeps the decoder.
+    /// Loads the decoder from `vb` rooted at the VAE checkpoint (the encoder's keys are unused).
     pub fn new(config: &VaeConfig, vb: VarBuilder) -> Result<Self> {
-        let kl = AutoEncoderKLConfig {
-            block_out_channels: config.block_out_channels.clone(),
-            layers_per_block: config.layers_per_block,
-            latent_channels: config.latent_channels,
-            norm_num_groups: config.norm_num_groups,
-            use_quant_conv: config.use_quant_conv,
-            use_post_quant_conv: config.use_post_quant_conv,
+        config.validate().map_err(candle_core::Error::msg)?;
+        let ch = &config.block_out_channels;
+        let (groups, lat) = (config.norm_num_groups, config.latent_channels);
+        let top = ch[ch.len() - 1];
+        let post_quant_conv = if config.use_post_quant_conv {
+            Some(Conv2d::new(lat, lat, 1, 1, 0, vb.pp("post_quant_conv"))?)
+        } else {
+            None
         };
-        let inner = AutoEncoderKL::new(vb, config.in_channels, config.out_channels, kl)?;
-        Ok(Self { inner, config: config.clone() })
+        let dec = vb.pp("decoder");
+        let resnet =
+            |i: usize, o: usize, vb: VarBuilder| ResnetBlock::new(i, o, 0, groups, 1e-6, vb);
+        let mut up = Vec::with_capacity(ch.len());
+        let mut prev = top;
+        for (i, &out) in ch.iter().rev().enumerate() {
+            let vb = dec.pp(format!("up_blocks.{i}"));
+            let resnets = (0..=config.layers_per_block)
+                .map(|j| {
+                    resnet(
+                        if j == 0 { prev } else { out },
+                        out,
+                        vb.pp(format!("resnets.{j}")),
+                    )
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let upsample = if i + 1 < ch.len() {
+                Some(Conv2d::new(out, out, 3, 1, 1, vb.pp("upsamplers.0.conv"))?)
+            } else {
+                None
+            };
+            up.push(UpDecoderBlock { resnets, upsample });
+            prev = out;
+        }
+        Ok(Self {
+            config: config.clone(),
+            post_quant_conv,
+            conv_in: Conv2d::new(lat, top, 3, 1, 1, dec.pp("conv_in"))?,
+            mid_first: resnet(top, top, dec.pp("mid_block.resnets.0"))?,
+            mid_attention: SpatialAttention::new(top, groups, dec.pp("mid_block.attentions.0"))?,
+            mid_second: resnet(top, top, dec.pp("mid_block.resnets.1"))?,
+            up,
+            norm_out: GroupNorm::new(groups, ch[0], 1e-6, dec.pp("conv_norm_out"))?,
+            conv_out: Conv2d::new(ch[0], config.out_channels, 3, 1, 1, dec.pp("conv_out"))?,
+        })
     }
 
     /// The architecture.
@@ -96,13 +216,84 @@ impl VaeDecoder {
         &self.config
     }
 
-    /// Decodes `[B, C, h, w]` latents into RGB images, `[B, h*f, w*f, 3]` bytes per image.
+    /// Decodes `[B, C, h, w]` latents into images `[B, h*f, w*f, 3]` in [-1, 1], channels last.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let z = (latents / self.config.scaling_factor)?
+            .permute((0, 2, 3, 1))?
+            .contiguous()?;
+        let z = match &self.post_quant_conv {
+            Some(conv) => conv.forward(&z)?,
+            None => z,
+        };
+        let mut h = self.conv_in.forward(&z)?;
+        h = self.mid_first.forward_with(&h, None)?;
+        h = self.mid_attention.forward(&h)?;
+        h = self.mid_second.forward_with(&h, None)?;
+        for block in &self.up {
+            for resnet in &block.resnets {
+                h = resnet.forward_with(&h, None)?;
+            }
+            if let Some(conv) = &block.upsample {
+                h = conv.forward(&upsample_nearest_2x(&h)?)?;
+            }
+        }
+        self.conv_out.forward(&self.norm_out.forward(&h)?.silu()?)
+    }
+
+    /// Decodes latents into RGB images, `h*f * w*f * 3` bytes per image.
     pub fn decode_rgb8(&self, latents: &Tensor) -> Result<Vec<Vec<u8>>> {
-        let scaled = (latents / self.config.scaling_factor)?;
-        let images = self.inner.decode(&scaled)?.to_dtype(DType::F32)?;
-        // [-1, 1] -> [0, 255], channels last.
-        let bytes = ((images / 2.0)? + 0.5)?.clamp(0.0, 1.0)?.affine(255.0, 0.5)?.floor()?;
-        let bytes = bytes.permute((0, 2, 3, 1))?.to_dtype(DType::U8)?;
-        (0..bytes.dim(0)?).map(|i| bytes.get(i)?.flatten_all()?.to_vec1::<u8>()).collect()
+        let images = self.decode(latents)?.to_dtype(DType::F32)?;
+        // [-1, 1] -> [0, 255], rounded.
+        let bytes = ((images / 2.0)? + 0.5)?
+            .clamp(0.0, 1.0)?
+            .affine(255.0, 0.5)?
+            .floor()?
+            .to_dtype(DType::U8)?;
+        (0..bytes.dim(0)?)
+            .map(|i| bytes.get(i)?.flatten_all()?.to_vec1::<u8>())
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{D, DType, Device, Tensor};
+
+    use super::*;
+    use crate::model::seeded::SeededWeights;
+    use crate::model::tiny::full_autoencoder;
+
+    /// Our channels-last decoder equals candle-transformers' NCHW `AutoEncoderKL::decode`.
+    #[test]
+    fn decoder_matches_candle_transformers() {
+        let weights = SeededWeights::new(11);
+        let config = VaeConfig::tiny();
+        let reference =
+            full_autoencoder(&config, weights.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        let ours = VaeDecoder::new(&config, weights.var_builder(DType::F32, &Device::Cpu)).unwrap();
+        let v: Vec<f32> = (0..2 * 4 * 8 * 6)
+            .map(|i| (i as f32 * 0.21).cos())
+            .collect();
+        let latents = Tensor::from_vec(v, (2, 4, 8, 6), &Device::Cpu).unwrap();
+        let want = reference
+            .decode(&(&latents / config.scaling_factor).unwrap())
+            .unwrap();
+        let got = ours
+            .decode(&latents)
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
+        assert_eq!(got.dims(), &[2, 3, 16, 12]);
+        let diff: f32 = (got - want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(D::Minus1)
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!(diff < 1e-4, "max difference {diff}");
     }
 }

@@ -69,7 +69,11 @@ pub struct Generation {
 
 impl DiffusionModel {
     /// Embeds a prompt and a negative prompt for [`DiffusionModel::generate`].
-    pub fn conditioning(&self, prompt: &str, negative_prompt: &str) -> Result<Conditioning, ModelError> {
+    pub fn conditioning(
+        &self,
+        prompt: &str,
+        negative_prompt: &str,
+    ) -> Result<Conditioning, ModelError> {
         Ok(Conditioning {
             prompt: prompt.to_string(),
             negative_prompt: negative_prompt.to_string(),
@@ -87,17 +91,32 @@ impl DiffusionModel {
             return invalid("num_images", "must be at least 1".into());
         }
         if request.steps == 0 || request.steps > max_steps {
-            return invalid("steps", format!("must be in 1..={max_steps}, got {}", request.steps));
+            return invalid(
+                "steps",
+                format!("must be in 1..={max_steps}, got {}", request.steps),
+            );
         }
         if !(request.eta > 0.0 && request.eta <= 1.0) {
-            return invalid("eta", format!("must be in (0, 1] for a recorded chain, got {}", request.eta));
+            return invalid(
+                "eta",
+                format!(
+                    "must be in (0, 1] for a recorded chain, got {}",
+                    request.eta
+                ),
+            );
         }
         if !(request.guidance_scale.is_finite() && request.guidance_scale >= 0.0) {
-            return invalid("guidance_scale", format!("must be finite and >= 0, got {}", request.guidance_scale));
+            return invalid(
+                "guidance_scale",
+                format!("must be finite and >= 0, got {}", request.guidance_scale),
+            );
         }
         for (field, v) in [("width", request.width), ("height", request.height)] {
             if v == 0 || v % multiple != 0 {
-                return invalid(field, format!("must be a positive multiple of {multiple} for this model, got {v}"));
+                return invalid(
+                    field,
+                    format!("must be a positive multiple of {multiple} for this model, got {v}"),
+                );
             }
         }
         Ok(())
@@ -119,7 +138,11 @@ impl DiffusionModel {
         if conditioning.len() != requests.len() {
             return Err(ModelError::InvalidRequest {
                 field: "conditioning",
-                reason: format!("{} conditionings for {} requests", conditioning.len(), requests.len()),
+                reason: format!(
+                    "{} conditionings for {} requests",
+                    conditioning.len(),
+                    requests.len()
+                ),
             });
         }
         for r in requests {
@@ -139,9 +162,16 @@ impl DiffusionModel {
         let schedule = DdimSchedule::new(&self.scheduler, first.steps)?;
 
         // One row per image; each request's images share x_T and draw fresh noise per step.
-        let owners: Vec<usize> = requests.iter().enumerate().flat_map(|(i, r)| std::iter::repeat_n(i, r.num_images)).collect();
+        let owners: Vec<usize> = requests
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| std::iter::repeat_n(i, r.num_images))
+            .collect();
         let n = owners.len();
-        let mut rngs: Vec<StdRng> = requests.iter().map(|r| StdRng::seed_from_u64(r.seed)).collect();
+        let mut rngs: Vec<StdRng> = requests
+            .iter()
+            .map(|r| StdRng::seed_from_u64(r.seed))
+            .collect();
         let mut x_t_host = Vec::with_capacity(n * latent_len);
         for (req, rng) in requests.iter().zip(&mut rngs) {
             let x_t = standard_normal(rng, latent_len);
@@ -178,7 +208,9 @@ impl DiffusionModel {
             }
             let noise = Tensor::from_vec(noise, (n, channels, h, w), &device)?;
             let x_prev = (&mu + noise.broadcast_mul(&per_item(&sigmas, &device)?)?)?;
-            let lp: Vec<f32> = log_prob(&x_prev, &mu, &sigmas)?.to_dtype(DType::F32)?.to_vec1()?;
+            let lp: Vec<f32> = log_prob(&x_prev, &mu, &sigmas)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
             for (row, v) in log_probs.iter_mut().zip(lp) {
                 row.push(v);
             }
@@ -189,15 +221,27 @@ impl DiffusionModel {
             }
         }
 
-        let images = self.vae.decode_rgb8(&latents.to_dtype(self.unet.dtype())?)?;
+        let images = self
+            .vae
+            .decode_rgb8(&latents.to_dtype(self.unet.dtype())?)?;
         let chains = Tensor::stack(&recorded, 1)?; // [n, steps + 1, C, h, w]
         let timesteps: Vec<usize> = schedule.steps().iter().map(|s| s.t).collect();
-        let mut out: Vec<Generation> = requests.iter().map(|_| Generation { images: Vec::new(), trajectories: Vec::new() }).collect();
+        let mut out: Vec<Generation> = requests
+            .iter()
+            .map(|_| Generation {
+                images: Vec::new(),
+                trajectories: Vec::new(),
+            })
+            .collect();
         for (row, (image, lps)) in images.into_iter().zip(log_probs).enumerate() {
             let owner = owners[row];
             let req = &requests[owner];
             let generation = &mut out[owner];
-            generation.images.push(RgbImage { width: req.width, height: req.height, data: image });
+            generation.images.push(RgbImage {
+                width: req.width,
+                height: req.height,
+                data: image,
+            });
             generation.trajectories.push(Trajectory {
                 latents: chains.get(row)?,
                 timesteps: timesteps.clone(),
@@ -224,7 +268,9 @@ impl DiffusionModel {
     ) -> Result<Vec<f32>, ModelError> {
         let batch = TransitionBatch::new(self, items)?;
         let (mu, sigmas) = batch.policy_mean(self, &AdapterBatch::Uniform(adapter), mode)?;
-        Ok(log_prob(&batch.x_prev, &mu, &sigmas)?.to_dtype(DType::F32)?.to_vec1()?)
+        Ok(log_prob(&batch.x_prev, &mu, &sigmas)?
+            .to_dtype(DType::F32)?
+            .to_vec1()?)
     }
 }
 
@@ -265,7 +311,10 @@ impl TransitionBatch {
             if step.t != traj.timesteps[j] {
                 return Err(ModelError::InvalidRequest {
                     field: "trajectory",
-                    reason: format!("recorded timestep {} differs from this model's schedule ({})", traj.timesteps[j], step.t),
+                    reason: format!(
+                        "recorded timestep {} differs from this model's schedule ({})",
+                        traj.timesteps[j], step.t
+                    ),
                 });
             }
             steps.push(step);
@@ -293,12 +342,26 @@ impl TransitionBatch {
         adapters: &AdapterBatch<'_>,
         mode: Mode,
     ) -> Result<(Tensor, Vec<f64>), ModelError> {
-        guided_mean(&model.unet, self.prediction, &self.x_t, &self.steps, &self.context, &self.guidance, &self.etas, adapters, mode)
+        guided_mean(
+            &model.unet,
+            self.prediction,
+            &self.x_t,
+            &self.steps,
+            &self.context,
+            &self.guidance,
+            &self.etas,
+            adapters,
+            mode,
+        )
     }
 
     /// The sigma of every item's step.
     pub fn sigmas(&self) -> Vec<f64> {
-        self.steps.iter().zip(&self.etas).map(|(s, &e)| s.sigma(e)).collect()
+        self.steps
+            .iter()
+            .zip(&self.etas)
+            .map(|(s, &e)| s.sigma(e))
+            .collect()
     }
 }
 
@@ -329,12 +392,18 @@ pub fn guided_mean(
         }
         uniform => uniform,
     };
-    let out = unet.forward(&input, &timesteps, context, adapters, mode)?.to_dtype(x_t.dtype())?;
+    let out = unet
+        .forward(&input, &timesteps, context, adapters, mode)?
+        .to_dtype(x_t.dtype())?;
     let uncond = out.narrow(0, 0, n)?;
     let cond = out.narrow(0, n, n)?;
     let g = per_item(guidance, x_t.device())?.to_dtype(x_t.dtype())?;
     let guided = (&uncond + (cond - &uncond)?.broadcast_mul(&g)?)?;
-    let coefficients: Vec<(f64, f64)> = steps.iter().zip(etas).map(|(s, &e)| s.mean_coefficients(e, prediction)).collect();
+    let coefficients: Vec<(f64, f64)> = steps
+        .iter()
+        .zip(etas)
+        .map(|(s, &e)| s.mean_coefficients(e, prediction))
+        .collect();
     let sigmas = steps.iter().zip(etas).map(|(s, &e)| s.sigma(e)).collect();
     Ok((step_mean(x_t, &guided, &coefficients)?, sigmas))
 }
@@ -347,8 +416,12 @@ fn per_item(values: &[f64], device: &Device) -> Result<Tensor, ModelError> {
 
 /// `[2n, S, D]`: every row's negative embedding, then every row's prompt embedding.
 fn batch_context(conditioning: &[Conditioning], owners: &[usize]) -> Result<Tensor, ModelError> {
-    let negatives = owners.iter().map(|&o| conditioning[o].negative_embeddings.as_ref());
-    let prompts = owners.iter().map(|&o| conditioning[o].prompt_embeddings.as_ref());
+    let negatives = owners
+        .iter()
+        .map(|&o| conditioning[o].negative_embeddings.as_ref());
+    let prompts = owners
+        .iter()
+        .map(|&o| conditioning[o].prompt_embeddings.as_ref());
     let rows: Vec<&Tensor> = negatives.chain(prompts).collect();
     Ok(Tensor::cat(&rows, 0)?)
 }

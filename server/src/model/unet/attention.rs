@@ -29,11 +29,16 @@ impl Attention {
         targets: &mut Vec<LoraTarget>,
     ) -> Result<Self> {
         let inner = heads * head_dim;
-        let mut lora = |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<LoraLinear> {
-            let vb = vb.pp(name);
-            let path = vb.prefix();
-            Ok(LoraLinear::new(Linear::new(in_dim, out_dim, bias, vb)?, path, targets))
-        };
+        let mut lora =
+            |name: &str, in_dim: usize, out_dim: usize, bias: bool| -> Result<LoraLinear> {
+                let vb = vb.pp(name);
+                let path = vb.prefix();
+                Ok(LoraLinear::new(
+                    Linear::new(in_dim, out_dim, bias, vb)?,
+                    path,
+                    targets,
+                ))
+            };
         Ok(Self {
             to_q: lora("to_q", query_dim, inner, false)?,
             to_k: lora("to_k", context_dim, inner, false)?,
@@ -45,7 +50,12 @@ impl Attention {
     }
 
     /// `x`: `[B, N, query_dim]`; `context`: `[B, M, context_dim]` (self-attention when `None`).
-    pub(crate) fn forward(&self, x: &Tensor, context: Option<&Tensor>, ctx: &Ctx<'_>) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        ctx: &Ctx<'_>,
+    ) -> Result<Tensor> {
         let context = context.unwrap_or(x);
         let q = self.to_q.forward(x, ctx.adapters)?;
         let k = self.to_k.forward(context, ctx.adapters)?;
@@ -59,7 +69,9 @@ impl Attention {
         let mut outs = Vec::with_capacity(b);
         for item in 0..b {
             let heads_of = |t: &Tensor, len: usize| -> Result<Tensor> {
-                t.get(item)?.reshape((len, self.heads, head_dim))?.transpose(0, 1)
+                t.get(item)?
+                    .reshape((len, self.heads, head_dim))?
+                    .transpose(0, 1)
             };
             let (qi, ki, vi) = (heads_of(&q, n)?, heads_of(&k, m)?, heads_of(&v, m)?);
             let dtype = qi.dtype();
@@ -116,7 +128,13 @@ struct BasicTransformerBlock {
 }
 
 impl BasicTransformerBlock {
-    fn new(dim: usize, context_dim: usize, heads: usize, vb: VarBuilder, targets: &mut Vec<LoraTarget>) -> Result<Self> {
+    fn new(
+        dim: usize,
+        context_dim: usize,
+        heads: usize,
+        vb: VarBuilder,
+        targets: &mut Vec<LoraTarget>,
+    ) -> Result<Self> {
         let head_dim = dim / heads;
         Ok(Self {
             norm1: LayerNorm::new(dim, 1e-5, vb.pp("norm1"))?,
@@ -129,8 +147,14 @@ impl BasicTransformerBlock {
     }
 
     fn forward(&self, x: &Tensor, context: &Tensor, ctx: &Ctx<'_>) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x, ctx.mode)?, None, ctx)? + x)?;
-        let x = (self.attn2.forward(&self.norm2.forward(&x, ctx.mode)?, Some(context), ctx)? + x)?;
+        let x = (self
+            .attn1
+            .forward(&self.norm1.forward(x, ctx.mode)?, None, ctx)?
+            + x)?;
+        let x = (self
+            .attn2
+            .forward(&self.norm2.forward(&x, ctx.mode)?, Some(context), ctx)?
+            + x)?;
         self.ff.forward(&self.norm3.forward(&x, ctx.mode)?)? + x
     }
 }
@@ -170,7 +194,15 @@ impl Transformer2D {
             }
         };
         let blocks = (0..depth)
-            .map(|i| BasicTransformerBlock::new(channels, spec.context_dim, heads, vb.pp(format!("transformer_blocks.{i}")), targets))
+            .map(|i| {
+                BasicTransformerBlock::new(
+                    channels,
+                    spec.context_dim,
+                    heads,
+                    vb.pp(format!("transformer_blocks.{i}")),
+                    targets,
+                )
+            })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
             norm: GroupNorm::new(spec.groups, channels, 1e-6, vb.pp("norm"))?,

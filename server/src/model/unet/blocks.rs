@@ -14,14 +14,23 @@ use crate::model::nn::{Conv2d, GroupNorm, Linear, upsample_nearest_2x};
 pub(crate) struct ResnetBlock {
     norm1: GroupNorm,
     conv1: Conv2d,
-    time_emb_proj: Linear,
+    /// Absent in the VAE, whose resnets take no time embedding.
+    time_emb_proj: Option<Linear>,
     norm2: GroupNorm,
     conv2: Conv2d,
     shortcut: Option<Conv2d>,
 }
 
 impl ResnetBlock {
-    pub(crate) fn new(in_ch: usize, out_ch: usize, temb: usize, groups: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+    /// `temb = 0` builds a resnet without time conditioning (the VAE's).
+    pub(crate) fn new(
+        in_ch: usize,
+        out_ch: usize,
+        temb: usize,
+        groups: usize,
+        eps: f64,
+        vb: VarBuilder,
+    ) -> Result<Self> {
         let shortcut = if in_ch != out_ch {
             Some(Conv2d::new(in_ch, out_ch, 1, 1, 0, vb.pp("conv_shortcut"))?)
         } else {
@@ -30,7 +39,11 @@ impl ResnetBlock {
         Ok(Self {
             norm1: GroupNorm::new(groups, in_ch, eps, vb.pp("norm1"))?,
             conv1: Conv2d::new(in_ch, out_ch, 3, 1, 1, vb.pp("conv1"))?,
-            time_emb_proj: Linear::new(temb, out_ch, true, vb.pp("time_emb_proj"))?,
+            time_emb_proj: if temb > 0 {
+                Some(Linear::new(temb, out_ch, true, vb.pp("time_emb_proj"))?)
+            } else {
+                None
+            },
             norm2: GroupNorm::new(groups, out_ch, eps, vb.pp("norm2"))?,
             conv2: Conv2d::new(out_ch, out_ch, 3, 1, 1, vb.pp("conv2"))?,
             shortcut,
@@ -39,9 +52,14 @@ impl ResnetBlock {
 
     /// `temb_act` is `silu(time embedding)`, computed once per forward and shared.
     pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
-        let t = self.time_emb_proj.forward(temb_act)?.unsqueeze(1)?.unsqueeze(1)?;
-        let h = h.broadcast_add(&t)?;
+        self.forward_with(x, Some(temb_act))
+    }
+
+    pub(crate) fn forward_with(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
+        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
+            h = h.broadcast_add(&proj.forward(temb)?.unsqueeze(1)?.unsqueeze(1)?)?;
+        }
         let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
@@ -90,20 +108,52 @@ impl DownBlock {
         let mut attentions = Vec::new();
         for i in 0..layers {
             let in_i = if i == 0 { in_ch } else { out_ch };
-            resnets.push(ResnetBlock::new(in_i, out_ch, spec.temb, spec.groups, spec.eps, vb.pp(format!("resnets.{i}")))?);
+            resnets.push(ResnetBlock::new(
+                in_i,
+                out_ch,
+                spec.temb,
+                spec.groups,
+                spec.eps,
+                vb.pp(format!("resnets.{i}")),
+            )?);
             if let Some(a) = attn {
-                attentions.push(Transformer2D::new(out_ch, a.heads, a.depth, spec.transformer, vb.pp(format!("attentions.{i}")), targets)?);
+                attentions.push(Transformer2D::new(
+                    out_ch,
+                    a.heads,
+                    a.depth,
+                    spec.transformer,
+                    vb.pp(format!("attentions.{i}")),
+                    targets,
+                )?);
             }
         }
         let downsample = match downsample {
-            Some(padding) => Some(Conv2d::new(out_ch, out_ch, 3, 2, padding, vb.pp("downsamplers.0.conv"))?),
+            Some(padding) => Some(Conv2d::new(
+                out_ch,
+                out_ch,
+                3,
+                2,
+                padding,
+                vb.pp("downsamplers.0.conv"),
+            )?),
             None => None,
         };
-        Ok(Self { resnets, attentions, downsample })
+        Ok(Self {
+            resnets,
+            attentions,
+            downsample,
+        })
     }
 
     /// Runs the block, pushing every intermediate output onto `skips` for the up path.
-    pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, ctx: &Ctx<'_>, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        ctx: &Ctx<'_>,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             h = resnet.forward(&h, temb)?;
@@ -129,15 +179,34 @@ pub(crate) struct MidBlock {
 }
 
 impl MidBlock {
-    pub(crate) fn new(ch: usize, attn: CrossAttn, spec: BlockSpec, vb: VarBuilder, targets: &mut Vec<LoraTarget>) -> Result<Self> {
+    pub(crate) fn new(
+        ch: usize,
+        attn: CrossAttn,
+        spec: BlockSpec,
+        vb: VarBuilder,
+        targets: &mut Vec<LoraTarget>,
+    ) -> Result<Self> {
         Ok(Self {
             first: ResnetBlock::new(ch, ch, spec.temb, spec.groups, spec.eps, vb.pp("resnets.0"))?,
-            attention: Transformer2D::new(ch, attn.heads, attn.depth, spec.transformer, vb.pp("attentions.0"), targets)?,
+            attention: Transformer2D::new(
+                ch,
+                attn.heads,
+                attn.depth,
+                spec.transformer,
+                vb.pp("attentions.0"),
+                targets,
+            )?,
             second: ResnetBlock::new(ch, ch, spec.temb, spec.groups, spec.eps, vb.pp("resnets.1"))?,
         })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, ctx: &Ctx<'_>) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        ctx: &Ctx<'_>,
+    ) -> Result<Tensor> {
         let h = self.first.forward(x, temb)?;
         let h = self.attention.forward(&h, context, ctx)?;
         self.second.forward(&h, temb)
@@ -177,20 +246,52 @@ impl UpBlock {
         for i in 0..layers {
             let skip = if i == layers - 1 { ch.input } else { ch.output };
             let from_below = if i == 0 { ch.prev_output } else { ch.output };
-            resnets.push(ResnetBlock::new(from_below + skip, ch.output, spec.temb, spec.groups, spec.eps, vb.pp(format!("resnets.{i}")))?);
+            resnets.push(ResnetBlock::new(
+                from_below + skip,
+                ch.output,
+                spec.temb,
+                spec.groups,
+                spec.eps,
+                vb.pp(format!("resnets.{i}")),
+            )?);
             if let Some(a) = attn {
-                attentions.push(Transformer2D::new(ch.output, a.heads, a.depth, spec.transformer, vb.pp(format!("attentions.{i}")), targets)?);
+                attentions.push(Transformer2D::new(
+                    ch.output,
+                    a.heads,
+                    a.depth,
+                    spec.transformer,
+                    vb.pp(format!("attentions.{i}")),
+                    targets,
+                )?);
             }
         }
         let upsample = if upsample {
-            Some(Conv2d::new(ch.output, ch.output, 3, 1, 1, vb.pp("upsamplers.0.conv"))?)
+            Some(Conv2d::new(
+                ch.output,
+                ch.output,
+                3,
+                1,
+                1,
+                vb.pp("upsamplers.0.conv"),
+            )?)
         } else {
             None
         };
-        Ok(Self { resnets, attentions, upsample })
+        Ok(Self {
+            resnets,
+            attentions,
+            upsample,
+        })
     }
 
-    pub(crate) fn forward(&self, x: &Tensor, temb: &Tensor, context: &Tensor, ctx: &Ctx<'_>, skips: &mut Vec<Tensor>) -> Result<Tensor> {
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        temb: &Tensor,
+        context: &Tensor,
+        ctx: &Ctx<'_>,
+        skips: &mut Vec<Tensor>,
+    ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
             let Some(skip) = skips.pop() else {

@@ -89,12 +89,22 @@ impl Default for UNetConfig {
             sample_size: 64,
             in_channels: 4,
             out_channels: 4,
-            down_block_types: ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"]
-                .map(String::from)
-                .to_vec(),
-            up_block_types: ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"]
-                .map(String::from)
-                .to_vec(),
+            down_block_types: [
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "CrossAttnDownBlock2D",
+                "DownBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
+            up_block_types: [
+                "UpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+                "CrossAttnUpBlock2D",
+            ]
+            .map(String::from)
+            .to_vec(),
             block_out_channels: vec![320, 640, 1280, 1280],
             layers_per_block: 2,
             norm_num_groups: 32,
@@ -139,8 +149,12 @@ impl UNetConfig {
     pub fn tiny() -> Self {
         Self {
             sample_size: 32,
-            down_block_types: ["DownBlock2D", "CrossAttnDownBlock2D"].map(String::from).to_vec(),
-            up_block_types: ["CrossAttnUpBlock2D", "UpBlock2D"].map(String::from).to_vec(),
+            down_block_types: ["DownBlock2D", "CrossAttnDownBlock2D"]
+                .map(String::from)
+                .to_vec(),
+            up_block_types: ["CrossAttnUpBlock2D", "UpBlock2D"]
+                .map(String::from)
+                .to_vec(),
             block_out_channels: vec![32, 64],
             layers_per_block: 2,
             norm_num_groups: 2,
@@ -152,7 +166,10 @@ impl UNetConfig {
 
     /// Number of attention heads of down block `i`.
     pub fn heads(&self, i: usize) -> Option<usize> {
-        self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim).get(i)
+        self.num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim)
+            .get(i)
     }
 
     /// How many times the latent is halved (a latent side must be a multiple of `2^this`).
@@ -188,22 +205,32 @@ impl UNetConfig {
             return Err(format!("act_fn `{}` is not supported (silu)", self.act_fn));
         }
         if self.class_embed_type.is_some() || self.addition_embed_type.is_some() {
-            return Err("class or addition embeddings (SDXL-style conditioning) are not supported".into());
+            return Err(
+                "class or addition embeddings (SDXL-style conditioning) are not supported".into(),
+            );
         }
         if self.layers_per_block == 0 || self.norm_num_groups == 0 {
             return Err("layers_per_block and norm_num_groups must be positive".into());
         }
-        let heads = self.num_attention_heads.as_ref().unwrap_or(&self.attention_head_dim);
+        let heads = self
+            .num_attention_heads
+            .as_ref()
+            .unwrap_or(&self.attention_head_dim);
         if !heads.len_matches(n) || !self.transformer_layers_per_block.len_matches(n) {
             return Err("per-block lists must have one entry per block".into());
         }
         for (i, &ch) in self.block_out_channels.iter().enumerate() {
             if ch % self.norm_num_groups != 0 {
-                return Err(format!("block {i}: {ch} channels not divisible by {} groups", self.norm_num_groups));
+                return Err(format!(
+                    "block {i}: {ch} channels not divisible by {} groups",
+                    self.norm_num_groups
+                ));
             }
             let h = self.heads(i).unwrap_or(0);
             if h == 0 || ch % h != 0 {
-                return Err(format!("block {i}: {ch} channels not divisible into {h} heads"));
+                return Err(format!(
+                    "block {i}: {ch} channels not divisible into {h} heads"
+                ));
             }
         }
         Ok(())

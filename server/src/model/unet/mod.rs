@@ -2,7 +2,7 @@
 //! projection and a differentiable training mode. Parameter names are diffusers' keys.
 
 mod attention;
-mod blocks;
+pub(crate) mod blocks;
 mod config;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -114,7 +114,12 @@ impl UNet2DConditionModel {
             down,
             mid,
             up,
-            norm_out: GroupNorm::new(config.norm_num_groups, ch[0], config.norm_eps, vb.pp("conv_norm_out"))?,
+            norm_out: GroupNorm::new(
+                config.norm_num_groups,
+                ch[0],
+                config.norm_eps,
+                vb.pp("conv_norm_out"),
+            )?,
             conv_out: Conv2d::new(ch[0], config.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
             targets,
             dtype: vb.dtype(),
@@ -154,7 +159,11 @@ impl UNet2DConditionModel {
         for &t in timesteps {
             let args = freqs.iter().map(|f| t as f32 * f);
             let (sin, cos): (Vec<f32>, Vec<f32>) = args.map(|a| (a.sin(), a.cos())).unzip();
-            let (first, second) = if self.config.flip_sin_to_cos { (cos, sin) } else { (sin, cos) };
+            let (first, second) = if self.config.flip_sin_to_cos {
+                (cos, sin)
+            } else {
+                (sin, cos)
+            };
             data.extend(first);
             data.extend(second);
             data.extend(std::iter::repeat_n(0.0, dim - 2 * half));
@@ -188,11 +197,15 @@ impl UNet2DConditionModel {
         }
         let ctx = Ctx { mode, adapters };
         let temb = self.timestep_features(timesteps)?;
-        let temb = self.time_linear_2.forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
+        let temb = self
+            .time_linear_2
+            .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
         let temb_act = temb.silu()?;
 
         // Channels-last inside: convolutions, norms and attention then need no transposes.
-        let mut h = self.conv_in.forward(&sample.permute((0, 2, 3, 1))?.contiguous()?)?;
+        let mut h = self
+            .conv_in
+            .forward(&sample.permute((0, 2, 3, 1))?.contiguous()?)?;
         let mut skips = vec![h.clone()];
         for block in &self.down {
             h = block.forward(&h, &temb_act, context, &ctx, &mut skips)?;
