@@ -62,3 +62,99 @@ pub enum ModelError {
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),
 }
+
+/// Everything a gRPC call can fail with; [`From<ServerError> for tonic::Status`] is the one
+/// place that decides status codes.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A request field is out of range; the message names the field and what is allowed.
+    #[error("invalid {field}: {reason}")]
+    InvalidArgument {
+        /// The request field.
+        field: String,
+        /// What is allowed.
+        reason: String,
+    },
+    /// The thing named does not exist (or no longer).
+    #[error("{0}")]
+    NotFound(String),
+    /// Valid credentials without the right, or a wrong feedback token.
+    #[error("{0}")]
+    PermissionDenied(String),
+    /// No valid credentials.
+    #[error("{0}")]
+    Unauthenticated(String),
+    /// At capacity.
+    #[error("{0}")]
+    Overloaded(String),
+    /// Shutting down or not ready.
+    #[error("{0}")]
+    Unavailable(String),
+    /// A bug or a backend failure.
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl ServerError {
+    /// Shorthand for [`ServerError::InvalidArgument`].
+    pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
+        Self::InvalidArgument { field: field.to_string(), reason: reason.into() }
+    }
+}
+
+impl From<ModelError> for ServerError {
+    fn from(e: ModelError) -> Self {
+        match e {
+            ModelError::InvalidRequest { field, reason } => Self::invalid(field, reason),
+            ModelError::Cancelled => Self::Unavailable("the request was cancelled".into()),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::engine::EngineError> for ServerError {
+    fn from(e: crate::engine::EngineError) -> Self {
+        use crate::engine::EngineError;
+        match e {
+            EngineError::Overloaded(_) => Self::Overloaded(e.to_string()),
+            EngineError::ShuttingDown => Self::Unavailable(e.to_string()),
+            EngineError::Model(m) => m.into(),
+            EngineError::Failed(m) => Self::Internal(m),
+        }
+    }
+}
+
+impl From<crate::buffer::BufferError> for ServerError {
+    fn from(e: crate::buffer::BufferError) -> Self {
+        use crate::buffer::BufferError;
+        match e {
+            BufferError::UnknownImage(_) => Self::NotFound(e.to_string()),
+            BufferError::DifferentGroups(..) => Self::invalid("preferred_over", e.to_string()),
+            BufferError::SameImage => Self::invalid("preferred_over", e.to_string()),
+        }
+    }
+}
+
+impl From<crate::auth::AuthError> for ServerError {
+    fn from(e: crate::auth::AuthError) -> Self {
+        match e {
+            crate::auth::AuthError::Unauthenticated => Self::Unauthenticated(e.to_string()),
+            crate::auth::AuthError::Forbidden(_) => Self::PermissionDenied(e.to_string()),
+        }
+    }
+}
+
+impl From<ServerError> for tonic::Status {
+    fn from(e: ServerError) -> Self {
+        let message = e.to_string();
+        match e {
+            ServerError::InvalidArgument { .. } => tonic::Status::invalid_argument(message),
+            ServerError::NotFound(_) => tonic::Status::not_found(message),
+            ServerError::PermissionDenied(_) => tonic::Status::permission_denied(message),
+            ServerError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
+            ServerError::Overloaded(_) => tonic::Status::resource_exhausted(message),
+            ServerError::Unavailable(_) => tonic::Status::unavailable(message),
+            ServerError::Internal(_) => tonic::Status::internal(message),
+        }
+    }
+}

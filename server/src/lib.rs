@@ -1,5 +1,13 @@
-//! The image-generation server: model, sampler, trajectories, adapters.
+//! The image-generation server: model, sampler, trajectories, engine, gRPC API, metrics.
 
+pub mod auth;
+pub mod buffer;
+pub mod config;
+pub mod engine;
 pub mod error;
+pub mod grpc;
+pub mod metrics;
 pub mod model;
 pub mod sampler;
+pub mod server;
+pub mod tokens;

@@ -1,5 +1,6 @@
 //! The latent-diffusion model: UNet with LoRA, CLIP text encoder, VAE decoder, and loading.
 
+pub mod builtin;
 pub mod clip;
 pub mod loader;
 pub mod lora;

@@ -58,6 +58,15 @@ pub struct RgbImage {
     pub data: Vec<u8>,
 }
 
+/// What one batch took: the denoising loop and the VAE decode (shared by its requests).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BatchTimings {
+    /// Encoding excluded: from the first UNet call to the last step.
+    pub denoise: std::time::Duration,
+    /// Decoding the final latents into pixels.
+    pub decode: std::time::Duration,
+}
+
 /// The result of one request: its images and their trajectories, in the same order.
 #[derive(Debug, Clone)]
 pub struct Generation {
@@ -132,9 +141,21 @@ impl DiffusionModel {
         adapter: AdapterChoice<'_>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<Generation>, ModelError> {
+        Ok(self.generate_timed(requests, conditioning, adapter, progress)?.0)
+    }
+
+    /// [`DiffusionModel::generate`], also reporting where the time went.
+    pub fn generate_timed(
+        &self,
+        requests: &[SampleRequest],
+        conditioning: &[Conditioning],
+        adapter: AdapterChoice<'_>,
+        progress: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<(Vec<Generation>, BatchTimings), ModelError> {
         let Some(first) = requests.first() else {
-            return Ok(Vec::new());
+            return Ok((Vec::new(), BatchTimings::default()));
         };
+        let started = std::time::Instant::now();
         if conditioning.len() != requests.len() {
             return Err(ModelError::InvalidRequest {
                 field: "conditioning",
@@ -221,9 +242,9 @@ impl DiffusionModel {
             }
         }
 
-        let images = self
-            .vae
-            .decode_rgb8(&latents.to_dtype(self.unet.dtype())?)?;
+        let denoised = std::time::Instant::now();
+        let images = self.vae.decode_rgb8(&latents.to_dtype(self.unet.dtype())?)?;
+        let timings = BatchTimings { denoise: denoised - started, decode: denoised.elapsed() };
         let chains = Tensor::stack(&recorded, 1)?; // [n, steps + 1, C, h, w]
         let timesteps: Vec<usize> = schedule.steps().iter().map(|s| s.t).collect();
         let mut out: Vec<Generation> = requests
@@ -255,7 +276,7 @@ impl DiffusionModel {
                 adapter_generation: adapter.generation.map(String::from),
             });
         }
-        Ok(out)
+        Ok((out, timings))
     }
 
     /// Re-evaluates recorded steps: for each `(trajectory, step index)` the log-probability of the

@@ -1,0 +1,141 @@
+//! The server's configuration: one struct, every flag also an `IMAGEGEN_*` environment variable.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+
+/// Settings of `imagegen-server serve`.
+#[derive(Clone, Args)]
+pub struct ServeConfig {
+    /// Diffusers pipeline directory to serve; the built-in model when absent.
+    #[arg(long, env = "IMAGEGEN_MODEL")]
+    pub model: Option<PathBuf>,
+
+    /// Weight precision: f32 or f16 (bf16 needs a GPU).
+    #[arg(long, env = "IMAGEGEN_DTYPE", default_value = "f32")]
+    pub dtype: String,
+
+    /// Run on the first CUDA GPU (needs the `cuda` build).
+    #[arg(long, env = "IMAGEGEN_CUDA", default_value_t = false)]
+    pub cuda: bool,
+
+    /// gRPC listen address.
+    #[arg(long, env = "IMAGEGEN_GRPC_ADDR", default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+
+    /// Prometheus `/metrics` listen address.
+    #[arg(long, env = "IMAGEGEN_METRICS_ADDR", default_value = "127.0.0.1:9090")]
+    pub metrics_addr: SocketAddr,
+
+    /// Most images one model batch holds (requests are merged up to this).
+    #[arg(long, env = "IMAGEGEN_MAX_BATCH", default_value_t = 4)]
+    pub max_batch: usize,
+
+    /// How long the batcher waits for compatible requests before running a batch.
+    #[arg(long, env = "IMAGEGEN_BATCH_WAIT_MS", default_value_t = 10)]
+    pub batch_wait_ms: u64,
+
+    /// Requests admitted at once (queued plus running); more get RESOURCE_EXHAUSTED.
+    #[arg(long, env = "IMAGEGEN_MAX_QUEUE", default_value_t = 64)]
+    pub max_queue: usize,
+
+    /// Byte budget of the trajectory ring buffer; the oldest trajectories are evicted first.
+    #[arg(long, env = "IMAGEGEN_TRAJECTORY_BUFFER_BYTES", default_value_t = 1 << 30)]
+    pub trajectory_buffer_bytes: usize,
+
+    /// Prompt embeddings kept in the LRU cache.
+    #[arg(long, env = "IMAGEGEN_EMBEDDING_CACHE", default_value_t = 256)]
+    pub embedding_cache: usize,
+
+    /// Most denoising steps a request may ask for.
+    #[arg(long, env = "IMAGEGEN_MAX_STEPS", default_value_t = 100)]
+    pub max_steps: u32,
+
+    /// Most images one request may ask for.
+    #[arg(long, env = "IMAGEGEN_MAX_IMAGES", default_value_t = 8)]
+    pub max_images: u32,
+
+    /// Largest width or height in pixels (default: twice the model's native size).
+    #[arg(long, env = "IMAGEGEN_MAX_IMAGE_SIZE")]
+    pub max_image_size: Option<u32>,
+
+    /// Longest prompt, in characters.
+    #[arg(long, env = "IMAGEGEN_MAX_PROMPT_CHARS", default_value_t = 2000)]
+    pub max_prompt_chars: usize,
+
+    /// File of API keys, one `ROLES KEY` per line (`generate,feedback sk-...`; roles: generate,
+    /// feedback, admin). Without keys the server is unauthenticated and should stay on loopback.
+    #[arg(long, env = "IMAGEGEN_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+
+    /// API keys inline, in the file's format with `;` between entries.
+    #[arg(long, env = "IMAGEGEN_API_KEYS", hide_env_values = true)]
+    pub api_keys: Option<String>,
+
+    /// Secret that signs feedback tokens (random per start when absent: tokens then die with
+    /// the process).
+    #[arg(long, env = "IMAGEGEN_FEEDBACK_SECRET", hide_env_values = true)]
+    pub feedback_secret: Option<String>,
+
+    /// How long a feedback token stays valid, in seconds.
+    #[arg(long, env = "IMAGEGEN_FEEDBACK_TOKEN_TTL_SECS", default_value_t = 7 * 24 * 3600)]
+    pub feedback_token_ttl_secs: u64,
+
+    /// Longest a SIGTERM waits for in-flight requests before exiting.
+    #[arg(long, env = "IMAGEGEN_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
+    pub drain_timeout_secs: u64,
+}
+
+impl ServeConfig {
+    /// The batching window.
+    pub fn batch_wait(&self) -> Duration {
+        Duration::from_millis(self.batch_wait_ms)
+    }
+
+    /// Checks ranges that clap cannot; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.max_batch == 0 {
+            return Err("--max-batch must be at least 1".into());
+        }
+        if self.max_queue == 0 {
+            return Err("--max-queue must be at least 1".into());
+        }
+        if self.max_steps == 0 || self.max_images == 0 {
+            return Err("--max-steps and --max-images must be at least 1".into());
+        }
+        if !matches!(self.dtype.as_str(), "f32" | "f16" | "bf16") {
+            return Err(format!("--dtype must be f32, f16 or bf16, got {}", self.dtype));
+        }
+        Ok(())
+    }
+}
+
+/// Secrets never reach the logs: `Debug` prints whether they are set, not what they are.
+impl std::fmt::Debug for ServeConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let redacted = |v: &Option<String>| if v.is_some() { "<redacted>" } else { "<unset>" };
+        f.debug_struct("ServeConfig")
+            .field("model", &self.model)
+            .field("dtype", &self.dtype)
+            .field("cuda", &self.cuda)
+            .field("grpc_addr", &self.grpc_addr)
+            .field("metrics_addr", &self.metrics_addr)
+            .field("max_batch", &self.max_batch)
+            .field("batch_wait_ms", &self.batch_wait_ms)
+            .field("max_queue", &self.max_queue)
+            .field("trajectory_buffer_bytes", &self.trajectory_buffer_bytes)
+            .field("embedding_cache", &self.embedding_cache)
+            .field("max_steps", &self.max_steps)
+            .field("max_images", &self.max_images)
+            .field("max_image_size", &self.max_image_size)
+            .field("max_prompt_chars", &self.max_prompt_chars)
+            .field("api_keys_file", &self.api_keys_file)
+            .field("api_keys", &redacted(&self.api_keys))
+            .field("feedback_secret", &redacted(&self.feedback_secret))
+            .field("feedback_token_ttl_secs", &self.feedback_token_ttl_secs)
+            .field("drain_timeout_secs", &self.drain_timeout_secs)
+            .finish()
+    }
+}

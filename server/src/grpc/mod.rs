@@ -1,0 +1,182 @@
+//! The gRPC front end: request validation, the `ImageGenerator` and `Admin` services.
+
+mod admin;
+mod generator;
+
+use std::num::NonZeroUsize;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use imagegen_proto::v1 as pb;
+use lru::LruCache;
+use tonic::{Request, Status};
+
+pub use admin::AdminService;
+pub use generator::GeneratorService;
+
+use crate::auth::{ApiKeys, Role};
+use crate::buffer::TrajectoryBuffer;
+use crate::engine::Engine;
+use crate::error::ServerError;
+use crate::metrics::Metrics;
+use crate::tokens::TokenSigner;
+
+/// Defaults applied to unset request fields (reported by `GetInfo`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Defaults {
+    /// Images per request.
+    pub num_images: u32,
+    /// Denoising steps.
+    pub steps: u32,
+    /// Guidance scale.
+    pub guidance_scale: f32,
+    /// Width and height in pixels.
+    pub size: u32,
+    /// DDIM eta.
+    pub eta: f32,
+}
+
+/// What requests may ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Images per request.
+    pub max_num_images: u32,
+    /// Denoising steps.
+    pub max_steps: u32,
+    /// Width or height in pixels.
+    pub max_size: u32,
+    /// Width and height must be multiples of this.
+    pub size_multiple: u32,
+    /// Prompt length in characters.
+    pub max_prompt_chars: usize,
+    /// Images per model batch.
+    pub max_batch: u32,
+    /// Requests admitted at once.
+    pub max_queue: u32,
+}
+
+/// Everything the services share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The generation engine.
+    pub engine: Engine,
+    /// Trajectories and feedback.
+    pub buffer: Mutex<TrajectoryBuffer>,
+    /// Signs feedback tokens.
+    pub signer: TokenSigner,
+    /// API keys (empty: no authentication).
+    pub keys: ApiKeys,
+    /// Metrics.
+    pub metrics: Metrics,
+    /// The served model's id.
+    pub model_id: String,
+    /// Request defaults.
+    pub defaults: Defaults,
+    /// Request limits.
+    pub limits: Limits,
+    /// Answers by idempotency key, so a retried feedback counts once.
+    pub idempotency: Mutex<LruCache<String, pb::FeedbackResponse>>,
+    /// Set on SIGTERM: new generation requests are refused while in-flight ones finish.
+    pub draining: AtomicBool,
+}
+
+impl AppState {
+    /// Shared state for the services.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        engine: Engine,
+        buffer: TrajectoryBuffer,
+        signer: TokenSigner,
+        keys: ApiKeys,
+        metrics: Metrics,
+        model_id: String,
+        defaults: Defaults,
+        limits: Limits,
+    ) -> Self {
+        let idempotency = LruCache::new(NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN));
+        Self {
+            engine,
+            buffer: Mutex::new(buffer),
+            signer,
+            keys,
+            metrics,
+            model_id,
+            defaults,
+            limits,
+            idempotency: Mutex::new(idempotency),
+            draining: AtomicBool::new(false),
+        }
+    }
+
+    /// Checks the caller's API key for `role` (always passes when no keys are configured).
+    pub fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), ServerError> {
+        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        Ok(self.keys.check(header, role)?)
+    }
+
+    /// Whether the caller presented an `authorization` header at all.
+    pub fn presents_key<T>(&self, request: &Request<T>) -> bool {
+        request.metadata().get("authorization").is_some()
+    }
+
+    /// Refuses new work while draining.
+    pub fn accepting(&self) -> Result<(), ServerError> {
+        if self.draining.load(Ordering::Acquire) {
+            return Err(ServerError::Unavailable("the server is shutting down; retry on another replica".into()));
+        }
+        Ok(())
+    }
+
+    /// Publishes the buffer's counters.
+    pub fn publish_buffer_stats(&self, stats: crate::buffer::BufferStats, evicted: usize) {
+        self.metrics.buffer_bytes.set(stats.bytes as i64);
+        self.metrics.buffer_entries.set(stats.entries as i64);
+        self.metrics.evictions.inc_by(evicted as u64);
+    }
+
+    /// Locks the buffer (a poisoned lock means a panic mid-update: report, don't propagate).
+    pub fn buffer(&self) -> Result<std::sync::MutexGuard<'_, TrajectoryBuffer>, ServerError> {
+        self.buffer.lock().map_err(|_| ServerError::Internal("trajectory buffer lock poisoned".into()))
+    }
+}
+
+/// Records `imagegen_requests_total` and `imagegen_request_duration_seconds` for one call.
+pub(crate) fn observe<T>(metrics: &Metrics, rpc: &str, started: Instant, result: &Result<T, Status>) {
+    let code = match result {
+        Ok(_) => tonic::Code::Ok,
+        Err(s) => s.code(),
+    };
+    metrics.requests.with_label_values(&[rpc, code_name(code)]).inc();
+    metrics.request_duration.with_label_values(&[rpc]).observe(started.elapsed().as_secs_f64());
+}
+
+/// The canonical upper-snake name of a gRPC code, as dashboards spell it.
+fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "OK",
+        Cancelled => "CANCELLED",
+        Unknown => "UNKNOWN",
+        InvalidArgument => "INVALID_ARGUMENT",
+        DeadlineExceeded => "DEADLINE_EXCEEDED",
+        NotFound => "NOT_FOUND",
+        AlreadyExists => "ALREADY_EXISTS",
+        PermissionDenied => "PERMISSION_DENIED",
+        ResourceExhausted => "RESOURCE_EXHAUSTED",
+        FailedPrecondition => "FAILED_PRECONDITION",
+        Aborted => "ABORTED",
+        OutOfRange => "OUT_OF_RANGE",
+        Unimplemented => "UNIMPLEMENTED",
+        Internal => "INTERNAL",
+        Unavailable => "UNAVAILABLE",
+        DataLoss => "DATA_LOSS",
+        Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// A random 128-bit id, hex.
+pub(crate) fn new_id() -> String {
+    let v: u128 = rand::random();
+    format!("{v:032x}")
+}

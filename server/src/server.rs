@@ -1,0 +1,206 @@
+//! Wires the parts together and serves: gRPC (generation, admin, health, reflection) and the
+//! Prometheus endpoint, with a graceful drain on shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use candle_core::{DType, Device};
+use imagegen_proto::v1::admin_server::AdminServer;
+use imagegen_proto::v1::image_generator_server::ImageGeneratorServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::auth::ApiKeys;
+use crate::buffer::TrajectoryBuffer;
+use crate::config::ServeConfig;
+use crate::engine::{Engine, EngineConfig};
+use crate::error::ModelError;
+use crate::grpc::{AdminService, AppState, Defaults, GeneratorService, Limits};
+use crate::metrics::Metrics;
+use crate::model::loader::DiffusionModel;
+use crate::tokens::TokenSigner;
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// A flag is out of range or inconsistent.
+    #[error("configuration: {0}")]
+    Config(String),
+    /// The model could not be loaded.
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    /// A port could not be bound or a thread started.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    /// Internal setup (metrics registry, reflection).
+    #[error("setup: {0}")]
+    Setup(String),
+}
+
+/// The dtype a `--dtype` flag names.
+pub fn parse_dtype(s: &str) -> Result<DType, StartError> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "f16" => Ok(DType::F16),
+        "bf16" => Ok(DType::BF16),
+        other => Err(StartError::Config(format!("--dtype must be f32, f16 or bf16, got {other}"))),
+    }
+}
+
+/// Loads the model the configuration names: `--model DIR`, or the built-in model.
+pub fn load_model(config: &ServeConfig) -> Result<DiffusionModel, StartError> {
+    let dtype = parse_dtype(&config.dtype)?;
+    let device = if config.cuda {
+        Device::new_cuda(0).map_err(|e| StartError::Config(format!("--cuda: {e} (build with `--features cuda`)")))?
+    } else {
+        Device::Cpu
+    };
+    Ok(match &config.model {
+        Some(dir) => DiffusionModel::load(dir, dtype, &device)?,
+        None => crate::model::builtin::load(dtype, &device)?,
+    })
+}
+
+/// A server running in the background.
+#[derive(Debug)]
+pub struct RunningServer {
+    /// Where gRPC listens.
+    pub grpc_addr: SocketAddr,
+    /// Where `/metrics` listens.
+    pub metrics_addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), String>>,
+}
+
+impl RunningServer {
+    /// Starts the drain: health turns NOT_SERVING, new work is refused, in-flight work finishes.
+    pub fn stop(&self) {
+        let _ = self.stop.send(true);
+    }
+
+    /// Waits until the server has drained and stopped.
+    pub async fn wait(self) -> Result<(), String> {
+        self.task.await.map_err(|e| format!("server task: {e}"))?
+    }
+}
+
+/// Starts serving `model` as `config` says; returns once both ports are bound.
+pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<RunningServer, StartError> {
+    config.validate().map_err(StartError::Config)?;
+    let mut keys = ApiKeys::default();
+    if let Some(path) = &config.api_keys_file {
+        keys.extend(ApiKeys::from_file(path).map_err(StartError::Config)?);
+    }
+    if let Some(inline) = &config.api_keys {
+        keys.extend(ApiKeys::parse(inline).map_err(|e| StartError::Config(format!("--api-keys: {e}")))?);
+    }
+    if keys.enabled() {
+        tracing::info!(keys = keys.len(), "API keys configured: every RPC but health and reflection needs a key");
+    } else if config.grpc_addr.ip().is_loopback() {
+        tracing::warn!(addr = %config.grpc_addr, "no API keys configured: serving unauthenticated, on loopback only");
+    } else {
+        tracing::warn!(addr = %config.grpc_addr, "no API keys configured and listening beyond loopback: anyone who can reach this port can use the server");
+    }
+    let secret = match &config.feedback_secret {
+        Some(s) if s.len() >= 16 => s.as_bytes().to_vec(),
+        Some(_) => return Err(StartError::Config("--feedback-secret must be at least 16 characters".into())),
+        None => {
+            tracing::info!("no --feedback-secret: feedback tokens are valid until this process exits");
+            (0..4).flat_map(|_| rand::random::<u64>().to_le_bytes()).collect()
+        }
+    };
+    let metrics = Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
+
+    let native = (model.vae_scale_factor() * model.unet.config().sample_size) as u32;
+    let size_multiple = (model.vae_scale_factor() << model.unet.config().downsample_levels()) as u32;
+    let defaults = Defaults { num_images: 1, steps: 20, guidance_scale: 5.0, size: native, eta: 1.0 };
+    let limits = Limits {
+        max_num_images: config.max_images,
+        max_steps: config.max_steps.min(model.scheduler.num_train_timesteps as u32),
+        max_size: config.max_image_size.unwrap_or(native * 2),
+        size_multiple,
+        max_prompt_chars: config.max_prompt_chars,
+        max_batch: config.max_batch as u32,
+        max_queue: config.max_queue as u32,
+    };
+    if limits.max_size < size_multiple {
+        return Err(StartError::Config(format!("--max-image-size must be at least {size_multiple}")));
+    }
+    let model_id = model.id.clone();
+    let engine_config = EngineConfig {
+        max_batch: config.max_batch,
+        batch_wait: config.batch_wait(),
+        max_queue: config.max_queue,
+        embedding_cache: config.embedding_cache,
+    };
+    let engine = Engine::start(model, engine_config, metrics.clone())?;
+    let state = Arc::new(AppState::new(
+        engine,
+        TrajectoryBuffer::new(config.trajectory_buffer_bytes),
+        TokenSigner::new(&secret, Duration::from_secs(config.feedback_token_ttl_secs)),
+        keys,
+        metrics.clone(),
+        model_id.clone(),
+        defaults,
+        limits,
+    ));
+
+    let grpc_listener = TcpListener::bind(config.grpc_addr).await?;
+    let metrics_listener = TcpListener::bind(config.metrics_addr).await?;
+    let grpc_addr = grpc_listener.local_addr()?;
+    let metrics_addr = metrics_listener.local_addr()?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<ImageGeneratorServer<GeneratorService>>().await;
+    health.set_serving::<AdminServer<AdminService>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(imagegen_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Setup(e.to_string()))?;
+
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(crate::metrics::serve(metrics_listener, metrics, stop_rx.clone()));
+
+    let drain_state = state.clone();
+    let drain_health = health.clone();
+    let mut signal_rx = stop_rx.clone();
+    let shutdown_signal = async move {
+        let _ = signal_rx.wait_for(|stop| *stop).await;
+        tracing::info!("shutting down: draining in-flight requests");
+        drain_state.draining.store(true, Ordering::Release);
+        drain_health.set_not_serving::<ImageGeneratorServer<GeneratorService>>().await;
+        drain_health.set_not_serving::<AdminServer<AdminService>>().await;
+        drain_health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+    };
+    let router = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(ImageGeneratorServer::new(GeneratorService::new(state.clone())).max_decoding_message_size(1 << 20))
+        .add_service(AdminServer::new(AdminService::new(state.clone())));
+    let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
+    let mut timeout_rx = stop_rx;
+    let task = tokio::spawn(async move {
+        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal);
+        let deadline = async move {
+            let _ = timeout_rx.wait_for(|stop| *stop).await;
+            tokio::time::sleep(drain_timeout).await;
+        };
+        let result = tokio::select! {
+            r = serve => r.map_err(|e| format!("gRPC server: {e}")),
+            () = deadline => {
+                tracing::warn!(?drain_timeout, "drain timeout reached; exiting with requests still in flight");
+                Ok(())
+            }
+        };
+        // The last reference to the state drops the engine, which finishes its queue and joins.
+        drop(state);
+        result
+    });
+    tracing::info!(%grpc_addr, %metrics_addr, model = %model_id, "serving");
+    Ok(RunningServer { grpc_addr, metrics_addr, stop, task })
+}
