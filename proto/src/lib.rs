@@ -1,6 +1,11 @@
 //! Generated code of the `imagegen.v1` gRPC API, and its file descriptor set for reflection.
 
-#![allow(missing_docs, clippy::all, clippy::pedantic, missing_debug_implementations)]
+#![allow(
+    missing_docs,
+    clippy::all,
+    clippy::pedantic,
+    missing_debug_implementations
+)]
 
 /// `imagegen.v1`: messages, clients and servers.
 pub mod v1 {

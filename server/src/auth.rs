@@ -77,13 +77,26 @@ impl ApiKeys {
                 .ok_or_else(|| format!("entry {}: expected `ROLES KEY`", n + 1))?;
             let roles = roles
                 .split(',')
-                .map(|r| Role::parse(r).ok_or_else(|| format!("entry {}: unknown role `{r}` (generate, feedback, admin)", n + 1)))
+                .map(|r| {
+                    Role::parse(r).ok_or_else(|| {
+                        format!(
+                            "entry {}: unknown role `{r}` (generate, feedback, admin)",
+                            n + 1
+                        )
+                    })
+                })
                 .collect::<Result<Vec<_>, _>>()?;
             let key = key.trim();
             if key.len() < 16 {
-                return Err(format!("entry {}: keys must be at least 16 characters", n + 1));
+                return Err(format!(
+                    "entry {}: keys must be at least 16 characters",
+                    n + 1
+                ));
             }
-            keys.push(ApiKey { secret: key.as_bytes().to_vec(), roles });
+            keys.push(ApiKey {
+                secret: key.as_bytes().to_vec(),
+                roles,
+            });
         }
         Ok(Self { keys })
     }
@@ -121,7 +134,10 @@ impl ApiKeys {
             return Ok(());
         }
         let presented = authorization
-            .and_then(|h| h.strip_prefix("Bearer ").or_else(|| h.strip_prefix("bearer ")))
+            .and_then(|h| {
+                h.strip_prefix("Bearer ")
+                    .or_else(|| h.strip_prefix("bearer "))
+            })
             .map(str::trim)
             .ok_or(AuthError::Unauthenticated)?;
         let mut matched: Option<&ApiKey> = None;
@@ -131,7 +147,11 @@ impl ApiKeys {
             }
         }
         let key = matched.ok_or(AuthError::Unauthenticated)?;
-        if key.roles.contains(&role) { Ok(()) } else { Err(AuthError::Forbidden(role.name())) }
+        if key.roles.contains(&role) {
+            Ok(())
+        } else {
+            Err(AuthError::Forbidden(role.name()))
+        }
     }
 }
 
@@ -143,13 +163,35 @@ mod tests {
     fn keys_parse_and_check_roles() {
         let keys = ApiKeys::parse("generate,feedback app-key-0123456789\n# ops\nadmin admin-key-0123456789; feedback fb-key-0123456789ab").unwrap();
         assert_eq!(keys.len(), 3);
-        assert_eq!(keys.check(Some("Bearer app-key-0123456789"), Role::Generate), Ok(()));
-        assert_eq!(keys.check(Some("Bearer app-key-0123456789"), Role::Admin), Err(AuthError::Forbidden("admin")));
-        assert_eq!(keys.check(Some("Bearer admin-key-0123456789"), Role::Admin), Ok(()));
-        assert_eq!(keys.check(Some("Bearer wrong-key-0123456789"), Role::Generate), Err(AuthError::Unauthenticated));
-        assert_eq!(keys.check(Some("app-key-0123456789"), Role::Generate), Err(AuthError::Unauthenticated));
-        assert_eq!(keys.check(None, Role::Generate), Err(AuthError::Unauthenticated));
-        assert!(ApiKeys::parse("superuser k-0123456789abcdef").unwrap_err().contains("unknown role"));
+        assert_eq!(
+            keys.check(Some("Bearer app-key-0123456789"), Role::Generate),
+            Ok(())
+        );
+        assert_eq!(
+            keys.check(Some("Bearer app-key-0123456789"), Role::Admin),
+            Err(AuthError::Forbidden("admin"))
+        );
+        assert_eq!(
+            keys.check(Some("Bearer admin-key-0123456789"), Role::Admin),
+            Ok(())
+        );
+        assert_eq!(
+            keys.check(Some("Bearer wrong-key-0123456789"), Role::Generate),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            keys.check(Some("app-key-0123456789"), Role::Generate),
+            Err(AuthError::Unauthenticated)
+        );
+        assert_eq!(
+            keys.check(None, Role::Generate),
+            Err(AuthError::Unauthenticated)
+        );
+        assert!(
+            ApiKeys::parse("superuser k-0123456789abcdef")
+                .unwrap_err()
+                .contains("unknown role")
+        );
         assert!(ApiKeys::parse("admin short").unwrap_err().contains("16"));
         assert_eq!(ApiKeys::default().check(None, Role::Admin), Ok(()));
     }

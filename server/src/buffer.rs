@@ -59,7 +59,10 @@ impl Group {
     pub fn is_labelled(&self, images: &HashMap<String, StoredImage>) -> bool {
         !self.comparisons.is_empty()
             || !self.best_of.is_empty()
-            || self.image_ids.iter().any(|id| images.get(id).is_some_and(|i| !i.votes.is_empty()))
+            || self
+                .image_ids
+                .iter()
+                .any(|id| images.get(id).is_some_and(|i| !i.votes.is_empty()))
     }
 }
 
@@ -102,17 +105,32 @@ pub struct TrajectoryBuffer {
 impl TrajectoryBuffer {
     /// An empty buffer holding at most `max_bytes` of trajectories.
     pub fn new(max_bytes: usize) -> Self {
-        Self { max_bytes, bytes: 0, evictions: 0, order: VecDeque::new(), images: HashMap::new(), groups: HashMap::new() }
+        Self {
+            max_bytes,
+            bytes: 0,
+            evictions: 0,
+            order: VecDeque::new(),
+            images: HashMap::new(),
+            groups: HashMap::new(),
+        }
     }
 
     /// Current counters.
     pub fn stats(&self) -> BufferStats {
-        BufferStats { bytes: self.bytes, entries: self.images.len(), evictions: self.evictions }
+        BufferStats {
+            bytes: self.bytes,
+            entries: self.images.len(),
+            evictions: self.evictions,
+        }
     }
 
     /// Adds the images of one request; evicts the oldest images while over budget. Returns how
     /// many images were evicted.
-    pub fn insert_group(&mut self, group_id: &str, images: Vec<(String, Arc<Trajectory>)>) -> usize {
+    pub fn insert_group(
+        &mut self,
+        group_id: &str,
+        images: Vec<(String, Arc<Trajectory>)>,
+    ) -> usize {
         let group = self.groups.entry(group_id.to_string()).or_default();
         for (image_id, trajectory) in images {
             self.bytes += trajectory.size_bytes();
@@ -120,19 +138,29 @@ impl TrajectoryBuffer {
             self.order.push_back(image_id.clone());
             self.images.insert(
                 image_id.clone(),
-                StoredImage { image_id, group_id: group_id.to_string(), trajectory, created_at: SystemTime::now(), votes: BTreeMap::new() },
+                StoredImage {
+                    image_id,
+                    group_id: group_id.to_string(),
+                    trajectory,
+                    created_at: SystemTime::now(),
+                    votes: BTreeMap::new(),
+                },
             );
         }
         let mut evicted = 0;
         while self.bytes > self.max_bytes {
-            let Some(oldest) = self.order.pop_front() else { break };
+            let Some(oldest) = self.order.pop_front() else {
+                break;
+            };
             if let Some(image) = self.images.remove(&oldest) {
                 self.bytes -= image.trajectory.size_bytes();
                 self.evictions += 1;
                 evicted += 1;
                 if let Some(group) = self.groups.get_mut(&image.group_id) {
                     group.image_ids.retain(|id| id != &oldest);
-                    group.comparisons.retain(|c| c.winner != oldest && c.loser != oldest);
+                    group
+                        .comparisons
+                        .retain(|c| c.winner != oldest && c.loser != oldest);
                     group.best_of.retain(|_, id| id != &oldest);
                     if group.image_ids.is_empty() {
                         self.groups.remove(&image.group_id);
@@ -145,26 +173,43 @@ impl TrajectoryBuffer {
 
     /// The buffered image `image_id`.
     pub fn image(&self, image_id: &str) -> Result<&StoredImage, BufferError> {
-        self.images.get(image_id).ok_or_else(|| BufferError::UnknownImage(image_id.to_string()))
+        self.images
+            .get(image_id)
+            .ok_or_else(|| BufferError::UnknownImage(image_id.to_string()))
     }
 
     /// Records `rater`'s vote on an image; returns its group id.
     pub fn vote(&mut self, image_id: &str, rater: &str, vote: Vote) -> Result<String, BufferError> {
-        let image = self.images.get_mut(image_id).ok_or_else(|| BufferError::UnknownImage(image_id.to_string()))?;
+        let image = self
+            .images
+            .get_mut(image_id)
+            .ok_or_else(|| BufferError::UnknownImage(image_id.to_string()))?;
         image.votes.insert(rater.to_string(), vote);
         Ok(image.group_id.clone())
     }
 
     /// Records "`winner` is better than `loser`"; both must be images of one group.
-    pub fn prefer(&mut self, winner: &str, loser: &str, rater: &str) -> Result<String, BufferError> {
+    pub fn prefer(
+        &mut self,
+        winner: &str,
+        loser: &str,
+        rater: &str,
+    ) -> Result<String, BufferError> {
         if winner == loser {
             return Err(BufferError::SameImage);
         }
         let group_id = self.image(winner)?.group_id.clone();
         if self.image(loser)?.group_id != group_id {
-            return Err(BufferError::DifferentGroups(winner.to_string(), loser.to_string()));
+            return Err(BufferError::DifferentGroups(
+                winner.to_string(),
+                loser.to_string(),
+            ));
         }
-        let comparison = Comparison { winner: winner.to_string(), loser: loser.to_string(), rater: rater.to_string() };
+        let comparison = Comparison {
+            winner: winner.to_string(),
+            loser: loser.to_string(),
+            rater: rater.to_string(),
+        };
         if let Some(group) = self.groups.get_mut(&group_id) {
             group.comparisons.push(comparison);
         }
@@ -175,7 +220,9 @@ impl TrajectoryBuffer {
     pub fn best_of(&mut self, image_id: &str, rater: &str) -> Result<String, BufferError> {
         let group_id = self.image(image_id)?.group_id.clone();
         if let Some(group) = self.groups.get_mut(&group_id) {
-            group.best_of.insert(rater.to_string(), image_id.to_string());
+            group
+                .best_of
+                .insert(rater.to_string(), image_id.to_string());
         }
         Ok(group_id)
     }
@@ -185,15 +232,23 @@ impl TrajectoryBuffer {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for image_id in &self.order {
-            let Some(image) = self.images.get(image_id) else { continue };
+            let Some(image) = self.images.get(image_id) else {
+                continue;
+            };
             if !seen.insert(image.group_id.clone()) {
                 continue;
             }
-            let Some(group) = self.groups.get(&image.group_id) else { continue };
+            let Some(group) = self.groups.get(&image.group_id) else {
+                continue;
+            };
             if !include_unlabelled && !group.is_labelled(&self.images) {
                 continue;
             }
-            let images = group.image_ids.iter().filter_map(|id| self.images.get(id).cloned()).collect();
+            let images = group
+                .image_ids
+                .iter()
+                .filter_map(|id| self.images.get(id).cloned())
+                .collect();
             out.push((image.group_id.clone(), group.clone(), images));
         }
         out

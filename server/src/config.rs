@@ -89,6 +89,15 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Every flag at its default (`IMAGEGEN_*` environment variables still apply, as on the
+    /// command line, and fail here when malformed).
+    pub fn defaults() -> Result<Self, clap::Error> {
+        use clap::{Command, FromArgMatches};
+        let matches = Self::augment_args(Command::new("imagegen-server"))
+            .try_get_matches_from(["imagegen-server"])?;
+        Self::from_arg_matches(&matches)
+    }
+
     /// The batching window.
     pub fn batch_wait(&self) -> Duration {
         Duration::from_millis(self.batch_wait_ms)
@@ -106,7 +115,10 @@ impl ServeConfig {
             return Err("--max-steps and --max-images must be at least 1".into());
         }
         if !matches!(self.dtype.as_str(), "f32" | "f16" | "bf16") {
-            return Err(format!("--dtype must be f32, f16 or bf16, got {}", self.dtype));
+            return Err(format!(
+                "--dtype must be f32, f16 or bf16, got {}",
+                self.dtype
+            ));
         }
         Ok(())
     }

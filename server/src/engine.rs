@@ -78,7 +78,11 @@ impl Job {
 
     /// Requests that may share a batch.
     fn batch_key(&self) -> (usize, usize, usize) {
-        (self.spec.sample.steps, self.spec.sample.width, self.spec.sample.height)
+        (
+            self.spec.sample.steps,
+            self.spec.sample.width,
+            self.spec.sample.height,
+        )
     }
 }
 
@@ -120,7 +124,11 @@ pub struct Engine {
 
 impl Engine {
     /// Moves `model` onto its own thread and starts serving jobs.
-    pub fn start(model: DiffusionModel, config: EngineConfig, metrics: Metrics) -> std::io::Result<Self> {
+    pub fn start(
+        model: DiffusionModel,
+        config: EngineConfig,
+        metrics: Metrics,
+    ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.max_queue);
         let worker_metrics = metrics.clone();
         let worker = std::thread::Builder::new()
@@ -137,9 +145,16 @@ impl Engine {
 
     /// Takes an admission permit, or fails at once when the server is full.
     pub fn admit(&self) -> Result<Admission, EngineError> {
-        let permit = self.admission.clone().try_acquire_owned().map_err(|_| EngineError::Overloaded(self.max_queue))?;
+        let permit = self
+            .admission
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| EngineError::Overloaded(self.max_queue))?;
         self.metrics.queue_depth.inc();
-        Ok(Admission { _permit: permit, depth: self.metrics.queue_depth.clone() })
+        Ok(Admission {
+            _permit: permit,
+            depth: self.metrics.queue_depth.clone(),
+        })
     }
 
     /// Queues an admitted job; the answer arrives on the returned receiver, progress (step,
@@ -151,7 +166,13 @@ impl Engine {
         progress: Option<mpsc::Sender<(u32, u32)>>,
     ) -> Result<oneshot::Receiver<Result<JobOutput, EngineError>>, EngineError> {
         let (reply, rx) = oneshot::channel();
-        let job = Job { spec, progress, reply, admitted_at: Instant::now(), _admission: admission };
+        let job = Job {
+            spec,
+            progress,
+            reply,
+            admitted_at: Instant::now(),
+            _admission: admission,
+        };
         let queue = self.queue.as_ref().ok_or(EngineError::ShuttingDown)?;
         match queue.try_send(job) {
             Ok(()) => Ok(rx),
@@ -189,8 +210,15 @@ struct Worker {
 
 impl Worker {
     fn new(model: DiffusionModel, config: EngineConfig, metrics: Metrics) -> Self {
-        let capacity = NonZeroUsize::new(config.embedding_cache.max(1)).unwrap_or(NonZeroUsize::MIN);
-        Self { model, config, metrics, embeddings: LruCache::new(capacity), pending: VecDeque::new() }
+        let capacity =
+            NonZeroUsize::new(config.embedding_cache.max(1)).unwrap_or(NonZeroUsize::MIN);
+        Self {
+            model,
+            config,
+            metrics,
+            embeddings: LruCache::new(capacity),
+            pending: VecDeque::new(),
+        }
     }
 
     fn run(mut self, queue: Receiver<Job>) {
@@ -211,10 +239,17 @@ impl Worker {
 
     /// Waits up to `batch_wait` for requests compatible with the oldest pending one.
     fn gather(&mut self, queue: &Receiver<Job>) {
-        let Some(key) = self.pending.front().map(Job::batch_key) else { return };
+        let Some(key) = self.pending.front().map(Job::batch_key) else {
+            return;
+        };
         let deadline = Instant::now() + self.config.batch_wait;
         loop {
-            let images: usize = self.pending.iter().filter(|j| j.batch_key() == key).map(|j| j.spec.sample.num_images).sum();
+            let images: usize = self
+                .pending
+                .iter()
+                .filter(|j| j.batch_key() == key)
+                .map(|j| j.spec.sample.num_images)
+                .sum();
             if images >= self.config.max_batch {
                 return;
             }
@@ -238,7 +273,9 @@ impl Worker {
         if dropped > 0 {
             self.metrics.cancelled.inc_by(dropped as u64);
         }
-        let Some(key) = self.pending.front().map(Job::batch_key) else { return Vec::new() };
+        let Some(key) = self.pending.front().map(Job::batch_key) else {
+            return Vec::new();
+        };
         let mut batch = Vec::new();
         let mut images = 0;
         let mut rest = VecDeque::with_capacity(self.pending.len());
@@ -299,13 +336,23 @@ impl Worker {
             }
             anyone
         };
-        let result = self.model.generate_timed(&requests, &conditioning, AdapterChoice::default(), &mut progress);
+        let result = self.model.generate_timed(
+            &requests,
+            &conditioning,
+            AdapterChoice::default(),
+            &mut progress,
+        );
         match result {
             Ok((generations, timings)) => {
                 self.metrics.images_generated.inc_by(images as u64);
                 for (job, generation) in batch.into_iter().zip(generations) {
                     let queued = started.saturating_duration_since(job.admitted_at);
-                    let _ = job.reply.send(Ok(JobOutput { generation, queued, timings, batch_images: images }));
+                    let _ = job.reply.send(Ok(JobOutput {
+                        generation,
+                        queued,
+                        timings,
+                        batch_images: images,
+                    }));
                 }
             }
             Err(ModelError::Cancelled) => {
@@ -321,7 +368,10 @@ fn fail(batch: Vec<Job>, error: &ModelError) {
     for job in batch {
         let e = match error {
             ModelError::InvalidRequest { field, reason } => {
-                EngineError::Model(ModelError::InvalidRequest { field, reason: reason.clone() })
+                EngineError::Model(ModelError::InvalidRequest {
+                    field,
+                    reason: reason.clone(),
+                })
             }
             other => EngineError::Failed(other.to_string()),
         };

@@ -98,7 +98,10 @@ pub enum ServerError {
 impl ServerError {
     /// Shorthand for [`ServerError::InvalidArgument`].
     pub fn invalid(field: &str, reason: impl Into<String>) -> Self {
-        Self::InvalidArgument { field: field.to_string(), reason: reason.into() }
+        Self::InvalidArgument {
+            field: field.to_string(),
+            reason: reason.into(),
+        }
     }
 }
 

@@ -8,13 +8,18 @@ use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
 };
 
 /// Buckets for whole requests: from a fraction of a second (tiny model, GPU) to minutes (SD on CPU).
-const REQUEST_BUCKETS: &[f64] = &[0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0];
+const REQUEST_BUCKETS: &[f64] = &[
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0,
+];
 /// Buckets for one denoising step.
-const STEP_BUCKETS: &[f64] = &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const STEP_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
 
 /// Every metric the server exports.
 #[derive(Debug, Clone)]
@@ -49,24 +54,58 @@ impl Metrics {
     /// Creates and registers every metric.
     pub fn new() -> prometheus::Result<Self> {
         let registry = Registry::new();
-        let requests = IntCounterVec::new(Opts::new("imagegen_requests_total", "RPCs served, by method and gRPC status code."), &["rpc", "code"])?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "imagegen_requests_total",
+                "RPCs served, by method and gRPC status code.",
+            ),
+            &["rpc", "code"],
+        )?;
         let request_duration = HistogramVec::new(
-            HistogramOpts::new("imagegen_request_duration_seconds", "Time from receiving an RPC to its answer.").buckets(REQUEST_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "imagegen_request_duration_seconds",
+                "Time from receiving an RPC to its answer.",
+            )
+            .buckets(REQUEST_BUCKETS.to_vec()),
             &["rpc"],
         )?;
-        let queue_depth = IntGauge::new("imagegen_queue_depth", "Generation requests admitted and not yet finished.")?;
+        let queue_depth = IntGauge::new(
+            "imagegen_queue_depth",
+            "Generation requests admitted and not yet finished.",
+        )?;
         let batch_size = Histogram::with_opts(
-            HistogramOpts::new("imagegen_batch_size", "Images per model batch.").buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]),
+            HistogramOpts::new("imagegen_batch_size", "Images per model batch.")
+                .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]),
         )?;
-        let images_generated = IntCounter::new("imagegen_images_generated_total", "Images generated.")?;
+        let images_generated =
+            IntCounter::new("imagegen_images_generated_total", "Images generated.")?;
         let denoise_step = Histogram::with_opts(
-            HistogramOpts::new("imagegen_denoise_step_duration_seconds", "Duration of one denoising step of a batch.").buckets(STEP_BUCKETS.to_vec()),
+            HistogramOpts::new(
+                "imagegen_denoise_step_duration_seconds",
+                "Duration of one denoising step of a batch.",
+            )
+            .buckets(STEP_BUCKETS.to_vec()),
         )?;
-        let buffer_bytes = IntGauge::new("imagegen_trajectory_buffer_bytes", "Bytes held by the trajectory buffer.")?;
-        let buffer_entries = IntGauge::new("imagegen_trajectory_buffer_entries", "Trajectories held by the trajectory buffer.")?;
-        let evictions = IntCounter::new("imagegen_trajectory_evictions_total", "Trajectories evicted from the buffer to stay within its budget.")?;
-        let feedback = IntCounterVec::new(Opts::new("imagegen_feedback_total", "Feedback accepted, by kind."), &["kind"])?;
-        let cancelled = IntCounter::new("imagegen_requests_cancelled_total", "Generation requests dropped because the client left or the deadline passed.")?;
+        let buffer_bytes = IntGauge::new(
+            "imagegen_trajectory_buffer_bytes",
+            "Bytes held by the trajectory buffer.",
+        )?;
+        let buffer_entries = IntGauge::new(
+            "imagegen_trajectory_buffer_entries",
+            "Trajectories held by the trajectory buffer.",
+        )?;
+        let evictions = IntCounter::new(
+            "imagegen_trajectory_evictions_total",
+            "Trajectories evicted from the buffer to stay within its budget.",
+        )?;
+        let feedback = IntCounterVec::new(
+            Opts::new("imagegen_feedback_total", "Feedback accepted, by kind."),
+            &["kind"],
+        )?;
+        let cancelled = IntCounter::new(
+            "imagegen_requests_cancelled_total",
+            "Generation requests dropped because the client left or the deadline passed.",
+        )?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
@@ -130,7 +169,10 @@ pub async fn serve(
                 async move { Ok::<_, Infallible>(respond(&req, &metrics)) }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            if let Err(e) = hyper::server::conn::http1::Builder::new().serve_connection(io, service).await {
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, service)
+                .await
+            {
                 tracing::debug!(error = %e, "metrics connection ended");
             }
         });
@@ -139,13 +181,23 @@ pub async fn serve(
 
 fn respond(req: &Request<hyper::body::Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
     let (status, content_type, body) = match req.uri().path() {
-        "/metrics" => (StatusCode::OK, "text/plain; version=0.0.4; charset=utf-8", metrics.render()),
-        _ => (StatusCode::NOT_FOUND, "text/plain", "not found: metrics are at /metrics\n".to_string()),
+        "/metrics" => (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            metrics.render(),
+        ),
+        _ => (
+            StatusCode::NOT_FOUND,
+            "text/plain",
+            "not found: metrics are at /metrics\n".to_string(),
+        ),
     };
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     if let Ok(v) = hyper::header::HeaderValue::from_str(content_type) {
-        response.headers_mut().insert(hyper::header::CONTENT_TYPE, v);
+        response
+            .headers_mut()
+            .insert(hyper::header::CONTENT_TYPE, v);
     }
     response
 }

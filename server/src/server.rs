@@ -47,7 +47,9 @@ pub fn parse_dtype(s: &str) -> Result<DType, StartError> {
         "f32" => Ok(DType::F32),
         "f16" => Ok(DType::F16),
         "bf16" => Ok(DType::BF16),
-        other => Err(StartError::Config(format!("--dtype must be f32, f16 or bf16, got {other}"))),
+        other => Err(StartError::Config(format!(
+            "--dtype must be f32, f16 or bf16, got {other}"
+        ))),
     }
 }
 
@@ -55,7 +57,9 @@ pub fn parse_dtype(s: &str) -> Result<DType, StartError> {
 pub fn load_model(config: &ServeConfig) -> Result<DiffusionModel, StartError> {
     let dtype = parse_dtype(&config.dtype)?;
     let device = if config.cuda {
-        Device::new_cuda(0).map_err(|e| StartError::Config(format!("--cuda: {e} (build with `--features cuda`)")))?
+        Device::new_cuda(0).map_err(|e| {
+            StartError::Config(format!("--cuda: {e} (build with `--features cuda`)"))
+        })?
     } else {
         Device::Cpu
     };
@@ -89,17 +93,25 @@ impl RunningServer {
 }
 
 /// Starts serving `model` as `config` says; returns once both ports are bound.
-pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<RunningServer, StartError> {
+pub async fn start(
+    config: &ServeConfig,
+    model: DiffusionModel,
+) -> Result<RunningServer, StartError> {
     config.validate().map_err(StartError::Config)?;
     let mut keys = ApiKeys::default();
     if let Some(path) = &config.api_keys_file {
         keys.extend(ApiKeys::from_file(path).map_err(StartError::Config)?);
     }
     if let Some(inline) = &config.api_keys {
-        keys.extend(ApiKeys::parse(inline).map_err(|e| StartError::Config(format!("--api-keys: {e}")))?);
+        keys.extend(
+            ApiKeys::parse(inline).map_err(|e| StartError::Config(format!("--api-keys: {e}")))?,
+        );
     }
     if keys.enabled() {
-        tracing::info!(keys = keys.len(), "API keys configured: every RPC but health and reflection needs a key");
+        tracing::info!(
+            keys = keys.len(),
+            "API keys configured: every RPC but health and reflection needs a key"
+        );
     } else if config.grpc_addr.ip().is_loopback() {
         tracing::warn!(addr = %config.grpc_addr, "no API keys configured: serving unauthenticated, on loopback only");
     } else {
@@ -107,20 +119,37 @@ pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<Runnin
     }
     let secret = match &config.feedback_secret {
         Some(s) if s.len() >= 16 => s.as_bytes().to_vec(),
-        Some(_) => return Err(StartError::Config("--feedback-secret must be at least 16 characters".into())),
+        Some(_) => {
+            return Err(StartError::Config(
+                "--feedback-secret must be at least 16 characters".into(),
+            ));
+        }
         None => {
-            tracing::info!("no --feedback-secret: feedback tokens are valid until this process exits");
-            (0..4).flat_map(|_| rand::random::<u64>().to_le_bytes()).collect()
+            tracing::info!(
+                "no --feedback-secret: feedback tokens are valid until this process exits"
+            );
+            (0..4)
+                .flat_map(|_| rand::random::<u64>().to_le_bytes())
+                .collect()
         }
     };
     let metrics = Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
 
     let native = (model.vae_scale_factor() * model.unet.config().sample_size) as u32;
-    let size_multiple = (model.vae_scale_factor() << model.unet.config().downsample_levels()) as u32;
-    let defaults = Defaults { num_images: 1, steps: 20, guidance_scale: 5.0, size: native, eta: 1.0 };
+    let size_multiple =
+        (model.vae_scale_factor() << model.unet.config().downsample_levels()) as u32;
+    let defaults = Defaults {
+        num_images: 1,
+        steps: 20,
+        guidance_scale: 5.0,
+        size: native,
+        eta: 1.0,
+    };
     let limits = Limits {
         max_num_images: config.max_images,
-        max_steps: config.max_steps.min(model.scheduler.num_train_timesteps as u32),
+        max_steps: config
+            .max_steps
+            .min(model.scheduler.num_train_timesteps as u32),
         max_size: config.max_image_size.unwrap_or(native * 2),
         size_multiple,
         max_prompt_chars: config.max_prompt_chars,
@@ -128,7 +157,9 @@ pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<Runnin
         max_queue: config.max_queue as u32,
     };
     if limits.max_size < size_multiple {
-        return Err(StartError::Config(format!("--max-image-size must be at least {size_multiple}")));
+        return Err(StartError::Config(format!(
+            "--max-image-size must be at least {size_multiple}"
+        )));
     }
     let model_id = model.id.clone();
     let engine_config = EngineConfig {
@@ -155,7 +186,9 @@ pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<Runnin
     let metrics_addr = metrics_listener.local_addr()?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
-    health.set_serving::<ImageGeneratorServer<GeneratorService>>().await;
+    health
+        .set_serving::<ImageGeneratorServer<GeneratorService>>()
+        .await;
     health.set_serving::<AdminServer<AdminService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(imagegen_proto::FILE_DESCRIPTOR_SET)
@@ -164,7 +197,11 @@ pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<Runnin
         .map_err(|e| StartError::Setup(e.to_string()))?;
 
     let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(crate::metrics::serve(metrics_listener, metrics, stop_rx.clone()));
+    tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        metrics,
+        stop_rx.clone(),
+    ));
 
     let drain_state = state.clone();
     let drain_health = health.clone();
@@ -173,19 +210,29 @@ pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<Runnin
         let _ = signal_rx.wait_for(|stop| *stop).await;
         tracing::info!("shutting down: draining in-flight requests");
         drain_state.draining.store(true, Ordering::Release);
-        drain_health.set_not_serving::<ImageGeneratorServer<GeneratorService>>().await;
-        drain_health.set_not_serving::<AdminServer<AdminService>>().await;
-        drain_health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        drain_health
+            .set_not_serving::<ImageGeneratorServer<GeneratorService>>()
+            .await;
+        drain_health
+            .set_not_serving::<AdminServer<AdminService>>()
+            .await;
+        drain_health
+            .set_service_status("", tonic_health::ServingStatus::NotServing)
+            .await;
     };
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(ImageGeneratorServer::new(GeneratorService::new(state.clone())).max_decoding_message_size(1 << 20))
+        .add_service(
+            ImageGeneratorServer::new(GeneratorService::new(state.clone()))
+                .max_decoding_message_size(1 << 20),
+        )
         .add_service(AdminServer::new(AdminService::new(state.clone())));
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     let mut timeout_rx = stop_rx;
     let task = tokio::spawn(async move {
-        let serve = router.serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal);
+        let serve = router
+            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal);
         let deadline = async move {
             let _ = timeout_rx.wait_for(|stop| *stop).await;
             tokio::time::sleep(drain_timeout).await;
@@ -202,5 +249,10 @@ pub async fn start(config: &ServeConfig, model: DiffusionModel) -> Result<Runnin
         result
     });
     tracing::info!(%grpc_addr, %metrics_addr, model = %model_id, "serving");
-    Ok(RunningServer { grpc_addr, metrics_addr, stop, task })
+    Ok(RunningServer {
+        grpc_addr,
+        metrics_addr,
+        stop,
+        task,
+    })
 }

@@ -31,19 +31,26 @@ pub struct TokenSigner {
 
 impl std::fmt::Debug for TokenSigner {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TokenSigner").field("secret", &"<redacted>").field("ttl", &self.ttl).finish()
+        f.debug_struct("TokenSigner")
+            .field("secret", &"<redacted>")
+            .field("ttl", &self.ttl)
+            .finish()
     }
 }
 
 impl TokenSigner {
     /// A signer with `secret` whose tokens live `ttl`.
     pub fn new(secret: &[u8], ttl: Duration) -> Self {
-        Self { secret: secret.to_vec(), ttl }
+        Self {
+            secret: secret.to_vec(),
+            ttl,
+        }
     }
 
     fn mac(&self, image_id: &str, expiry: u64) -> HmacSha256 {
         // Any key length is valid for HMAC, so this cannot fail.
-        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.secret).unwrap_or_else(|_| unreachable!("HMAC takes any key"));
+        let mut mac = <HmacSha256 as Mac>::new_from_slice(&self.secret)
+            .unwrap_or_else(|_| unreachable!("HMAC takes any key"));
         mac.update(image_id.as_bytes());
         mac.update(b"|");
         mac.update(expiry.to_string().as_bytes());
@@ -52,7 +59,12 @@ impl TokenSigner {
 
     /// A token for `image_id`, valid from `now` for the signer's ttl.
     pub fn sign(&self, image_id: &str, now: SystemTime) -> String {
-        let expiry = now.checked_add(self.ttl).unwrap_or(now).duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+        let expiry = now
+            .checked_add(self.ttl)
+            .unwrap_or(now)
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
         let tag = self.mac(image_id, expiry).finalize().into_bytes();
         format!("{expiry}.{}", hex::encode(tag))
     }
@@ -62,7 +74,9 @@ impl TokenSigner {
         let (expiry, tag) = token.split_once('.').ok_or(TokenError::Malformed)?;
         let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
         let tag = hex::decode(tag).map_err(|_| TokenError::Malformed)?;
-        self.mac(image_id, expiry).verify_slice(&tag).map_err(|_| TokenError::Mismatch)?;
+        self.mac(image_id, expiry)
+            .verify_slice(&tag)
+            .map_err(|_| TokenError::Mismatch)?;
         let now = now.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
         if now > expiry {
             return Err(TokenError::Expired);
@@ -82,13 +96,31 @@ mod tests {
         let token = signer.sign("img-1", t0);
         assert!(token.starts_with("1000060."), "{token}");
         assert_eq!(signer.verify("img-1", &token, t0), Ok(()));
-        assert_eq!(signer.verify("img-2", &token, t0), Err(TokenError::Mismatch));
-        assert_eq!(TokenSigner::new(b"other", Duration::from_secs(60)).verify("img-1", &token, t0), Err(TokenError::Mismatch));
-        assert_eq!(signer.verify("img-1", &token, t0 + Duration::from_secs(61)), Err(TokenError::Expired));
+        assert_eq!(
+            signer.verify("img-2", &token, t0),
+            Err(TokenError::Mismatch)
+        );
+        assert_eq!(
+            TokenSigner::new(b"other", Duration::from_secs(60)).verify("img-1", &token, t0),
+            Err(TokenError::Mismatch)
+        );
+        assert_eq!(
+            signer.verify("img-1", &token, t0 + Duration::from_secs(61)),
+            Err(TokenError::Expired)
+        );
         // A forged expiry breaks the MAC.
         let forged = token.replacen("1000060", "9999999", 1);
-        assert_eq!(signer.verify("img-1", &forged, t0), Err(TokenError::Mismatch));
-        assert_eq!(signer.verify("img-1", "nonsense", t0), Err(TokenError::Malformed));
-        assert_eq!(signer.verify("img-1", "12.zz", t0), Err(TokenError::Malformed));
+        assert_eq!(
+            signer.verify("img-1", &forged, t0),
+            Err(TokenError::Mismatch)
+        );
+        assert_eq!(
+            signer.verify("img-1", "nonsense", t0),
+            Err(TokenError::Malformed)
+        );
+        assert_eq!(
+            signer.verify("img-1", "12.zz", t0),
+            Err(TokenError::Malformed)
+        );
     }
 }

@@ -7,7 +7,11 @@ use clap::{Parser, Subcommand};
 use imagegen_server::config::ServeConfig;
 
 #[derive(Debug, Parser)]
-#[command(name = "imagegen-server", version, about = "Image-generation server that learns from feedback (D3PO)")]
+#[command(
+    name = "imagegen-server",
+    version,
+    about = "Image-generation server that learns from feedback (D3PO)"
+)]
 #[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
@@ -19,7 +23,7 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Serve the gRPC API (what runs when no subcommand is given).
-    Serve(ServeConfig),
+    Serve(Box<ServeConfig>),
     /// Write the tiny test pipeline (diffusers layout, deterministic random weights) into DIR.
     MakeTinyModel {
         /// Output directory (created if missing).
@@ -32,7 +36,9 @@ enum Command {
 
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
         .init();
     let cli = Cli::parse();
     match cli.command {
@@ -42,7 +48,7 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(dir = %dir.display(), seed, "wrote the tiny model");
             Ok(())
         }
-        Some(Command::Serve(config)) => serve(config),
+        Some(Command::Serve(config)) => serve(*config),
         None => serve(cli.serve),
     }
 }
@@ -50,9 +56,13 @@ fn main() -> anyhow::Result<()> {
 fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(?config, "starting");
     let model = imagegen_server::server::load_model(&config).context("loading the model")?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
-        let server = imagegen_server::server::start(&config, model).await.context("starting the server")?;
+        let server = imagegen_server::server::start(&config, model)
+            .await
+            .context("starting the server")?;
         shutdown_signal().await;
         server.stop();
         server.wait().await.map_err(anyhow::Error::msg)?;

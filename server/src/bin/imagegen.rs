@@ -1,1 +1,334 @@
-fn main() {}
+//! `imagegen`: command-line client of the image-generation server.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use imagegen_proto::v1 as pb;
+use indicatif::{ProgressBar, ProgressStyle};
+use pb::admin_client::AdminClient;
+use pb::image_generator_client::ImageGeneratorClient;
+use tonic::Request;
+use tonic::metadata::MetadataValue;
+use tonic::transport::Channel;
+
+#[derive(Debug, Parser)]
+#[command(name = "imagegen", version, about = "Client of the imagegen server")]
+struct Cli {
+    /// Server address.
+    #[arg(
+        long,
+        env = "IMAGEGEN_ADDR",
+        default_value = "http://127.0.0.1:50051",
+        global = true
+    )]
+    addr: String,
+    /// API key, when the server requires one.
+    #[arg(long, env = "IMAGEGEN_API_KEY", hide_env_values = true, global = true)]
+    api_key: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum Format {
+    Png,
+    Jpeg,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Generate images and write them to files (with a progress bar).
+    Generate {
+        /// What to draw.
+        prompt: String,
+        /// What to avoid.
+        #[arg(long, default_value = "")]
+        negative: String,
+        /// Number of images.
+        #[arg(short = 'n', long)]
+        num_images: Option<u32>,
+        /// Seed (random when absent; printed).
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Denoising steps.
+        #[arg(long)]
+        steps: Option<u32>,
+        /// Guidance scale.
+        #[arg(long)]
+        guidance: Option<f32>,
+        /// Width in pixels.
+        #[arg(long)]
+        width: Option<u32>,
+        /// Height in pixels.
+        #[arg(long)]
+        height: Option<u32>,
+        /// DDIM eta in (0, 1].
+        #[arg(long)]
+        eta: Option<f32>,
+        /// Adapter: empty = live, `base`, or a generation id.
+        #[arg(long, default_value = "")]
+        adapter: String,
+        /// Image format.
+        #[arg(long, value_enum, default_value = "png")]
+        format: Format,
+        /// Output directory.
+        #[arg(long, default_value = ".")]
+        out: PathBuf,
+    },
+    /// Rate an image.
+    Feedback {
+        /// The image.
+        image_id: String,
+        /// Its feedback token (printed by `generate`).
+        #[arg(long)]
+        token: String,
+        /// Thumbs up.
+        #[arg(long, group = "kind")]
+        up: bool,
+        /// Thumbs down.
+        #[arg(long, group = "kind")]
+        down: bool,
+        /// The image is better than this other image of its group.
+        #[arg(long, group = "kind")]
+        better_than: Option<String>,
+        /// The image is the best of its group.
+        #[arg(long, group = "kind")]
+        best: bool,
+        /// Who rates.
+        #[arg(long, default_value = "")]
+        rater: String,
+        /// Makes retries count once.
+        #[arg(long, default_value = "")]
+        idempotency_key: String,
+    },
+    /// Export the trajectory buffer and its feedback (needs the admin role with keys).
+    Export {
+        /// Output directory (gets trajectories.safetensors and metadata.json).
+        #[arg(long, default_value = "export")]
+        out: PathBuf,
+        /// Include trajectories nobody rated.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Show the model, defaults and limits.
+    Info,
+}
+
+fn with_key<T>(message: T, key: &Option<String>) -> anyhow::Result<Request<T>> {
+    let mut request = Request::new(message);
+    if let Some(key) = key {
+        let value: MetadataValue<_> = format!("Bearer {key}")
+            .parse()
+            .context("the API key is not a valid header value")?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: starting the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            match e.downcast_ref::<tonic::Status>() {
+                Some(status) => eprintln!("error: {:?}: {}", status.code(), status.message()),
+                None => eprintln!("error: {e:#}"),
+            }
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let channel = Channel::from_shared(cli.addr.clone())
+        .context("--addr must be a URL such as http://127.0.0.1:50051")?
+        .connect()
+        .await
+        .with_context(|| format!("connecting to {}", cli.addr))?;
+    let key = cli.api_key.clone();
+    match cli.command {
+        Command::Generate {
+            prompt,
+            negative,
+            num_images,
+            seed,
+            steps,
+            guidance,
+            width,
+            height,
+            eta,
+            adapter,
+            format,
+            out,
+        } => {
+            let request = pb::GenerateRequest {
+                prompt,
+                negative_prompt: negative,
+                num_images,
+                seed,
+                steps,
+                guidance_scale: guidance,
+                width,
+                height,
+                eta,
+                adapter,
+                format: match format {
+                    Format::Png => pb::ImageFormat::Png,
+                    Format::Jpeg => pb::ImageFormat::Jpeg,
+                } as i32,
+                request_id: String::new(),
+            };
+            let mut client =
+                ImageGeneratorClient::new(channel).max_decoding_message_size(256 << 20);
+            let mut stream = client
+                .generate_stream(with_key(request, &key)?)
+                .await?
+                .into_inner();
+            let bar = ProgressBar::new(0);
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{spinner} denoising [{bar:30}] {pos}/{len} steps {elapsed}",
+                )?
+                .progress_chars("=> "),
+            );
+            let mut result = None;
+            while let Some(event) = stream.message().await? {
+                match event.event {
+                    Some(pb::generate_event::Event::Progress(p)) => {
+                        bar.set_length(u64::from(p.total_steps));
+                        bar.set_position(u64::from(p.step));
+                    }
+                    Some(pb::generate_event::Event::Result(r)) => result = Some(r),
+                    None => {}
+                }
+            }
+            bar.finish_and_clear();
+            let Some(result) = result else {
+                bail!("the stream ended without a result")
+            };
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            println!(
+                "group {}  seed {}  model {}  adapter {}",
+                result.group_id,
+                result.seed,
+                result.model_id,
+                if result.adapter_generation.is_empty() {
+                    "base"
+                } else {
+                    &result.adapter_generation
+                }
+            );
+            for image in &result.images {
+                let ext = if image.mime_type == "image/jpeg" {
+                    "jpg"
+                } else {
+                    "png"
+                };
+                let path = out.join(format!("{}.{ext}", image.image_id));
+                std::fs::write(&path, &image.data)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!(
+                    "{}  {}x{}  token {}",
+                    path.display(),
+                    image.width,
+                    image.height,
+                    image.feedback_token
+                );
+            }
+            if let Some(t) = result.timings {
+                println!(
+                    "queue {:.2}s  denoise {:.2}s  decode {:.2}s",
+                    t.queue_seconds, t.denoise_seconds, t.decode_seconds
+                );
+            }
+        }
+        Command::Feedback {
+            image_id,
+            token,
+            up,
+            down,
+            better_than,
+            best,
+            rater,
+            idempotency_key,
+        } => {
+            use pb::feedback_request::Feedback;
+            let feedback = match (up, down, better_than, best) {
+                (true, ..) => Feedback::Vote(pb::Vote::Up as i32),
+                (_, true, ..) => Feedback::Vote(pb::Vote::Down as i32),
+                (_, _, Some(other), _) => Feedback::PreferredOver(other),
+                (.., true) => Feedback::BestOf(pb::BestOf {}),
+                _ => bail!("say what you think: --up, --down, --better-than OTHER or --best"),
+            };
+            let request = pb::FeedbackRequest {
+                image_id,
+                feedback_token: token,
+                feedback: Some(feedback),
+                rater_id: rater,
+                idempotency_key,
+            };
+            let response = ImageGeneratorClient::new(channel)
+                .submit_feedback(with_key(request, &key)?)
+                .await?
+                .into_inner();
+            println!(
+                "recorded {} for group {}{}",
+                response.feedback_id,
+                response.group_id,
+                if response.duplicate {
+                    " (duplicate)"
+                } else {
+                    ""
+                }
+            );
+        }
+        Command::Export { out, all } => {
+            let mut client = AdminClient::new(channel);
+            let mut stream = client
+                .export_trajectories(with_key(
+                    pb::ExportRequest {
+                        include_unlabelled: all,
+                    },
+                    &key,
+                )?)
+                .await?
+                .into_inner();
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+            while let Some(chunk) = stream.message().await? {
+                if chunk.file.contains(['/', '\\']) || chunk.file.starts_with('.') {
+                    bail!("the server sent an unsafe file name `{}`", chunk.file);
+                }
+                files
+                    .entry(chunk.file)
+                    .or_default()
+                    .extend_from_slice(&chunk.data);
+            }
+            for (name, bytes) in files {
+                let path = out.join(&name);
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
+                println!("{} ({} bytes)", path.display(), bytes.len());
+            }
+        }
+        Command::Info => {
+            let info = ImageGeneratorClient::new(channel)
+                .get_info(with_key(pb::GetInfoRequest {}, &key)?)
+                .await?
+                .into_inner();
+            println!("{info:#?}");
+        }
+    }
+    Ok(())
+}

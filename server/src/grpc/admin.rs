@@ -36,19 +36,30 @@ impl AdminService {
 }
 
 fn seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+    t.duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 /// Builds `trajectories.safetensors` and `metadata.json` (layout in the README, "Dataset export").
-pub fn build_export(model_id: &str, groups: Vec<(String, Group, Vec<StoredImage>)>) -> Result<(Vec<u8>, Vec<u8>), ServerError> {
-    let tensor_err = |e: candle_core::Error| ServerError::Internal(format!("building the export: {e}"));
+pub fn build_export(
+    model_id: &str,
+    groups: Vec<(String, Group, Vec<StoredImage>)>,
+) -> Result<(Vec<u8>, Vec<u8>), ServerError> {
+    let tensor_err =
+        |e: candle_core::Error| ServerError::Internal(format!("building the export: {e}"));
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut group_docs = Vec::with_capacity(groups.len());
     for (group_id, group, images) in groups {
-        let Some(first) = images.first() else { continue };
+        let Some(first) = images.first() else {
+            continue;
+        };
         let cond = &first.trajectory.conditioning;
         let f32_cpu = |t: &Tensor| -> Result<Tensor, ServerError> {
-            t.to_device(&Device::Cpu).and_then(|t| t.to_dtype(DType::F32)).and_then(|t| t.squeeze(0)).map_err(tensor_err)
+            t.to_device(&Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+                .and_then(|t| t.squeeze(0))
+                .map_err(tensor_err)
         };
         let prompt_key = format!("groups/{group_id}/prompt_embeddings");
         let negative_key = format!("groups/{group_id}/negative_embeddings");
@@ -59,9 +70,18 @@ pub fn build_export(model_id: &str, groups: Vec<(String, Group, Vec<StoredImage>
             let t = &image.trajectory;
             let base = format!("images/{}", image.image_id);
             let timesteps: Vec<i64> = t.timesteps.iter().map(|&v| v as i64).collect();
-            tensors.insert(format!("{base}/latents"), t.latents.to_dtype(DType::F32).map_err(tensor_err)?);
-            tensors.insert(format!("{base}/timesteps"), Tensor::new(timesteps, &Device::Cpu).map_err(tensor_err)?);
-            tensors.insert(format!("{base}/log_probs"), Tensor::new(t.log_probs.clone(), &Device::Cpu).map_err(tensor_err)?);
+            tensors.insert(
+                format!("{base}/latents"),
+                t.latents.to_dtype(DType::F32).map_err(tensor_err)?,
+            );
+            tensors.insert(
+                format!("{base}/timesteps"),
+                Tensor::new(timesteps, &Device::Cpu).map_err(tensor_err)?,
+            );
+            tensors.insert(
+                format!("{base}/log_probs"),
+                Tensor::new(t.log_probs.clone(), &Device::Cpu).map_err(tensor_err)?,
+            );
             let votes: BTreeMap<&str, &str> = image
                 .votes
                 .iter()
@@ -107,7 +127,8 @@ pub fn build_export(model_id: &str, groups: Vec<(String, Group, Vec<StoredImage>
     });
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)
         .map_err(|e| ServerError::Internal(format!("serialising the export: {e}")))?;
-    let metadata = serde_json::to_vec_pretty(&metadata).map_err(|e| ServerError::Internal(e.to_string()))?;
+    let metadata =
+        serde_json::to_vec_pretty(&metadata).map_err(|e| ServerError::Internal(e.to_string()))?;
     Ok((bytes, metadata))
 }
 
@@ -117,12 +138,17 @@ type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + 
 impl Admin for AdminService {
     type ExportTrajectoriesStream = ChunkStream;
 
-    async fn export_trajectories(&self, request: Request<pb::ExportRequest>) -> Result<Response<Self::ExportTrajectoriesStream>, Status> {
+    async fn export_trajectories(
+        &self,
+        request: Request<pb::ExportRequest>,
+    ) -> Result<Response<Self::ExportTrajectoriesStream>, Status> {
         let started = Instant::now();
         let state = self.state.clone();
         let prepared = async {
             state.authorize(&request, Role::Admin)?;
-            let snapshot = state.buffer()?.snapshot(request.get_ref().include_unlabelled);
+            let snapshot = state
+                .buffer()?
+                .snapshot(request.get_ref().include_unlabelled);
             let model_id = state.model_id.clone();
             tokio::task::spawn_blocking(move || build_export(&model_id, snapshot))
                 .await
@@ -134,9 +160,19 @@ impl Admin for AdminService {
         let (tensors, metadata) = prepared?;
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
-            for (file, bytes) in [("trajectories.safetensors", tensors), ("metadata.json", metadata)] {
+            for (file, bytes) in [
+                ("trajectories.safetensors", tensors),
+                ("metadata.json", metadata),
+            ] {
                 for chunk in bytes.chunks(CHUNK) {
-                    if tx.send(Ok(pb::ExportChunk { file: file.into(), data: chunk.to_vec() })).await.is_err() {
+                    if tx
+                        .send(Ok(pb::ExportChunk {
+                            file: file.into(),
+                            data: chunk.to_vec(),
+                        }))
+                        .await
+                        .is_err()
+                    {
                         return;
                     }
                 }

@@ -40,39 +40,67 @@ struct Prepared {
 }
 
 /// Validates every field and fills defaults; errors name the field and the allowed range.
-fn prepare(req: &pb::GenerateRequest, defaults: &Defaults, limits: &Limits) -> Result<Prepared, ServerError> {
+fn prepare(
+    req: &pb::GenerateRequest,
+    defaults: &Defaults,
+    limits: &Limits,
+) -> Result<Prepared, ServerError> {
     let prompt_chars = req.prompt.chars().count();
     if req.prompt.trim().is_empty() {
         return Err(ServerError::invalid("prompt", "must not be empty"));
     }
     if prompt_chars > limits.max_prompt_chars {
-        return Err(ServerError::invalid("prompt", format!("has {prompt_chars} characters; at most {} allowed", limits.max_prompt_chars)));
+        return Err(ServerError::invalid(
+            "prompt",
+            format!(
+                "has {prompt_chars} characters; at most {} allowed",
+                limits.max_prompt_chars
+            ),
+        ));
     }
     if req.negative_prompt.chars().count() > limits.max_prompt_chars {
-        return Err(ServerError::invalid("negative_prompt", format!("at most {} characters allowed", limits.max_prompt_chars)));
+        return Err(ServerError::invalid(
+            "negative_prompt",
+            format!("at most {} characters allowed", limits.max_prompt_chars),
+        ));
     }
     let num_images = req.num_images.unwrap_or(defaults.num_images);
     if num_images == 0 || num_images > limits.max_num_images {
-        return Err(ServerError::invalid("num_images", format!("must be in 1..={}, got {num_images}", limits.max_num_images)));
+        return Err(ServerError::invalid(
+            "num_images",
+            format!("must be in 1..={}, got {num_images}", limits.max_num_images),
+        ));
     }
     let steps = req.steps.unwrap_or(defaults.steps);
     if steps == 0 || steps > limits.max_steps {
-        return Err(ServerError::invalid("steps", format!("must be in 1..={}, got {steps}", limits.max_steps)));
+        return Err(ServerError::invalid(
+            "steps",
+            format!("must be in 1..={}, got {steps}", limits.max_steps),
+        ));
     }
     let guidance = req.guidance_scale.unwrap_or(defaults.guidance_scale);
     if !guidance.is_finite() || guidance < 0.0 {
-        return Err(ServerError::invalid("guidance_scale", format!("must be finite and >= 0, got {guidance}")));
+        return Err(ServerError::invalid(
+            "guidance_scale",
+            format!("must be finite and >= 0, got {guidance}"),
+        ));
     }
     let eta = req.eta.unwrap_or(defaults.eta);
     if !(eta > 0.0 && eta <= 1.0) {
-        return Err(ServerError::invalid("eta", format!("must be in (0, 1], got {eta}")));
+        return Err(ServerError::invalid(
+            "eta",
+            format!("must be in (0, 1], got {eta}"),
+        ));
     }
     let size = |field: &str, value: Option<u32>| {
         let v = value.unwrap_or(defaults.size);
-        if v == 0 || v > limits.max_size || v % limits.size_multiple != 0 {
+        if v == 0 || v > limits.max_size || !v.is_multiple_of(limits.size_multiple) {
             return Err(ServerError::invalid(
                 field,
-                format!("must be a multiple of {} in {}..={}, got {v}", limits.size_multiple, limits.size_multiple, limits.max_size),
+                format!(
+                    "must be a multiple of {} in {}..={}, got {v}",
+                    limits.size_multiple, limits.size_multiple, limits.max_size
+                ),
             ));
         }
         Ok(v)
@@ -84,12 +112,18 @@ fn prepare(req: &pb::GenerateRequest, defaults: &Defaults, limits: &Limits) -> R
         other => {
             return Err(ServerError::invalid(
                 "adapter",
-                format!("unknown adapter `{other}`: use empty (live), `base`, or a generation id from ListAdapters"),
+                format!(
+                    "unknown adapter `{other}`: use empty (live), `base`, or a generation id from ListAdapters"
+                ),
             ));
         }
     }
-    let format = pb::ImageFormat::try_from(req.format)
-        .map_err(|_| ServerError::invalid("format", format!("unknown format {}; use PNG or JPEG", req.format)))?;
+    let format = pb::ImageFormat::try_from(req.format).map_err(|_| {
+        ServerError::invalid(
+            "format",
+            format!("unknown format {}; use PNG or JPEG", req.format),
+        )
+    })?;
     let request_id = if req.request_id.is_empty() {
         new_id()
     } else if req.request_id.len() > 128 {
@@ -107,14 +141,21 @@ fn prepare(req: &pb::GenerateRequest, defaults: &Defaults, limits: &Limits) -> R
         height: height as usize,
     };
     Ok(Prepared {
-        spec: JobSpec { prompt: req.prompt.clone(), negative_prompt: req.negative_prompt.clone(), sample },
+        spec: JobSpec {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            sample,
+        },
         format,
         request_id,
     })
 }
 
 /// Encodes an RGB image; JPEG at quality 90.
-fn encode(image: &RgbImage, format: pb::ImageFormat) -> Result<(Vec<u8>, &'static str), ServerError> {
+fn encode(
+    image: &RgbImage,
+    format: pb::ImageFormat,
+) -> Result<(Vec<u8>, &'static str), ServerError> {
     let mut out = std::io::Cursor::new(Vec::new());
     let (w, h) = (image.width as u32, image.height as u32);
     let result = match format {
@@ -136,50 +177,87 @@ fn encode(image: &RgbImage, format: pb::ImageFormat) -> Result<(Vec<u8>, &'stati
 
 impl GeneratorService {
     /// Admits, queues and awaits one generation; stores its trajectories; builds the answer.
-    async fn run(&self, request: &pb::GenerateRequest, progress: Option<mpsc::Sender<(u32, u32)>>) -> Result<pb::GenerateResponse, ServerError> {
+    async fn run(
+        &self,
+        request: &pb::GenerateRequest,
+        progress: Option<mpsc::Sender<(u32, u32)>>,
+    ) -> Result<pb::GenerateResponse, ServerError> {
         let state = &self.state;
         state.accepting()?;
         let prepared = prepare(request, &state.defaults, &state.limits)?;
         let admission = state.engine.admit()?;
         let seed = prepared.spec.sample.seed;
         let reply = state.engine.submit(prepared.spec, admission, progress)?;
-        let output = reply.await.map_err(|_| ServerError::Unavailable("the model thread stopped".into()))??;
-        self.finish(output, prepared.format, prepared.request_id, seed).await
+        let output = reply
+            .await
+            .map_err(|_| ServerError::Unavailable("the model thread stopped".into()))??;
+        self.finish(output, prepared.format, prepared.request_id, seed)
+            .await
     }
 
-    async fn finish(&self, output: JobOutput, format: pb::ImageFormat, request_id: String, seed: u64) -> Result<pb::GenerateResponse, ServerError> {
+    async fn finish(
+        &self,
+        output: JobOutput,
+        format: pb::ImageFormat,
+        request_id: String,
+        seed: u64,
+    ) -> Result<pb::GenerateResponse, ServerError> {
         let state = self.state.clone();
-        let JobOutput { generation, queued, timings, batch_images } = output;
+        let JobOutput {
+            generation,
+            queued,
+            timings,
+            batch_images,
+        } = output;
         let group_id = new_id();
         let image_ids: Vec<String> = generation.images.iter().map(|_| new_id()).collect();
-        let adapter_generation = generation.trajectories.first().and_then(|t| t.adapter_generation.clone()).unwrap_or_default();
+        let adapter_generation = generation
+            .trajectories
+            .first()
+            .and_then(|t| t.adapter_generation.clone())
+            .unwrap_or_default();
         let now = SystemTime::now();
         {
-            let entries = image_ids.iter().cloned().zip(generation.trajectories.into_iter().map(Arc::new)).collect();
+            let entries = image_ids
+                .iter()
+                .cloned()
+                .zip(generation.trajectories.into_iter().map(Arc::new))
+                .collect();
             let mut buffer = state.buffer()?;
             let evicted = buffer.insert_group(&group_id, entries);
             state.publish_buffer_stats(buffer.stats(), evicted);
         }
-        let sizes: Vec<(u32, u32)> = generation.images.iter().map(|i| (i.width as u32, i.height as u32)).collect();
+        let sizes: Vec<(u32, u32)> = generation
+            .images
+            .iter()
+            .map(|i| (i.width as u32, i.height as u32))
+            .collect();
         // PNG/JPEG encoding is CPU work: keep it off the async runtime's threads.
         let images = generation.images;
-        let encoded = tokio::task::spawn_blocking(move || images.iter().map(|i| encode(i, format)).collect::<Result<Vec<_>, _>>())
-            .await
-            .map_err(|e| ServerError::Internal(format!("image encoding task: {e}")))??;
+        let encoded = tokio::task::spawn_blocking(move || {
+            images
+                .iter()
+                .map(|i| encode(i, format))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .await
+        .map_err(|e| ServerError::Internal(format!("image encoding task: {e}")))??;
         let images = encoded
             .into_iter()
             .zip(image_ids.iter().zip(sizes))
             .enumerate()
-            .map(|(index, ((data, mime), (image_id, (width, height))))| pb::GeneratedImage {
-                image_id: image_id.clone(),
-                data,
-                mime_type: mime.to_string(),
-                seed,
-                width,
-                height,
-                feedback_token: state.signer.sign(image_id, now),
-                index: index as u32,
-            })
+            .map(
+                |(index, ((data, mime), (image_id, (width, height))))| pb::GeneratedImage {
+                    image_id: image_id.clone(),
+                    data,
+                    mime_type: mime.to_string(),
+                    seed,
+                    width,
+                    height,
+                    feedback_token: state.signer.sign(image_id, now),
+                    index: index as u32,
+                },
+            )
             .collect::<Vec<_>>();
         Ok(pb::GenerateResponse {
             images,
@@ -198,7 +276,11 @@ impl GeneratorService {
         })
     }
 
-    fn feedback(&self, req: &pb::FeedbackRequest, authorized_by_key: bool) -> Result<pb::FeedbackResponse, ServerError> {
+    fn feedback(
+        &self,
+        req: &pb::FeedbackRequest,
+        authorized_by_key: bool,
+    ) -> Result<pb::FeedbackResponse, ServerError> {
         let state = &self.state;
         if req.image_id.is_empty() {
             return Err(ServerError::invalid("image_id", "must not be empty"));
@@ -207,19 +289,39 @@ impl GeneratorService {
             state
                 .signer
                 .verify(&req.image_id, &req.feedback_token, SystemTime::now())
-                .map_err(|e| ServerError::PermissionDenied(format!("{e}: send the feedback_token returned with image `{}`", req.image_id)))?;
+                .map_err(|e| {
+                    ServerError::PermissionDenied(format!(
+                        "{e}: send the feedback_token returned with image `{}`",
+                        req.image_id
+                    ))
+                })?;
         }
         if req.idempotency_key.len() > 256 || req.rater_id.len() > 256 {
-            return Err(ServerError::invalid("idempotency_key", "idempotency_key and rater_id are at most 256 bytes"));
+            return Err(ServerError::invalid(
+                "idempotency_key",
+                "idempotency_key and rater_id are at most 256 bytes",
+            ));
         }
         if !req.idempotency_key.is_empty() {
-            let mut cache = state.idempotency.lock().map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?;
+            let mut cache = state
+                .idempotency
+                .lock()
+                .map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?;
             if let Some(first) = cache.get(&req.idempotency_key) {
-                return Ok(pb::FeedbackResponse { duplicate: true, ..first.clone() });
+                return Ok(pb::FeedbackResponse {
+                    duplicate: true,
+                    ..first.clone()
+                });
             }
         }
-        let rater = if req.rater_id.is_empty() { "anonymous" } else { req.rater_id.as_str() };
-        let feedback = req.feedback.as_ref().ok_or_else(|| ServerError::invalid("feedback", "set one of vote, preferred_over or best_of"))?;
+        let rater = if req.rater_id.is_empty() {
+            "anonymous"
+        } else {
+            req.rater_id.as_str()
+        };
+        let feedback = req.feedback.as_ref().ok_or_else(|| {
+            ServerError::invalid("feedback", "set one of vote, preferred_over or best_of")
+        })?;
         let (kind, group_id) = {
             let mut buffer = state.buffer()?;
             match feedback {
@@ -227,19 +329,39 @@ impl GeneratorService {
                     let vote = match pb::Vote::try_from(*v) {
                         Ok(pb::Vote::Up) => Vote::Up,
                         Ok(pb::Vote::Down) => Vote::Down,
-                        _ => return Err(ServerError::invalid("vote", "must be VOTE_UP or VOTE_DOWN")),
+                        _ => {
+                            return Err(ServerError::invalid(
+                                "vote",
+                                "must be VOTE_UP or VOTE_DOWN",
+                            ));
+                        }
                     };
-                    let kind = if vote == Vote::Up { "vote_up" } else { "vote_down" };
+                    let kind = if vote == Vote::Up {
+                        "vote_up"
+                    } else {
+                        "vote_down"
+                    };
                     (kind, buffer.vote(&req.image_id, rater, vote)?)
                 }
-                pb::feedback_request::Feedback::PreferredOver(loser) => ("preference", buffer.prefer(&req.image_id, loser, rater)?),
-                pb::feedback_request::Feedback::BestOf(_) => ("best_of", buffer.best_of(&req.image_id, rater)?),
+                pb::feedback_request::Feedback::PreferredOver(loser) => {
+                    ("preference", buffer.prefer(&req.image_id, loser, rater)?)
+                }
+                pb::feedback_request::Feedback::BestOf(_) => {
+                    ("best_of", buffer.best_of(&req.image_id, rater)?)
+                }
             }
         };
         state.metrics.feedback.with_label_values(&[kind]).inc();
-        let response = pb::FeedbackResponse { feedback_id: new_id(), group_id, duplicate: false };
+        let response = pb::FeedbackResponse {
+            feedback_id: new_id(),
+            group_id,
+            duplicate: false,
+        };
         if !req.idempotency_key.is_empty() {
-            let mut cache = state.idempotency.lock().map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?;
+            let mut cache = state
+                .idempotency
+                .lock()
+                .map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?;
             cache.put(req.idempotency_key.clone(), response.clone());
         }
         Ok(response)
@@ -250,7 +372,10 @@ type EventStream = Pin<Box<dyn Stream<Item = Result<pb::GenerateEvent, Status>> 
 
 #[tonic::async_trait]
 impl ImageGenerator for GeneratorService {
-    async fn generate(&self, request: Request<pb::GenerateRequest>) -> Result<Response<pb::GenerateResponse>, Status> {
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<pb::GenerateResponse>, Status> {
         let started = Instant::now();
         let result = async {
             self.state.authorize(&request, Role::Generate)?;
@@ -264,17 +389,27 @@ impl ImageGenerator for GeneratorService {
 
     type GenerateStreamStream = EventStream;
 
-    async fn generate_stream(&self, request: Request<pb::GenerateRequest>) -> Result<Response<Self::GenerateStreamStream>, Status> {
+    async fn generate_stream(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStreamStream>, Status> {
         let started = Instant::now();
         // Validate before streaming, so bad input fails the call itself.
         let checked = self
             .state
             .authorize(&request, Role::Generate)
             .and_then(|_| self.state.accepting())
-            .and_then(|_| prepare(request.get_ref(), &self.state.defaults, &self.state.limits).map(|_| ()));
+            .and_then(|_| {
+                prepare(request.get_ref(), &self.state.defaults, &self.state.limits).map(|_| ())
+            });
         if let Err(e) = checked {
             let status = Status::from(e);
-            observe(&self.state.metrics, "GenerateStream", started, &Err::<(), _>(status.clone()));
+            observe(
+                &self.state.metrics,
+                "GenerateStream",
+                started,
+                &Err::<(), _>(status.clone()),
+            );
             return Err(status);
         }
         let (events, rx) = mpsc::channel(64);
@@ -286,7 +421,12 @@ impl ImageGenerator for GeneratorService {
                 let events = events.clone();
                 async move {
                     while let Some((step, total)) = progress_rx.recv().await {
-                        let event = pb::GenerateEvent { event: Some(pb::generate_event::Event::Progress(pb::Progress { step, total_steps: total })) };
+                        let event = pb::GenerateEvent {
+                            event: Some(pb::generate_event::Event::Progress(pb::Progress {
+                                step,
+                                total_steps: total,
+                            })),
+                        };
                         if events.send(Ok(event)).await.is_err() {
                             return; // client gone: dropping progress_rx cancels the job
                         }
@@ -298,7 +438,9 @@ impl ImageGenerator for GeneratorService {
             // The progress sender is dropped with the job: let the last events through first.
             let _ = forwarder.await;
             let outcome = match result {
-                Ok(response) => Ok(pb::GenerateEvent { event: Some(pb::generate_event::Event::Result(response)) }),
+                Ok(response) => Ok(pb::GenerateEvent {
+                    event: Some(pb::generate_event::Event::Result(response)),
+                }),
                 Err(e) => Err(Status::from(e)),
             };
             let observed = outcome.as_ref().map(|_| ()).map_err(Clone::clone);
@@ -308,7 +450,10 @@ impl ImageGenerator for GeneratorService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
-    async fn submit_feedback(&self, request: Request<pb::FeedbackRequest>) -> Result<Response<pb::FeedbackResponse>, Status> {
+    async fn submit_feedback(
+        &self,
+        request: Request<pb::FeedbackRequest>,
+    ) -> Result<Response<pb::FeedbackResponse>, Status> {
         let started = Instant::now();
         // A feedback token is a capability for its image: with one, no API key is needed. A
         // presented key must be valid and carry the `feedback` role.
@@ -325,7 +470,10 @@ impl ImageGenerator for GeneratorService {
         result
     }
 
-    async fn get_info(&self, request: Request<pb::GetInfoRequest>) -> Result<Response<pb::ServerInfo>, Status> {
+    async fn get_info(
+        &self,
+        request: Request<pb::GetInfoRequest>,
+    ) -> Result<Response<pb::ServerInfo>, Status> {
         let started = Instant::now();
         let state = &self.state;
         let result = state

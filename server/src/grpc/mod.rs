@@ -111,7 +111,10 @@ impl AppState {
 
     /// Checks the caller's API key for `role` (always passes when no keys are configured).
     pub fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), ServerError> {
-        let header = request.metadata().get("authorization").and_then(|v| v.to_str().ok());
+        let header = request
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
         Ok(self.keys.check(header, role)?)
     }
 
@@ -123,7 +126,9 @@ impl AppState {
     /// Refuses new work while draining.
     pub fn accepting(&self) -> Result<(), ServerError> {
         if self.draining.load(Ordering::Acquire) {
-            return Err(ServerError::Unavailable("the server is shutting down; retry on another replica".into()));
+            return Err(ServerError::Unavailable(
+                "the server is shutting down; retry on another replica".into(),
+            ));
         }
         Ok(())
     }
@@ -137,18 +142,31 @@ impl AppState {
 
     /// Locks the buffer (a poisoned lock means a panic mid-update: report, don't propagate).
     pub fn buffer(&self) -> Result<std::sync::MutexGuard<'_, TrajectoryBuffer>, ServerError> {
-        self.buffer.lock().map_err(|_| ServerError::Internal("trajectory buffer lock poisoned".into()))
+        self.buffer
+            .lock()
+            .map_err(|_| ServerError::Internal("trajectory buffer lock poisoned".into()))
     }
 }
 
 /// Records `imagegen_requests_total` and `imagegen_request_duration_seconds` for one call.
-pub(crate) fn observe<T>(metrics: &Metrics, rpc: &str, started: Instant, result: &Result<T, Status>) {
+pub(crate) fn observe<T>(
+    metrics: &Metrics,
+    rpc: &str,
+    started: Instant,
+    result: &Result<T, Status>,
+) {
     let code = match result {
         Ok(_) => tonic::Code::Ok,
         Err(s) => s.code(),
     };
-    metrics.requests.with_label_values(&[rpc, code_name(code)]).inc();
-    metrics.request_duration.with_label_values(&[rpc]).observe(started.elapsed().as_secs_f64());
+    metrics
+        .requests
+        .with_label_values(&[rpc, code_name(code)])
+        .inc();
+    metrics
+        .request_duration
+        .with_label_values(&[rpc])
+        .observe(started.elapsed().as_secs_f64());
 }
 
 /// The canonical upper-snake name of a gRPC code, as dashboards spell it.

@@ -15,7 +15,11 @@ pub const BUILTIN_ID: &str = "builtin-tiny";
 
 /// Builds the built-in model.
 pub fn load(dtype: DType, device: &Device) -> Result<DiffusionModel, ModelError> {
-    let dir = std::env::temp_dir().join(format!("imagegen-builtin-{}-{}", std::process::id(), rand::random::<u32>()));
+    let dir = std::env::temp_dir().join(format!(
+        "imagegen-builtin-{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     write_tiny_model(&dir, 0)?;
     let loaded = DiffusionModel::load(&dir, dtype, device);
     if let Err(e) = std::fs::remove_dir_all(&dir) {

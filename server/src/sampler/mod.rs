@@ -141,7 +141,9 @@ impl DiffusionModel {
         adapter: AdapterChoice<'_>,
         progress: &mut dyn FnMut(usize, usize) -> bool,
     ) -> Result<Vec<Generation>, ModelError> {
-        Ok(self.generate_timed(requests, conditioning, adapter, progress)?.0)
+        Ok(self
+            .generate_timed(requests, conditioning, adapter, progress)?
+            .0)
     }
 
     /// [`DiffusionModel::generate`], also reporting where the time went.
@@ -243,8 +245,13 @@ impl DiffusionModel {
         }
 
         let denoised = std::time::Instant::now();
-        let images = self.vae.decode_rgb8(&latents.to_dtype(self.unet.dtype())?)?;
-        let timings = BatchTimings { denoise: denoised - started, decode: denoised.elapsed() };
+        let images = self
+            .vae
+            .decode_rgb8(&latents.to_dtype(self.unet.dtype())?)?;
+        let timings = BatchTimings {
+            denoise: denoised - started,
+            decode: denoised.elapsed(),
+        };
         let chains = Tensor::stack(&recorded, 1)?; // [n, steps + 1, C, h, w]
         let timesteps: Vec<usize> = schedule.steps().iter().map(|s| s.t).collect();
         let mut out: Vec<Generation> = requests
