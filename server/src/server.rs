@@ -230,9 +230,17 @@ pub async fn start(
         .add_service(AdminServer::new(AdminService::new(state.clone())));
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     let mut timeout_rx = stop_rx;
+    // Without TCP_NODELAY a response's last frame waits for the client's delayed ACK: 40 ms
+    // added to every request (measured at concurrency 1).
+    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(grpc_listener), |conn| {
+        conn.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        })
+    });
     let task = tokio::spawn(async move {
-        let serve = router
-            .serve_with_incoming_shutdown(TcpListenerStream::new(grpc_listener), shutdown_signal);
+        let serve = router.serve_with_incoming_shutdown(incoming, shutdown_signal);
         let deadline = async move {
             let _ = timeout_rx.wait_for(|stop| *stop).await;
             tokio::time::sleep(drain_timeout).await;
