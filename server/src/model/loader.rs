@@ -40,6 +40,9 @@ pub struct DiffusionModel {
     pub vae: VaeDecoder,
     /// Noise schedule settings.
     pub scheduler: SchedulerConfig,
+    /// Most rows (CFG halves count separately) per UNet call; larger batches run in chunks.
+    /// 4 on the CPU, where small calls keep activations in cache; unlimited on a GPU.
+    pub micro_batch_rows: usize,
 }
 
 impl DiffusionModel {
@@ -127,6 +130,7 @@ impl DiffusionModel {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into());
+        let micro_batch_rows = if device.is_cpu() { 4 } else { usize::MAX };
         Ok(Self {
             id,
             unet,
@@ -134,6 +138,7 @@ impl DiffusionModel {
             tokenizer,
             vae,
             scheduler,
+            micro_batch_rows,
         })
     }
 

