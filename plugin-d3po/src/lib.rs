@@ -8,12 +8,16 @@
 
 mod error;
 pub mod loss;
+pub mod pairs;
 pub mod schedule;
 pub mod step;
+pub mod trainer;
 
 pub use error::{D3poError, Result};
 pub use loss::{D3poLossConfig, d3po_loss};
+pub use pairs::{GroupFeedback, PreferencePair, build_pairs};
 pub use schedule::{
     BetaSchedule, DdimSchedule, PredictionType, SchedulerConfig, StepConstants, TimestepSpacing,
 };
 pub use step::{log_prob, log_ratio, step_mean};
+pub use trainer::{D3poTrainer, PairOutcome, StepPolicy, TrainConfig, ranking_accuracy};

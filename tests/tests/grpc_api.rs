@@ -798,11 +798,20 @@ async fn a_passed_deadline_cancels_the_work() {
     let mut r = tonic::Request::new(request("too slow for its deadline", 1, 60, 1));
     r.set_timeout(std::time::Duration::from_millis(400));
     let err = t.generator().generate(r).await.unwrap_err();
-    assert!(matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled), "{err:?}");
+    assert!(
+        matches!(err.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{err:?}"
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while t.metric("imagegen_requests_cancelled_total").await.unwrap() != Some(1.0) {
-        assert!(std::time::Instant::now() < deadline, "the expired generation kept running");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the expired generation kept running"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
-    assert_eq!(t.metric("imagegen_images_generated_total").await.unwrap(), Some(0.0));
+    assert_eq!(
+        t.metric("imagegen_images_generated_total").await.unwrap(),
+        Some(0.0)
+    );
 }
