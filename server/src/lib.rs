@@ -1,5 +1,6 @@
 //! The image-generation server: model, sampler, trajectories, engine, gRPC API, metrics.
 
+pub mod adapters;
 pub mod auth;
 pub mod buffer;
 pub mod config;

@@ -1,0 +1,350 @@
+//! Adapter generations and the `live` alias.
+//!
+//! A generation is immutable and named by a hash of its content; the alias `live` points at one
+//! (or at none: the base model). A request resolves its adapter once, when admitted, and holds an
+//! `Arc` to it: in-flight work finishes on the generation it started with, a swap never fails a
+//! request, and a retired generation is freed when its last request lets go. Replacing `live` is
+//! a compare-and-swap on the expected current generation.
+
+mod store;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::sync::{Arc, RwLock, Weak};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use candle_core::{DType, Device};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+pub use store::{AdapterStore, PeftConfig, from_peft, to_peft, write_atomic};
+
+use crate::model::{LoraTarget, LoraWeights};
+
+/// Errors of the adapter registry.
+#[derive(Debug, thiserror::Error)]
+pub enum AdapterError {
+    /// No generation with this id.
+    #[error("unknown adapter `{0}`: use empty (live), `base`, or a generation id from ListAdapters")]
+    Unknown(String),
+    /// The compare-and-swap lost: `live` is not what the caller expected.
+    #[error("the live adapter is `{actual}`, not the expected `{expected}`; read it again and retry")]
+    Conflict {
+        /// What the caller expected.
+        expected: String,
+        /// What is live.
+        actual: String,
+    },
+    /// Nothing to roll back to.
+    #[error("no earlier live adapter to roll back to")]
+    NoHistory,
+    /// A malformed adapter file.
+    #[error("invalid adapter: {0}")]
+    Format(String),
+    /// A file could not be read or written.
+    #[error("adapter store: {0}")]
+    Io(String),
+    /// A tensor operation failed.
+    #[error("adapter tensors: {0}")]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// What training produced a generation from.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TrainingStats {
+    /// Preference pairs trained on.
+    pub pairs: usize,
+    /// Mean D3PO loss over the round.
+    pub mean_loss: f64,
+    /// Held-out ranking accuracy of this generation's implicit reward.
+    pub heldout_accuracy: f64,
+    /// The same for the generation it was trained from.
+    pub parent_heldout_accuracy: f64,
+    /// Wall time of the round in seconds.
+    pub seconds: f64,
+}
+
+/// Everything about a generation but its weights.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdapterMeta {
+    /// Content hash (hex).
+    pub id: String,
+    /// The generation it was trained from (`None`: the base model).
+    pub parent: Option<String>,
+    /// Creation time, seconds since the epoch.
+    pub created_at: f64,
+    /// LoRA rank.
+    pub rank: usize,
+    /// LoRA alpha.
+    pub alpha: f64,
+    /// `trained` or `imported`.
+    pub origin: String,
+    /// Training statistics (trained generations).
+    pub stats: Option<TrainingStats>,
+    /// Feedback groups it learned from.
+    pub learned_from: Vec<String>,
+}
+
+/// An immutable adapter generation.
+#[derive(Debug)]
+pub struct AdapterGeneration {
+    /// Its description.
+    pub meta: AdapterMeta,
+    /// Its factors.
+    pub weights: LoraWeights,
+}
+
+/// A change of the live alias.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LiveChange {
+    /// The previous live generation (`None`: base).
+    pub from: Option<String>,
+    /// The new one.
+    pub to: Option<String>,
+    /// When, seconds since the epoch.
+    pub at: f64,
+    /// Why (`trained`, `activated`, `rollback`).
+    pub reason: String,
+}
+
+/// The persisted alias: the live generation and how it got there.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct LiveState {
+    /// The live generation (`None`: base).
+    pub live: Option<String>,
+    /// Every change, oldest first.
+    pub history: Vec<LiveChange>,
+}
+
+/// The content hash of weights: SHA-256 over rank, alpha, and every factor's name and f32 bytes.
+pub fn content_id(weights: &LoraWeights, targets: &[LoraTarget]) -> Result<String, AdapterError> {
+    let mut hash = Sha256::new();
+    hash.update(weights.rank().to_le_bytes());
+    hash.update(weights.alpha().to_le_bytes());
+    for (path, pair) in weights.named_layers(targets) {
+        hash.update(path.as_bytes());
+        for t in [&pair.down, &pair.up] {
+            let values: Vec<f32> = t.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?;
+            for v in values {
+                hash.update(v.to_le_bytes());
+            }
+        }
+    }
+    Ok(hex::encode(&hash.finalize()[..8]))
+}
+
+fn now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+}
+
+struct RegistryState {
+    live: Option<Arc<AdapterGeneration>>,
+    metas: BTreeMap<String, AdapterMeta>,
+    history: Vec<LiveChange>,
+    /// Generations some request or the trainer still holds: shared instead of reloaded.
+    loaded: HashMap<String, Weak<AdapterGeneration>>,
+}
+
+/// Generations, the live alias, and their persistence.
+pub struct AdapterRegistry {
+    targets: Vec<LoraTarget>,
+    model_id: String,
+    device: Device,
+    store: Option<AdapterStore>,
+    state: RwLock<RegistryState>,
+}
+
+impl std::fmt::Debug for AdapterRegistry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdapterRegistry").field("model_id", &self.model_id).field("store", &self.store).finish()
+    }
+}
+
+impl AdapterRegistry {
+    /// A registry for a UNet with `targets`; with a store directory, generations and the live
+    /// alias persist there and are restored now.
+    pub fn open(targets: Vec<LoraTarget>, model_id: &str, device: &Device, store_dir: Option<&Path>) -> Result<Self, AdapterError> {
+        let store = store_dir.map(AdapterStore::open).transpose()?;
+        let mut metas = BTreeMap::new();
+        let mut saved = LiveState::default();
+        if let Some(store) = &store {
+            for meta in store.list() {
+                metas.insert(meta.id.clone(), meta);
+            }
+            saved = store.load_state()?.unwrap_or_default();
+        }
+        let registry = Self {
+            targets,
+            model_id: model_id.to_string(),
+            device: device.clone(),
+            store,
+            state: RwLock::new(RegistryState { live: None, metas, history: saved.history, loaded: HashMap::new() }),
+        };
+        if let Some(id) = saved.live {
+            let generation = registry.load(&id)?;
+            registry.write()?.live = Some(generation);
+            tracing::info!(generation = %id, "restored the live adapter");
+        }
+        Ok(registry)
+    }
+
+    fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, RegistryState>, AdapterError> {
+        self.state.read().map_err(|_| AdapterError::Io("adapter registry lock poisoned".into()))
+    }
+
+    fn write(&self) -> Result<std::sync::RwLockWriteGuard<'_, RegistryState>, AdapterError> {
+        self.state.write().map_err(|_| AdapterError::Io("adapter registry lock poisoned".into()))
+    }
+
+    /// The UNet projections adapters apply to.
+    pub fn targets(&self) -> &[LoraTarget] {
+        &self.targets
+    }
+
+    /// The live generation (`None`: base).
+    pub fn live(&self) -> Result<Option<Arc<AdapterGeneration>>, AdapterError> {
+        Ok(self.read()?.live.clone())
+    }
+
+    /// The generation a request names: empty or `live` = the live one, `base` = none, else an id.
+    pub fn resolve(&self, selector: &str) -> Result<Option<Arc<AdapterGeneration>>, AdapterError> {
+        match selector {
+            "" | "live" => self.live(),
+            "base" => Ok(None),
+            id => self.load(id).map(Some),
+        }
+    }
+
+    /// A generation by id, shared with whoever holds it already, else loaded from the store.
+    fn load(&self, id: &str) -> Result<Arc<AdapterGeneration>, AdapterError> {
+        {
+            let state = self.read()?;
+            if let Some(live) = state.live.as_ref().filter(|g| g.meta.id == id) {
+                return Ok(live.clone());
+            }
+            if let Some(g) = state.loaded.get(id).and_then(Weak::upgrade) {
+                return Ok(g);
+            }
+        }
+        let meta = self.read()?.metas.get(id).cloned().ok_or_else(|| AdapterError::Unknown(id.to_string()))?;
+        let store = self.store.as_ref().ok_or_else(|| AdapterError::Unknown(id.to_string()))?;
+        let weights = store.load_weights(id, &self.targets, &self.device)?;
+        let generation = Arc::new(AdapterGeneration { meta, weights });
+        self.write()?.loaded.insert(id.to_string(), Arc::downgrade(&generation));
+        Ok(generation)
+    }
+
+    /// Adds a generation (persisting it); returns it. Identical content gives the same id and
+    /// the existing generation.
+    pub fn publish(
+        &self,
+        weights: LoraWeights,
+        parent: Option<String>,
+        origin: &str,
+        stats: Option<TrainingStats>,
+        learned_from: Vec<String>,
+    ) -> Result<Arc<AdapterGeneration>, AdapterError> {
+        let id = content_id(&weights, &self.targets)?;
+        if self.read()?.metas.contains_key(&id) {
+            return self.load(&id);
+        }
+        let meta = AdapterMeta {
+            id: id.clone(),
+            parent,
+            created_at: now(),
+            rank: weights.rank(),
+            alpha: weights.alpha(),
+            origin: origin.to_string(),
+            stats,
+            learned_from,
+        };
+        if let Some(store) = &self.store {
+            store.save(&meta, &weights, &self.targets, &self.model_id)?;
+        }
+        let generation = Arc::new(AdapterGeneration { meta: meta.clone(), weights });
+        let mut state = self.write()?;
+        state.metas.insert(id.clone(), meta);
+        // Without a store the registry itself must keep the weights.
+        if self.store.is_none() {
+            state.loaded.insert(id, Arc::downgrade(&generation));
+        }
+        Ok(generation)
+    }
+
+    /// Points `live` at `id` (`None`: base) if it currently is `expected` (compare-and-swap).
+    pub fn activate(&self, id: Option<&str>, expected: Option<&str>, reason: &str) -> Result<(), AdapterError> {
+        let target = id.map(|id| self.load(id)).transpose()?;
+        let mut state = self.write()?;
+        let actual = state.live.as_ref().map(|g| g.meta.id.clone());
+        if actual.as_deref() != expected {
+            return Err(AdapterError::Conflict {
+                expected: expected.unwrap_or("base").to_string(),
+                actual: actual.unwrap_or_else(|| "base".into()),
+            });
+        }
+        let change = LiveChange { from: actual, to: id.map(String::from), at: now(), reason: reason.to_string() };
+        let mut history = state.history.clone();
+        history.push(change);
+        if let Some(store) = &self.store {
+            store.save_state(&LiveState { live: id.map(String::from), history: history.clone() })?;
+        }
+        // Keep the outgoing generation shareable while requests still hold it.
+        if let Some(old) = state.live.take() {
+            let old_id = old.meta.id.clone();
+            state.loaded.insert(old_id, Arc::downgrade(&old));
+        }
+        state.live = target;
+        state.history = history;
+        Ok(())
+    }
+
+    /// Points `live` back at the generation that was live before the current one was put live
+    /// (rollbacks themselves are skipped, so repeated rollbacks walk back through the lineage).
+    pub fn rollback(&self) -> Result<Option<String>, AdapterError> {
+        let (current, previous) = {
+            let state = self.read()?;
+            let current = state.live.as_ref().map(|g| g.meta.id.clone());
+            let last = state
+                .history
+                .iter()
+                .rev()
+                .find(|c| c.to == current && c.reason != "rollback")
+                .ok_or(AdapterError::NoHistory)?;
+            (current, last.from.clone())
+        };
+        self.activate(previous.as_deref(), current.as_deref(), "rollback")?;
+        Ok(previous)
+    }
+
+    /// Every generation's metadata, oldest first.
+    pub fn list(&self) -> Result<Vec<AdapterMeta>, AdapterError> {
+        let mut metas: Vec<AdapterMeta> = self.read()?.metas.values().cloned().collect();
+        metas.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
+        Ok(metas)
+    }
+
+    /// One generation's metadata.
+    pub fn meta(&self, id: &str) -> Result<AdapterMeta, AdapterError> {
+        self.read()?.metas.get(id).cloned().ok_or_else(|| AdapterError::Unknown(id.to_string()))
+    }
+
+    /// The history of the live alias.
+    pub fn history(&self) -> Result<Vec<LiveChange>, AdapterError> {
+        Ok(self.read()?.history.clone())
+    }
+
+    /// A generation's PEFT files (`adapter_model.safetensors`, `adapter_config.json`).
+    pub fn export(&self, id: &str) -> Result<(Vec<u8>, Vec<u8>), AdapterError> {
+        let generation = self.load(id)?;
+        to_peft(&generation.weights, &self.targets, &self.model_id)
+    }
+
+    /// Imports PEFT files as a new generation (not made live).
+    pub fn import(&self, safetensors: &[u8], config: &[u8]) -> Result<Arc<AdapterGeneration>, AdapterError> {
+        let weights = from_peft(safetensors, config, &self.targets, &self.device)?;
+        self.publish(weights, None, "imported", None, Vec::new())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! The adapter store on disk and the PEFT file format.
+//!
+//! ```text
+//! <dir>/<generation>/adapter_model.safetensors   PEFT keys: unet.<module>.lora_A.weight [r, in],
+//!                                                 unet.<module>.lora_B.weight [out, r]
+//! <dir>/<generation>/adapter_config.json          r, lora_alpha, target_modules (PEFT's LoraConfig)
+//! <dir>/<generation>/meta.json                    parent, created_at, training stats, feedback used
+//! <dir>/state.json                                the live alias and its history
+//! ```
+//! The same two PEFT files are what `ExportAdapter` sends and `ImportAdapter` takes; diffusers'
+//! `pipe.load_lora_weights(dir)` loads them. Every file is written to a temporary name, fsynced
+//! and renamed, so a crash leaves the old file or the new one, never half of one.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::{Deserialize, Serialize};
+
+use super::{AdapterError, AdapterMeta, LiveState};
+use crate::model::{LoraPair, LoraTarget, LoraWeights};
+
+/// PEFT's `adapter_config.json` (the fields diffusers and PEFT read).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PeftConfig {
+    /// Always `LORA`.
+    pub peft_type: String,
+    /// Rank.
+    pub r: usize,
+    /// Alpha; the update is scaled by `lora_alpha / r`.
+    pub lora_alpha: f64,
+    /// Projections adapted (`to_q`, `to_k`, `to_v`, `to_out.0`).
+    pub target_modules: Vec<String>,
+    /// How B and A start (`gaussian`: A ~ N(0, 1/r^2), B = 0).
+    #[serde(default)]
+    pub init_lora_weights: serde_json::Value,
+    /// The model the adapter was trained on.
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+}
+
+/// The PEFT files of an adapter: safetensors bytes and `adapter_config.json` bytes.
+pub fn to_peft(weights: &LoraWeights, targets: &[LoraTarget], model_id: &str) -> Result<(Vec<u8>, Vec<u8>), AdapterError> {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut modules = std::collections::BTreeSet::new();
+    for (path, pair) in weights.named_layers(targets) {
+        let target = targets.iter().find(|t| t.path == path).map(LoraTarget::module).unwrap_or_default();
+        modules.insert(target.to_string());
+        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).and_then(|t| t.to_dtype(DType::F32));
+        tensors.push((format!("unet.{path}.lora_A.weight"), cpu(&pair.down)?));
+        tensors.push((format!("unet.{path}.lora_B.weight"), cpu(&pair.up)?));
+    }
+    let config = PeftConfig {
+        peft_type: "LORA".into(),
+        r: weights.rank(),
+        lora_alpha: weights.alpha(),
+        target_modules: modules.into_iter().collect(),
+        init_lora_weights: serde_json::json!("gaussian"),
+        base_model_name_or_path: Some(model_id.to_string()),
+    };
+    let config_json = serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Format(e.to_string()))?;
+    let metadata: HashMap<String, String> = [
+        ("format".to_string(), "pt".to_string()),
+        ("lora_adapter_metadata".to_string(), String::from_utf8_lossy(&config_json).into_owned()),
+    ]
+    .into();
+    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| AdapterError::Format(e.to_string()))?;
+    Ok((bytes, config_json))
+}
+
+/// Reads PEFT files back into weights for `targets`; every key, shape and setting is checked.
+pub fn from_peft(safetensors_bytes: &[u8], config_json: &[u8], targets: &[LoraTarget], device: &Device) -> Result<LoraWeights, AdapterError> {
+    let config: PeftConfig =
+        serde_json::from_slice(config_json).map_err(|e| AdapterError::Format(format!("adapter_config.json: {e}")))?;
+    if config.peft_type != "LORA" {
+        return Err(AdapterError::Format(format!("peft_type `{}` is not LORA", config.peft_type)));
+    }
+    if config.r == 0 || config.r > 1024 || !config.lora_alpha.is_finite() {
+        return Err(AdapterError::Format(format!("rank {} / alpha {} out of range", config.r, config.lora_alpha)));
+    }
+    let tensors = candle_core::safetensors::load_buffer(safetensors_bytes, device)
+        .map_err(|e| AdapterError::Format(format!("adapter_model.safetensors: {e}")))?;
+    let mut used = 0;
+    let mut layers = Vec::with_capacity(targets.len());
+    for target in targets {
+        let a = tensors.get(&format!("unet.{}.lora_A.weight", target.path));
+        let b = tensors.get(&format!("unet.{}.lora_B.weight", target.path));
+        layers.push(match (a, b) {
+            (Some(a), Some(b)) => {
+                used += 2;
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                for t in [&a, &b] {
+                    let finite = t.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
+                    if !finite {
+                        return Err(AdapterError::Format(format!("non-finite weights in `{}`", target.path)));
+                    }
+                }
+                Some(LoraPair { down: a, up: b })
+            }
+            (None, None) => None,
+            _ => return Err(AdapterError::Format(format!("`{}` has only one of lora_A / lora_B", target.path))),
+        });
+    }
+    if used != tensors.len() {
+        let unknown: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !targets.iter().any(|t| k.starts_with(&format!("unet.{}.lora_", t.path))))
+            .take(3)
+            .collect();
+        return Err(AdapterError::Format(format!("keys that match no projection of this model, e.g. {unknown:?}")));
+    }
+    if used == 0 {
+        return Err(AdapterError::Format("no LoRA tensors for this model's projections".into()));
+    }
+    LoraWeights::new(config.r, config.lora_alpha, targets, layers).map_err(|e| AdapterError::Format(e.to_string()))
+}
+
+/// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
+    let io = |e: std::io::Error| AdapterError::Io(format!("{}: {e}", path.display()));
+    let dir = path.parent().ok_or_else(|| AdapterError::Io(format!("{} has no parent", path.display())))?;
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    {
+        let mut f = std::fs::File::create(&tmp).map_err(io)?;
+        f.write_all(bytes).map_err(io)?;
+        f.sync_all().map_err(io)?;
+    }
+    std::fs::rename(&tmp, path).map_err(io)?;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// The adapter directory.
+#[derive(Debug, Clone)]
+pub struct AdapterStore {
+    dir: PathBuf,
+}
+
+impl AdapterStore {
+    /// A store rooted at `dir` (created if missing).
+    pub fn open(dir: &Path) -> Result<Self, AdapterError> {
+        std::fs::create_dir_all(dir).map_err(|e| AdapterError::Io(format!("{}: {e}", dir.display())))?;
+        Ok(Self { dir: dir.to_path_buf() })
+    }
+
+    fn generation_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Persists a generation (weights, config, metadata).
+    pub fn save(&self, meta: &AdapterMeta, weights: &LoraWeights, targets: &[LoraTarget], model_id: &str) -> Result<(), AdapterError> {
+        let dir = self.generation_dir(&meta.id);
+        let (tensors, config) = to_peft(weights, targets, model_id)?;
+        write_atomic(&dir.join("adapter_model.safetensors"), &tensors)?;
+        write_atomic(&dir.join("adapter_config.json"), &config)?;
+        let meta_json = serde_json::to_vec_pretty(meta).map_err(|e| AdapterError::Format(e.to_string()))?;
+        write_atomic(&dir.join("meta.json"), &meta_json)
+    }
+
+    /// Loads a generation's weights.
+    pub fn load_weights(&self, id: &str, targets: &[LoraTarget], device: &Device) -> Result<LoraWeights, AdapterError> {
+        let dir = self.generation_dir(id);
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| AdapterError::Io(format!("{}: {e}", dir.join(name).display())));
+        from_peft(&read("adapter_model.safetensors")?, &read("adapter_config.json")?, targets, device)
+    }
+
+    /// Every stored generation's metadata (unreadable entries are skipped with a warning).
+    pub fn list(&self) -> Vec<AdapterMeta> {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let mut metas: Vec<AdapterMeta> = entries
+            .flatten()
+            .filter(|e| e.path().is_dir())
+            .filter_map(|e| {
+                let path = e.path().join("meta.json");
+                match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
+                    Ok(meta) => Some(meta),
+                    Err(error) => {
+                        tracing::warn!(path = %path.display(), %error, "skipping an unreadable adapter");
+                        None
+                    }
+                }
+            })
+            .collect();
+        metas.sort_by(|a: &AdapterMeta, b| a.created_at.total_cmp(&b.created_at));
+        metas
+    }
+
+    /// The saved live alias and history, if any.
+    pub fn load_state(&self) -> Result<Option<LiveState>, AdapterError> {
+        let path = self.dir.join("state.json");
+        match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| AdapterError::Format(format!("{}: {e}", path.display()))),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(AdapterError::Io(format!("{}: {e}", path.display()))),
+        }
+    }
+
+    /// Saves the live alias and history.
+    pub fn save_state(&self, state: &LiveState) -> Result<(), AdapterError> {
+        let bytes = serde_json::to_vec_pretty(state).map_err(|e| AdapterError::Format(e.to_string()))?;
+        write_atomic(&self.dir.join("state.json"), &bytes)
+    }
+}
