@@ -21,6 +21,11 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_CUDA", default_value_t = false)]
     pub cuda: bool,
 
+    /// Directory for persistent data: adapter generations and the live alias (`DIR/adapters`).
+    /// Without it adapters live in memory only and are lost on restart.
+    #[arg(long, env = "IMAGEGEN_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+
     /// gRPC listen address.
     #[arg(long, env = "IMAGEGEN_GRPC_ADDR", default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
@@ -83,6 +88,10 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_FEEDBACK_TOKEN_TTL_SECS", default_value_t = 7 * 24 * 3600)]
     pub feedback_token_ttl_secs: u64,
 
+    /// D3PO training settings.
+    #[command(flatten)]
+    pub d3po: crate::d3po::D3poConfig,
+
     /// Longest a SIGTERM waits for in-flight requests before exiting.
     #[arg(long, env = "IMAGEGEN_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
     pub drain_timeout_secs: u64,
@@ -114,6 +123,9 @@ impl ServeConfig {
         if self.max_steps == 0 || self.max_images == 0 {
             return Err("--max-steps and --max-images must be at least 1".into());
         }
+        if self.d3po.enabled {
+            self.d3po.validate()?;
+        }
         if !matches!(self.dtype.as_str(), "f32" | "f16" | "bf16") {
             return Err(format!(
                 "--dtype must be f32, f16 or bf16, got {}",
@@ -130,6 +142,7 @@ impl std::fmt::Debug for ServeConfig {
         let redacted = |v: &Option<String>| if v.is_some() { "<redacted>" } else { "<unset>" };
         f.debug_struct("ServeConfig")
             .field("model", &self.model)
+            .field("data_dir", &self.data_dir)
             .field("dtype", &self.dtype)
             .field("cuda", &self.cuda)
             .field("grpc_addr", &self.grpc_addr)
@@ -148,6 +161,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("feedback_secret", &redacted(&self.feedback_secret))
             .field("feedback_token_ttl_secs", &self.feedback_token_ttl_secs)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
+            .field("d3po", &self.d3po)
             .finish()
     }
 }

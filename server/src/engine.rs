@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
+use crate::adapters::AdapterGeneration;
 use crate::error::ModelError;
 use crate::metrics::Metrics;
 use crate::model::loader::DiffusionModel;
@@ -45,6 +46,8 @@ pub struct JobSpec {
     pub negative_prompt: String,
     /// Sampling parameters.
     pub sample: SampleRequest,
+    /// The adapter generation, pinned at admission (`None`: the base model).
+    pub adapter: Option<Arc<AdapterGeneration>>,
 }
 
 /// A finished job.
@@ -77,11 +80,13 @@ impl Job {
     }
 
     /// Requests that may share a batch.
-    fn batch_key(&self) -> (usize, usize, usize) {
+    fn batch_key(&self) -> (usize, usize, usize, Option<String>) {
+        let s = &self.spec.sample;
         (
-            self.spec.sample.steps,
-            self.spec.sample.width,
-            self.spec.sample.height,
+            s.steps,
+            s.width,
+            s.height,
+            self.spec.adapter.as_ref().map(|a| a.meta.id.clone()),
         )
     }
 }
@@ -125,7 +130,7 @@ pub struct Engine {
 impl Engine {
     /// Moves `model` onto its own thread and starts serving jobs.
     pub fn start(
-        model: DiffusionModel,
+        model: Arc<DiffusionModel>,
         config: EngineConfig,
         metrics: Metrics,
     ) -> std::io::Result<Self> {
@@ -201,7 +206,7 @@ impl Drop for Engine {
 
 /// The model thread's state: the model and the prompt-embedding cache, owned by it alone.
 struct Worker {
-    model: DiffusionModel,
+    model: Arc<DiffusionModel>,
     config: EngineConfig,
     metrics: Metrics,
     embeddings: LruCache<String, Arc<candle_core::Tensor>>,
@@ -209,7 +214,7 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(model: DiffusionModel, config: EngineConfig, metrics: Metrics) -> Self {
+    fn new(model: Arc<DiffusionModel>, config: EngineConfig, metrics: Metrics) -> Self {
         let capacity =
             NonZeroUsize::new(config.embedding_cache.max(1)).unwrap_or(NonZeroUsize::MIN);
         Self {
@@ -336,12 +341,15 @@ impl Worker {
             }
             anyone
         };
-        let result = self.model.generate_timed(
-            &requests,
-            &conditioning,
-            AdapterChoice::default(),
-            &mut progress,
-        );
+        // Every job of a batch has the same adapter (it is part of the batch key).
+        let pinned = batch.first().and_then(|j| j.spec.adapter.clone());
+        let adapter = AdapterChoice {
+            generation: pinned.as_ref().map(|g| g.meta.id.as_str()),
+            weights: pinned.as_ref().map(|g| &g.weights),
+        };
+        let result = self
+            .model
+            .generate_timed(&requests, &conditioning, adapter, &mut progress);
         match result {
             Ok((generations, timings)) => {
                 self.metrics.images_generated.inc_by(images as u64);

@@ -90,6 +90,12 @@ pub enum ServerError {
     /// Shutting down or not ready.
     #[error("{0}")]
     Unavailable(String),
+    /// A compare-and-swap lost a race.
+    #[error("{0}")]
+    Aborted(String),
+    /// The operation cannot run in the current state.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A bug or a backend failure.
     #[error("{0}")]
     Internal(String),
@@ -147,6 +153,19 @@ impl From<crate::auth::AuthError> for ServerError {
     }
 }
 
+impl From<crate::adapters::AdapterError> for ServerError {
+    fn from(e: crate::adapters::AdapterError) -> Self {
+        use crate::adapters::AdapterError;
+        match e {
+            AdapterError::Unknown(_) => Self::NotFound(e.to_string()),
+            AdapterError::Conflict { .. } => Self::Aborted(e.to_string()),
+            AdapterError::NoHistory => Self::FailedPrecondition(e.to_string()),
+            AdapterError::Format(_) => Self::invalid("adapter", e.to_string()),
+            AdapterError::Io(_) | AdapterError::Tensor(_) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
 impl From<ServerError> for tonic::Status {
     fn from(e: ServerError) -> Self {
         let message = e.to_string();
@@ -157,6 +176,8 @@ impl From<ServerError> for tonic::Status {
             ServerError::Unauthenticated(_) => tonic::Status::unauthenticated(message),
             ServerError::Overloaded(_) => tonic::Status::resource_exhausted(message),
             ServerError::Unavailable(_) => tonic::Status::unavailable(message),
+            ServerError::Aborted(_) => tonic::Status::aborted(message),
+            ServerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
             ServerError::Internal(_) => tonic::Status::internal(message),
         }
     }

@@ -48,6 +48,14 @@ pub struct Metrics {
     pub feedback: IntCounterVec,
     /// `imagegen_requests_cancelled_total`: work dropped because its client left.
     pub cancelled: IntCounter,
+    /// `imagegen_feedback_by_adapter_total{generation,kind}`.
+    pub feedback_by_adapter: IntCounterVec,
+    /// `imagegen_adapter_swaps_total`.
+    pub adapter_swaps: IntCounter,
+    /// `imagegen_adapter_swap_duration_seconds`.
+    pub adapter_swap_duration: Histogram,
+    /// `imagegen_adapter_live_info{generation}` = 1 for the live generation (`base` for none).
+    pub adapter_live: prometheus::IntGaugeVec,
 }
 
 impl Metrics {
@@ -106,6 +114,38 @@ impl Metrics {
             "imagegen_requests_cancelled_total",
             "Generation requests dropped because the client left or the deadline passed.",
         )?;
+        let feedback_by_adapter = IntCounterVec::new(
+            Opts::new(
+                "imagegen_feedback_by_adapter_total",
+                "Feedback accepted, by the adapter generation that drew the image and kind.",
+            ),
+            &["generation", "kind"],
+        )?;
+        let adapter_swaps = IntCounter::new(
+            "imagegen_adapter_swaps_total",
+            "Changes of the live adapter.",
+        )?;
+        let adapter_swap_duration = Histogram::with_opts(
+            HistogramOpts::new(
+                "imagegen_adapter_swap_duration_seconds",
+                "Time to swap the live adapter (persisting the alias included).",
+            )
+            .buckets(vec![
+                0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0,
+            ]),
+        )?;
+        let adapter_live = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "imagegen_adapter_live_info",
+                "The live adapter generation (value 1; `base` when none).",
+            ),
+            &["generation"],
+        )?;
+        adapter_live.with_label_values(&["base"]).set(1);
+        registry.register(Box::new(feedback_by_adapter.clone()))?;
+        registry.register(Box::new(adapter_swaps.clone()))?;
+        registry.register(Box::new(adapter_swap_duration.clone()))?;
+        registry.register(Box::new(adapter_live.clone()))?;
         registry.register(Box::new(requests.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
@@ -130,7 +170,21 @@ impl Metrics {
             evictions,
             feedback,
             cancelled,
+            feedback_by_adapter,
+            adapter_swaps,
+            adapter_swap_duration,
+            adapter_live,
         })
+    }
+
+    /// Records a change of the live adapter.
+    pub fn observe_swap(&self, live: Option<&str>, took: std::time::Duration) {
+        self.adapter_swaps.inc();
+        self.adapter_swap_duration.observe(took.as_secs_f64());
+        self.adapter_live.reset();
+        self.adapter_live
+            .with_label_values(&[live.unwrap_or("base")])
+            .set(1);
     }
 
     /// The text exposition of every metric.

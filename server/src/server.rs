@@ -7,6 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use candle_core::{DType, Device};
+use imagegen_proto::v1::adapters_server::AdaptersServer;
 use imagegen_proto::v1::admin_server::AdminServer;
 use imagegen_proto::v1::image_generator_server::ImageGeneratorServer;
 use tokio::net::TcpListener;
@@ -14,12 +15,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::TcpListenerStream;
 
+use crate::adapters::AdapterRegistry;
 use crate::auth::ApiKeys;
 use crate::buffer::TrajectoryBuffer;
 use crate::config::ServeConfig;
 use crate::engine::{Engine, EngineConfig};
 use crate::error::ModelError;
-use crate::grpc::{AdminService, AppState, Defaults, GeneratorService, Limits};
+use crate::grpc::{AdaptersService, AdminService, AppState, Defaults, GeneratorService, Limits};
 use crate::metrics::Metrics;
 use crate::model::loader::DiffusionModel;
 use crate::tokens::TokenSigner;
@@ -162,16 +164,59 @@ pub async fn start(
         )));
     }
     let model_id = model.id.clone();
+    let store_dir = config.data_dir.as_ref().map(|d| d.join("adapters"));
+    if store_dir.is_none() {
+        tracing::warn!("no --data-dir: adapters are kept in memory only and lost on restart");
+    }
+    let adapters = Arc::new(
+        AdapterRegistry::open(
+            model.unet.lora_targets().to_vec(),
+            &model_id,
+            model.unet.device(),
+            store_dir.as_deref(),
+        )
+        .map_err(|e| StartError::Setup(e.to_string()))?
+        .with_metrics(metrics.clone()),
+    );
     let engine_config = EngineConfig {
         max_batch: config.max_batch,
         batch_wait: config.batch_wait(),
         max_queue: config.max_queue,
         embedding_cache: config.embedding_cache,
     };
-    let engine = Engine::start(model, engine_config, metrics.clone())?;
+    let model = Arc::new(model);
+    let engine = Engine::start(model.clone(), engine_config, metrics.clone())?;
+    let buffer = Arc::new(std::sync::Mutex::new(TrajectoryBuffer::new(
+        config.trajectory_buffer_bytes,
+    )));
+    let training = Arc::new(crate::d3po::TrainerControl::default());
+    let plugin_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let plugin = crate::d3po::D3poPlugin::new(config.d3po.clone(), training.clone());
+    if config.d3po.enabled {
+        let host = crate::plugin::PluginHost::new(
+            buffer.clone(),
+            model.clone(),
+            adapters.clone(),
+            metrics.registry.clone(),
+            metrics.queue_depth.clone(),
+            plugin_stop.clone(),
+        );
+        let plugin: Box<dyn crate::plugin::Plugin> = Box::new(plugin);
+        let name = plugin.name();
+        std::thread::Builder::new()
+            .name(format!("plugin-{name}"))
+            .spawn(move || plugin.run(host))?;
+        tracing::info!(
+            interval_secs = config.d3po.interval_secs,
+            min_pairs = config.d3po.min_pairs,
+            "D3PO training is on"
+        );
+    }
     let state = Arc::new(AppState::new(
         engine,
-        TrajectoryBuffer::new(config.trajectory_buffer_bytes),
+        adapters,
+        buffer,
+        training.clone(),
         TokenSigner::new(&secret, Duration::from_secs(config.feedback_token_ttl_secs)),
         keys,
         metrics.clone(),
@@ -190,6 +235,9 @@ pub async fn start(
         .set_serving::<ImageGeneratorServer<GeneratorService>>()
         .await;
     health.set_serving::<AdminServer<AdminService>>().await;
+    health
+        .set_serving::<AdaptersServer<AdaptersService>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(imagegen_proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -210,6 +258,8 @@ pub async fn start(
         let _ = signal_rx.wait_for(|stop| *stop).await;
         tracing::info!("shutting down: draining in-flight requests");
         drain_state.draining.store(true, Ordering::Release);
+        plugin_stop.store(true, Ordering::Release);
+        training.wake();
         drain_health
             .set_not_serving::<ImageGeneratorServer<GeneratorService>>()
             .await;
@@ -227,7 +277,11 @@ pub async fn start(
             ImageGeneratorServer::new(GeneratorService::new(state.clone()))
                 .max_decoding_message_size(1 << 20),
         )
-        .add_service(AdminServer::new(AdminService::new(state.clone())));
+        .add_service(AdminServer::new(AdminService::new(state.clone())))
+        .add_service(
+            AdaptersServer::new(AdaptersService::new(state.clone()))
+                .max_decoding_message_size(256 << 20),
+        );
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     let mut timeout_rx = stop_rx;
     // Without TCP_NODELAY a response's last frame waits for the client's delayed ACK: 40 ms

@@ -25,10 +25,14 @@ use crate::model::{LoraTarget, LoraWeights};
 #[derive(Debug, thiserror::Error)]
 pub enum AdapterError {
     /// No generation with this id.
-    #[error("unknown adapter `{0}`: use empty (live), `base`, or a generation id from ListAdapters")]
+    #[error(
+        "unknown adapter `{0}`: use empty (live), `base`, or a generation id from ListAdapters"
+    )]
     Unknown(String),
     /// The compare-and-swap lost: `live` is not what the caller expected.
-    #[error("the live adapter is `{actual}`, not the expected `{expected}`; read it again and retry")]
+    #[error(
+        "the live adapter is `{actual}`, not the expected `{expected}`; read it again and retry"
+    )]
     Conflict {
         /// What the caller expected.
         expected: String,
@@ -134,7 +138,10 @@ pub fn content_id(weights: &LoraWeights, targets: &[LoraTarget]) -> Result<Strin
 }
 
 fn now() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or_default()
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or_default()
 }
 
 struct RegistryState {
@@ -147,6 +154,7 @@ struct RegistryState {
 
 /// Generations, the live alias, and their persistence.
 pub struct AdapterRegistry {
+    metrics: Option<crate::metrics::Metrics>,
     targets: Vec<LoraTarget>,
     model_id: String,
     device: Device,
@@ -156,14 +164,22 @@ pub struct AdapterRegistry {
 
 impl std::fmt::Debug for AdapterRegistry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("AdapterRegistry").field("model_id", &self.model_id).field("store", &self.store).finish()
+        f.debug_struct("AdapterRegistry")
+            .field("model_id", &self.model_id)
+            .field("store", &self.store)
+            .finish()
     }
 }
 
 impl AdapterRegistry {
     /// A registry for a UNet with `targets`; with a store directory, generations and the live
     /// alias persist there and are restored now.
-    pub fn open(targets: Vec<LoraTarget>, model_id: &str, device: &Device, store_dir: Option<&Path>) -> Result<Self, AdapterError> {
+    pub fn open(
+        targets: Vec<LoraTarget>,
+        model_id: &str,
+        device: &Device,
+        store_dir: Option<&Path>,
+    ) -> Result<Self, AdapterError> {
         let store = store_dir.map(AdapterStore::open).transpose()?;
         let mut metas = BTreeMap::new();
         let mut saved = LiveState::default();
@@ -174,11 +190,17 @@ impl AdapterRegistry {
             saved = store.load_state()?.unwrap_or_default();
         }
         let registry = Self {
+            metrics: None,
             targets,
             model_id: model_id.to_string(),
             device: device.clone(),
             store,
-            state: RwLock::new(RegistryState { live: None, metas, history: saved.history, loaded: HashMap::new() }),
+            state: RwLock::new(RegistryState {
+                live: None,
+                metas,
+                history: saved.history,
+                loaded: HashMap::new(),
+            }),
         };
         if let Some(id) = saved.live {
             let generation = registry.load(&id)?;
@@ -189,11 +211,31 @@ impl AdapterRegistry {
     }
 
     fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, RegistryState>, AdapterError> {
-        self.state.read().map_err(|_| AdapterError::Io("adapter registry lock poisoned".into()))
+        self.state
+            .read()
+            .map_err(|_| AdapterError::Io("adapter registry lock poisoned".into()))
     }
 
     fn write(&self) -> Result<std::sync::RwLockWriteGuard<'_, RegistryState>, AdapterError> {
-        self.state.write().map_err(|_| AdapterError::Io("adapter registry lock poisoned".into()))
+        self.state
+            .write()
+            .map_err(|_| AdapterError::Io("adapter registry lock poisoned".into()))
+    }
+
+    /// Reports swaps to `metrics` from now on (and the current live generation now).
+    pub fn with_metrics(mut self, metrics: crate::metrics::Metrics) -> Self {
+        let live = self
+            .state
+            .read()
+            .ok()
+            .and_then(|s| s.live.as_ref().map(|g| g.meta.id.clone()));
+        metrics.adapter_live.reset();
+        metrics
+            .adapter_live
+            .with_label_values(&[live.as_deref().unwrap_or("base")])
+            .set(1);
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The UNet projections adapters apply to.
@@ -226,11 +268,21 @@ impl AdapterRegistry {
                 return Ok(g);
             }
         }
-        let meta = self.read()?.metas.get(id).cloned().ok_or_else(|| AdapterError::Unknown(id.to_string()))?;
-        let store = self.store.as_ref().ok_or_else(|| AdapterError::Unknown(id.to_string()))?;
+        let meta = self
+            .read()?
+            .metas
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AdapterError::Unknown(id.to_string()))?;
+        let store = self
+            .store
+            .as_ref()
+            .ok_or_else(|| AdapterError::Unknown(id.to_string()))?;
         let weights = store.load_weights(id, &self.targets, &self.device)?;
         let generation = Arc::new(AdapterGeneration { meta, weights });
-        self.write()?.loaded.insert(id.to_string(), Arc::downgrade(&generation));
+        self.write()?
+            .loaded
+            .insert(id.to_string(), Arc::downgrade(&generation));
         Ok(generation)
     }
 
@@ -261,7 +313,10 @@ impl AdapterRegistry {
         if let Some(store) = &self.store {
             store.save(&meta, &weights, &self.targets, &self.model_id)?;
         }
-        let generation = Arc::new(AdapterGeneration { meta: meta.clone(), weights });
+        let generation = Arc::new(AdapterGeneration {
+            meta: meta.clone(),
+            weights,
+        });
         let mut state = self.write()?;
         state.metas.insert(id.clone(), meta);
         // Without a store the registry itself must keep the weights.
@@ -272,8 +327,14 @@ impl AdapterRegistry {
     }
 
     /// Points `live` at `id` (`None`: base) if it currently is `expected` (compare-and-swap).
-    pub fn activate(&self, id: Option<&str>, expected: Option<&str>, reason: &str) -> Result<(), AdapterError> {
+    pub fn activate(
+        &self,
+        id: Option<&str>,
+        expected: Option<&str>,
+        reason: &str,
+    ) -> Result<(), AdapterError> {
         let target = id.map(|id| self.load(id)).transpose()?;
+        let started = std::time::Instant::now();
         let mut state = self.write()?;
         let actual = state.live.as_ref().map(|g| g.meta.id.clone());
         if actual.as_deref() != expected {
@@ -282,11 +343,19 @@ impl AdapterRegistry {
                 actual: actual.unwrap_or_else(|| "base".into()),
             });
         }
-        let change = LiveChange { from: actual, to: id.map(String::from), at: now(), reason: reason.to_string() };
+        let change = LiveChange {
+            from: actual,
+            to: id.map(String::from),
+            at: now(),
+            reason: reason.to_string(),
+        };
         let mut history = state.history.clone();
         history.push(change);
         if let Some(store) = &self.store {
-            store.save_state(&LiveState { live: id.map(String::from), history: history.clone() })?;
+            store.save_state(&LiveState {
+                live: id.map(String::from),
+                history: history.clone(),
+            })?;
         }
         // Keep the outgoing generation shareable while requests still hold it.
         if let Some(old) = state.live.take() {
@@ -295,6 +364,11 @@ impl AdapterRegistry {
         }
         state.live = target;
         state.history = history;
+        drop(state);
+        if let Some(m) = &self.metrics {
+            m.observe_swap(id, started.elapsed());
+        }
+        tracing::info!(live = id.unwrap_or("base"), reason, "live adapter changed");
         Ok(())
     }
 
@@ -325,7 +399,11 @@ impl AdapterRegistry {
 
     /// One generation's metadata.
     pub fn meta(&self, id: &str) -> Result<AdapterMeta, AdapterError> {
-        self.read()?.metas.get(id).cloned().ok_or_else(|| AdapterError::Unknown(id.to_string()))
+        self.read()?
+            .metas
+            .get(id)
+            .cloned()
+            .ok_or_else(|| AdapterError::Unknown(id.to_string()))
     }
 
     /// The history of the live alias.
@@ -340,7 +418,11 @@ impl AdapterRegistry {
     }
 
     /// Imports PEFT files as a new generation (not made live).
-    pub fn import(&self, safetensors: &[u8], config: &[u8]) -> Result<Arc<AdapterGeneration>, AdapterError> {
+    pub fn import(
+        &self,
+        safetensors: &[u8],
+        config: &[u8],
+    ) -> Result<Arc<AdapterGeneration>, AdapterError> {
         let weights = from_peft(safetensors, config, &self.targets, &self.device)?;
         self.publish(weights, None, "imported", None, Vec::new())
     }

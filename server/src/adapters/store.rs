@@ -41,13 +41,24 @@ pub struct PeftConfig {
 }
 
 /// The PEFT files of an adapter: safetensors bytes and `adapter_config.json` bytes.
-pub fn to_peft(weights: &LoraWeights, targets: &[LoraTarget], model_id: &str) -> Result<(Vec<u8>, Vec<u8>), AdapterError> {
+pub fn to_peft(
+    weights: &LoraWeights,
+    targets: &[LoraTarget],
+    model_id: &str,
+) -> Result<(Vec<u8>, Vec<u8>), AdapterError> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut modules = std::collections::BTreeSet::new();
     for (path, pair) in weights.named_layers(targets) {
-        let target = targets.iter().find(|t| t.path == path).map(LoraTarget::module).unwrap_or_default();
+        let target = targets
+            .iter()
+            .find(|t| t.path == path)
+            .map(LoraTarget::module)
+            .unwrap_or_default();
         modules.insert(target.to_string());
-        let cpu = |t: &Tensor| t.to_device(&Device::Cpu).and_then(|t| t.to_dtype(DType::F32));
+        let cpu = |t: &Tensor| {
+            t.to_device(&Device::Cpu)
+                .and_then(|t| t.to_dtype(DType::F32))
+        };
         tensors.push((format!("unet.{path}.lora_A.weight"), cpu(&pair.down)?));
         tensors.push((format!("unet.{path}.lora_B.weight"), cpu(&pair.up)?));
     }
@@ -59,26 +70,42 @@ pub fn to_peft(weights: &LoraWeights, targets: &[LoraTarget], model_id: &str) ->
         init_lora_weights: serde_json::json!("gaussian"),
         base_model_name_or_path: Some(model_id.to_string()),
     };
-    let config_json = serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Format(e.to_string()))?;
+    let config_json =
+        serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Format(e.to_string()))?;
     let metadata: HashMap<String, String> = [
         ("format".to_string(), "pt".to_string()),
-        ("lora_adapter_metadata".to_string(), String::from_utf8_lossy(&config_json).into_owned()),
+        (
+            "lora_adapter_metadata".to_string(),
+            String::from_utf8_lossy(&config_json).into_owned(),
+        ),
     ]
     .into();
-    let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| AdapterError::Format(e.to_string()))?;
+    let bytes =
+        safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+            .map_err(|e| AdapterError::Format(e.to_string()))?;
     Ok((bytes, config_json))
 }
 
 /// Reads PEFT files back into weights for `targets`; every key, shape and setting is checked.
-pub fn from_peft(safetensors_bytes: &[u8], config_json: &[u8], targets: &[LoraTarget], device: &Device) -> Result<LoraWeights, AdapterError> {
-    let config: PeftConfig =
-        serde_json::from_slice(config_json).map_err(|e| AdapterError::Format(format!("adapter_config.json: {e}")))?;
+pub fn from_peft(
+    safetensors_bytes: &[u8],
+    config_json: &[u8],
+    targets: &[LoraTarget],
+    device: &Device,
+) -> Result<LoraWeights, AdapterError> {
+    let config: PeftConfig = serde_json::from_slice(config_json)
+        .map_err(|e| AdapterError::Format(format!("adapter_config.json: {e}")))?;
     if config.peft_type != "LORA" {
-        return Err(AdapterError::Format(format!("peft_type `{}` is not LORA", config.peft_type)));
+        return Err(AdapterError::Format(format!(
+            "peft_type `{}` is not LORA",
+            config.peft_type
+        )));
     }
     if config.r == 0 || config.r > 1024 || !config.lora_alpha.is_finite() {
-        return Err(AdapterError::Format(format!("rank {} / alpha {} out of range", config.r, config.lora_alpha)));
+        return Err(AdapterError::Format(format!(
+            "rank {} / alpha {} out of range",
+            config.r, config.lora_alpha
+        )));
     }
     let tensors = candle_core::safetensors::load_buffer(safetensors_bytes, device)
         .map_err(|e| AdapterError::Format(format!("adapter_model.safetensors: {e}")))?;
@@ -94,35 +121,60 @@ pub fn from_peft(safetensors_bytes: &[u8], config_json: &[u8], targets: &[LoraTa
                 for t in [&a, &b] {
                     let finite = t.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
                     if !finite {
-                        return Err(AdapterError::Format(format!("non-finite weights in `{}`", target.path)));
+                        return Err(AdapterError::Format(format!(
+                            "non-finite weights in `{}`",
+                            target.path
+                        )));
                     }
                 }
                 Some(LoraPair { down: a, up: b })
             }
             (None, None) => None,
-            _ => return Err(AdapterError::Format(format!("`{}` has only one of lora_A / lora_B", target.path))),
+            _ => {
+                return Err(AdapterError::Format(format!(
+                    "`{}` has only one of lora_A / lora_B",
+                    target.path
+                )));
+            }
         });
     }
     if used != tensors.len() {
         let unknown: Vec<&String> = tensors
             .keys()
-            .filter(|k| !targets.iter().any(|t| k.starts_with(&format!("unet.{}.lora_", t.path))))
+            .filter(|k| {
+                !targets
+                    .iter()
+                    .any(|t| k.starts_with(&format!("unet.{}.lora_", t.path)))
+            })
             .take(3)
             .collect();
-        return Err(AdapterError::Format(format!("keys that match no projection of this model, e.g. {unknown:?}")));
+        return Err(AdapterError::Format(format!(
+            "keys that match no projection of this model, e.g. {unknown:?}"
+        )));
     }
     if used == 0 {
-        return Err(AdapterError::Format("no LoRA tensors for this model's projections".into()));
+        return Err(AdapterError::Format(
+            "no LoRA tensors for this model's projections".into(),
+        ));
     }
-    LoraWeights::new(config.r, config.lora_alpha, targets, layers).map_err(|e| AdapterError::Format(e.to_string()))
+    LoraWeights::new(config.r, config.lora_alpha, targets, layers)
+        .map_err(|e| AdapterError::Format(e.to_string()))
 }
 
 /// Writes `bytes` to `path` atomically: temporary file, fsync, rename, fsync of the directory.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AdapterError> {
     let io = |e: std::io::Error| AdapterError::Io(format!("{}: {e}", path.display()));
-    let dir = path.parent().ok_or_else(|| AdapterError::Io(format!("{} has no parent", path.display())))?;
+    let dir = path
+        .parent()
+        .ok_or_else(|| AdapterError::Io(format!("{} has no parent", path.display())))?;
     std::fs::create_dir_all(dir).map_err(io)?;
-    let tmp = dir.join(format!(".{}.tmp-{}", path.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(), std::process::id()));
+    let tmp = dir.join(format!(
+        ".{}.tmp-{}",
+        path.file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
     {
         let mut f = std::fs::File::create(&tmp).map_err(io)?;
         f.write_all(bytes).map_err(io)?;
@@ -144,8 +196,11 @@ pub struct AdapterStore {
 impl AdapterStore {
     /// A store rooted at `dir` (created if missing).
     pub fn open(dir: &Path) -> Result<Self, AdapterError> {
-        std::fs::create_dir_all(dir).map_err(|e| AdapterError::Io(format!("{}: {e}", dir.display())))?;
-        Ok(Self { dir: dir.to_path_buf() })
+        std::fs::create_dir_all(dir)
+            .map_err(|e| AdapterError::Io(format!("{}: {e}", dir.display())))?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
     }
 
     fn generation_dir(&self, id: &str) -> PathBuf {
@@ -153,25 +208,47 @@ impl AdapterStore {
     }
 
     /// Persists a generation (weights, config, metadata).
-    pub fn save(&self, meta: &AdapterMeta, weights: &LoraWeights, targets: &[LoraTarget], model_id: &str) -> Result<(), AdapterError> {
+    pub fn save(
+        &self,
+        meta: &AdapterMeta,
+        weights: &LoraWeights,
+        targets: &[LoraTarget],
+        model_id: &str,
+    ) -> Result<(), AdapterError> {
         let dir = self.generation_dir(&meta.id);
         let (tensors, config) = to_peft(weights, targets, model_id)?;
         write_atomic(&dir.join("adapter_model.safetensors"), &tensors)?;
         write_atomic(&dir.join("adapter_config.json"), &config)?;
-        let meta_json = serde_json::to_vec_pretty(meta).map_err(|e| AdapterError::Format(e.to_string()))?;
+        let meta_json =
+            serde_json::to_vec_pretty(meta).map_err(|e| AdapterError::Format(e.to_string()))?;
         write_atomic(&dir.join("meta.json"), &meta_json)
     }
 
     /// Loads a generation's weights.
-    pub fn load_weights(&self, id: &str, targets: &[LoraTarget], device: &Device) -> Result<LoraWeights, AdapterError> {
+    pub fn load_weights(
+        &self,
+        id: &str,
+        targets: &[LoraTarget],
+        device: &Device,
+    ) -> Result<LoraWeights, AdapterError> {
         let dir = self.generation_dir(id);
-        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| AdapterError::Io(format!("{}: {e}", dir.join(name).display())));
-        from_peft(&read("adapter_model.safetensors")?, &read("adapter_config.json")?, targets, device)
+        let read = |name: &str| {
+            std::fs::read(dir.join(name))
+                .map_err(|e| AdapterError::Io(format!("{}: {e}", dir.join(name).display())))
+        };
+        from_peft(
+            &read("adapter_model.safetensors")?,
+            &read("adapter_config.json")?,
+            targets,
+            device,
+        )
     }
 
     /// Every stored generation's metadata (unreadable entries are skipped with a warning).
     pub fn list(&self) -> Vec<AdapterMeta> {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else { return Vec::new() };
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return Vec::new();
+        };
         let mut metas: Vec<AdapterMeta> = entries
             .flatten()
             .filter(|e| e.path().is_dir())
@@ -194,7 +271,9 @@ impl AdapterStore {
     pub fn load_state(&self) -> Result<Option<LiveState>, AdapterError> {
         let path = self.dir.join("state.json");
         match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map(Some).map_err(|e| AdapterError::Format(format!("{}: {e}", path.display()))),
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|e| AdapterError::Format(format!("{}: {e}", path.display()))),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(AdapterError::Io(format!("{}: {e}", path.display()))),
         }
@@ -202,7 +281,8 @@ impl AdapterStore {
 
     /// Saves the live alias and history.
     pub fn save_state(&self, state: &LiveState) -> Result<(), AdapterError> {
-        let bytes = serde_json::to_vec_pretty(state).map_err(|e| AdapterError::Format(e.to_string()))?;
+        let bytes =
+            serde_json::to_vec_pretty(state).map_err(|e| AdapterError::Format(e.to_string()))?;
         write_atomic(&self.dir.join("state.json"), &bytes)
     }
 }

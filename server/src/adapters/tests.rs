@@ -7,7 +7,11 @@ use crate::model::seeded::SeededWeights;
 use crate::model::{LoraPair, UNet2DConditionModel, UNetConfig};
 
 fn targets() -> Vec<LoraTarget> {
-    let unet = UNet2DConditionModel::new(&UNetConfig::tiny(), SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu)).unwrap();
+    let unet = UNet2DConditionModel::new(
+        &UNetConfig::tiny(),
+        SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu),
+    )
+    .unwrap();
     unet.lora_targets().to_vec()
 }
 
@@ -28,28 +32,61 @@ fn weights(targets: &[LoraTarget], value: f32) -> LoraWeights {
 fn ids_are_content_hashes_and_activation_is_compare_and_swap() {
     let targets = targets();
     let registry = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
-    let a = registry.publish(weights(&targets, 0.1), None, "trained", None, vec![]).unwrap();
-    let again = registry.publish(weights(&targets, 0.1), None, "trained", None, vec![]).unwrap();
+    let a = registry
+        .publish(weights(&targets, 0.1), None, "trained", None, vec![])
+        .unwrap();
+    let again = registry
+        .publish(weights(&targets, 0.1), None, "trained", None, vec![])
+        .unwrap();
     assert_eq!(a.meta.id, again.meta.id, "same content, same id");
-    let b = registry.publish(weights(&targets, 0.2), Some(a.meta.id.clone()), "trained", None, vec![]).unwrap();
+    let b = registry
+        .publish(
+            weights(&targets, 0.2),
+            Some(a.meta.id.clone()),
+            "trained",
+            None,
+            vec![],
+        )
+        .unwrap();
     assert_ne!(a.meta.id, b.meta.id);
 
-    assert!(registry.resolve("").unwrap().is_none(), "base is live at first");
-    registry.activate(Some(&a.meta.id), None, "activated").unwrap();
-    let err = registry.activate(Some(&b.meta.id), None, "activated").unwrap_err();
+    assert!(
+        registry.resolve("").unwrap().is_none(),
+        "base is live at first"
+    );
+    registry
+        .activate(Some(&a.meta.id), None, "activated")
+        .unwrap();
+    let err = registry
+        .activate(Some(&b.meta.id), None, "activated")
+        .unwrap_err();
     assert!(matches!(err, AdapterError::Conflict { .. }), "{err}");
-    registry.activate(Some(&b.meta.id), Some(&a.meta.id), "activated").unwrap();
-    assert_eq!(registry.resolve("live").unwrap().unwrap().meta.id, b.meta.id);
+    registry
+        .activate(Some(&b.meta.id), Some(&a.meta.id), "activated")
+        .unwrap();
+    assert_eq!(
+        registry.resolve("live").unwrap().unwrap().meta.id,
+        b.meta.id
+    );
     assert!(registry.resolve("base").unwrap().is_none());
-    assert!(matches!(registry.resolve("nope").unwrap_err(), AdapterError::Unknown(_)));
+    assert!(matches!(
+        registry.resolve("nope").unwrap_err(),
+        AdapterError::Unknown(_)
+    ));
 
     // A request holding the old generation keeps it after a swap.
     let held = registry.resolve("").unwrap().unwrap();
-    assert_eq!(registry.rollback().unwrap().as_deref(), Some(a.meta.id.as_str()));
+    assert_eq!(
+        registry.rollback().unwrap().as_deref(),
+        Some(a.meta.id.as_str())
+    );
     assert_eq!(held.meta.id, b.meta.id);
     assert_eq!(registry.live().unwrap().unwrap().meta.id, a.meta.id);
     assert_eq!(registry.rollback().unwrap(), None, "back to base");
-    assert!(matches!(registry.rollback().unwrap_err(), AdapterError::NoHistory));
+    assert!(matches!(
+        registry.rollback().unwrap_err(),
+        AdapterError::NoHistory
+    ));
 }
 
 #[test]
@@ -57,10 +94,29 @@ fn a_restart_restores_generations_and_the_live_alias() {
     let targets = targets();
     let dir = tempfile::tempdir().unwrap();
     let (id, live) = {
-        let registry = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, Some(dir.path())).unwrap();
-        let a = registry.publish(weights(&targets, 0.1), None, "trained", Some(TrainingStats { pairs: 3, ..Default::default() }), vec!["g1".into()]).unwrap();
-        registry.activate(Some(&a.meta.id), None, "trained").unwrap();
-        (a.meta.id.clone(), registry.live().unwrap().unwrap().weights.layers()[0].clone().unwrap())
+        let registry =
+            AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, Some(dir.path())).unwrap();
+        let a = registry
+            .publish(
+                weights(&targets, 0.1),
+                None,
+                "trained",
+                Some(TrainingStats {
+                    pairs: 3,
+                    ..Default::default()
+                }),
+                vec!["g1".into()],
+            )
+            .unwrap();
+        registry
+            .activate(Some(&a.meta.id), None, "trained")
+            .unwrap();
+        (
+            a.meta.id.clone(),
+            registry.live().unwrap().unwrap().weights.layers()[0]
+                .clone()
+                .unwrap(),
+        )
     };
     let registry = AdapterRegistry::open(targets, "tiny", &Device::Cpu, Some(dir.path())).unwrap();
     let restored = registry.live().unwrap().unwrap();
@@ -68,7 +124,17 @@ fn a_restart_restores_generations_and_the_live_alias() {
     assert_eq!(restored.meta.stats.as_ref().unwrap().pairs, 3);
     assert_eq!(restored.meta.learned_from, vec!["g1".to_string()]);
     let first = restored.weights.layers()[0].clone().unwrap();
-    let same = |a: &Tensor, b: &Tensor| (a - b).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap() == 0.0;
+    let same = |a: &Tensor, b: &Tensor| {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+            == 0.0
+    };
     assert!(same(&first.down, &live.down) && same(&first.up, &live.up));
     assert_eq!(registry.history().unwrap().len(), 1);
     assert_eq!(registry.list().unwrap().len(), 1);
@@ -78,22 +144,40 @@ fn a_restart_restores_generations_and_the_live_alias() {
 fn peft_files_round_trip_and_bad_ones_are_refused_with_the_reason() {
     let targets = targets();
     let registry = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
-    let a = registry.publish(weights(&targets, 0.3), None, "trained", None, vec![]).unwrap();
+    let a = registry
+        .publish(weights(&targets, 0.3), None, "trained", None, vec![])
+        .unwrap();
     let (tensors, config) = registry.export(&a.meta.id).unwrap();
     let parsed = safetensors::SafeTensors::deserialize(&tensors).unwrap();
     let key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight";
     assert_eq!(parsed.tensor(key).unwrap().shape(), &[4, 64]);
     let peft: PeftConfig = serde_json::from_slice(&config).unwrap();
-    assert_eq!((peft.r, peft.lora_alpha, peft.target_modules.len()), (4, 4.0, 4));
+    assert_eq!(
+        (peft.r, peft.lora_alpha, peft.target_modules.len()),
+        (4, 4.0, 4)
+    );
 
     // Importing the export gives the same generation back.
     let other = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
     assert_eq!(other.import(&tensors, &config).unwrap().meta.id, a.meta.id);
 
     let bad_config = br#"{"peft_type": "IA3", "r": 4, "lora_alpha": 4, "target_modules": []}"#;
-    assert!(other.import(&tensors, bad_config).unwrap_err().to_string().contains("IA3"));
-    assert!(other.import(b"garbage", &config).unwrap_err().to_string().contains("safetensors"));
+    assert!(
+        other
+            .import(&tensors, bad_config)
+            .unwrap_err()
+            .to_string()
+            .contains("IA3")
+    );
+    assert!(
+        other
+            .import(b"garbage", &config)
+            .unwrap_err()
+            .to_string()
+            .contains("safetensors")
+    );
     // A rank that does not match the tensors.
-    let wrong_rank = br#"{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["to_q"]}"#;
+    let wrong_rank =
+        br#"{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["to_q"]}"#;
     assert!(other.import(&tensors, wrong_rank).is_err());
 }

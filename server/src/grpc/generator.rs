@@ -12,6 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{AppState, Defaults, Limits, new_id, observe};
+use crate::adapters::{AdapterError, AdapterRegistry};
 use crate::auth::Role;
 use crate::buffer::Vote;
 use crate::engine::{JobOutput, JobSpec};
@@ -44,6 +45,7 @@ fn prepare(
     req: &pb::GenerateRequest,
     defaults: &Defaults,
     limits: &Limits,
+    adapters: &AdapterRegistry,
 ) -> Result<Prepared, ServerError> {
     let prompt_chars = req.prompt.chars().count();
     if req.prompt.trim().is_empty() {
@@ -107,17 +109,11 @@ fn prepare(
     };
     let width = size("width", req.width)?;
     let height = size("height", req.height)?;
-    match req.adapter.as_str() {
-        "" | "base" | "live" => {}
-        other => {
-            return Err(ServerError::invalid(
-                "adapter",
-                format!(
-                    "unknown adapter `{other}`: use empty (live), `base`, or a generation id from ListAdapters"
-                ),
-            ));
-        }
-    }
+    // The generation is pinned here: the request finishes on it whatever swaps happen meanwhile.
+    let adapter = adapters.resolve(&req.adapter).map_err(|e| match e {
+        AdapterError::Unknown(_) => ServerError::invalid("adapter", e.to_string()),
+        other => ServerError::from(other),
+    })?;
     let format = pb::ImageFormat::try_from(req.format).map_err(|_| {
         ServerError::invalid(
             "format",
@@ -145,6 +141,7 @@ fn prepare(
             prompt: req.prompt.clone(),
             negative_prompt: req.negative_prompt.clone(),
             sample,
+            adapter,
         },
         format,
         request_id,
@@ -184,7 +181,7 @@ impl GeneratorService {
     ) -> Result<pb::GenerateResponse, ServerError> {
         let state = &self.state;
         state.accepting()?;
-        let prepared = prepare(request, &state.defaults, &state.limits)?;
+        let prepared = prepare(request, &state.defaults, &state.limits, &state.adapters)?;
         let admission = state.engine.admit()?;
         let seed = prepared.spec.sample.seed;
         let reply = state.engine.submit(prepared.spec, admission, progress)?;
@@ -352,6 +349,17 @@ impl GeneratorService {
             }
         };
         state.metrics.feedback.with_label_values(&[kind]).inc();
+        let generation = state
+            .buffer()?
+            .image(&req.image_id)
+            .ok()
+            .and_then(|i| i.trajectory.adapter_generation.clone())
+            .unwrap_or_else(|| "base".into());
+        state
+            .metrics
+            .feedback_by_adapter
+            .with_label_values(&[generation.as_str(), kind])
+            .inc();
         let response = pb::FeedbackResponse {
             feedback_id: new_id(),
             group_id,
@@ -400,7 +408,13 @@ impl ImageGenerator for GeneratorService {
             .authorize(&request, Role::Generate)
             .and_then(|_| self.state.accepting())
             .and_then(|_| {
-                prepare(request.get_ref(), &self.state.defaults, &self.state.limits).map(|_| ())
+                prepare(
+                    request.get_ref(),
+                    &self.state.defaults,
+                    &self.state.limits,
+                    &self.state.adapters,
+                )
+                .map(|_| ())
             });
         if let Err(e) = checked {
             let status = Status::from(e);
@@ -502,7 +516,11 @@ impl ImageGenerator for GeneratorService {
                         max_batch: l.max_batch,
                         max_queue: l.max_queue,
                     }),
-                    live_adapter: String::new(),
+                    live_adapter: state
+                        .adapters
+                        .live()?
+                        .map(|g| g.meta.id.clone())
+                        .unwrap_or_default(),
                     trajectory_buffer_bytes: stats.bytes as u64,
                     trajectory_buffer_entries: stats.entries as u64,
                 })

@@ -1,20 +1,23 @@
 //! The gRPC front end: request validation, the `ImageGenerator` and `Admin` services.
 
+mod adapters;
 mod admin;
 mod generator;
 
 use std::num::NonZeroUsize;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use imagegen_proto::v1 as pb;
 use lru::LruCache;
 use tonic::{Request, Status};
 
+pub use adapters::AdaptersService;
 pub use admin::AdminService;
 pub use generator::GeneratorService;
 
+use crate::adapters::AdapterRegistry;
 use crate::auth::{ApiKeys, Role};
 use crate::buffer::TrajectoryBuffer;
 use crate::engine::Engine;
@@ -61,8 +64,12 @@ pub struct Limits {
 pub struct AppState {
     /// The generation engine.
     pub engine: Engine,
-    /// Trajectories and feedback.
-    pub buffer: Mutex<TrajectoryBuffer>,
+    /// Adapter generations and the live alias.
+    pub adapters: Arc<AdapterRegistry>,
+    /// Trajectories and feedback (shared with the training plugin).
+    pub buffer: Arc<Mutex<TrajectoryBuffer>>,
+    /// The trainer's status and trigger.
+    pub training: Arc<crate::d3po::TrainerControl>,
     /// Signs feedback tokens.
     pub signer: TokenSigner,
     /// API keys (empty: no authentication).
@@ -86,7 +93,9 @@ impl AppState {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         engine: Engine,
-        buffer: TrajectoryBuffer,
+        adapters: Arc<AdapterRegistry>,
+        buffer: Arc<Mutex<TrajectoryBuffer>>,
+        training: Arc<crate::d3po::TrainerControl>,
         signer: TokenSigner,
         keys: ApiKeys,
         metrics: Metrics,
@@ -97,7 +106,9 @@ impl AppState {
         let idempotency = LruCache::new(NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN));
         Self {
             engine,
-            buffer: Mutex::new(buffer),
+            adapters,
+            buffer,
+            training,
             signer,
             keys,
             metrics,
