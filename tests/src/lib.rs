@@ -38,6 +38,12 @@ impl TestServer {
         ImageGeneratorClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)
     }
 
+    /// An adapters client.
+    pub fn adapters(&self) -> imagegen_proto::v1::adapters_client::AdaptersClient<Channel> {
+        imagegen_proto::v1::adapters_client::AdaptersClient::new(self.channel.clone())
+            .max_decoding_message_size(64 << 20)
+    }
+
     /// An admin client.
     pub fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone()).max_decoding_message_size(64 << 20)

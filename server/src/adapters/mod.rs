@@ -150,6 +150,8 @@ struct RegistryState {
     history: Vec<LiveChange>,
     /// Generations some request or the trainer still holds: shared instead of reloaded.
     loaded: HashMap<String, Weak<AdapterGeneration>>,
+    /// Without a store, the registry itself keeps every generation (nothing to reload from).
+    in_memory: HashMap<String, Arc<AdapterGeneration>>,
 }
 
 /// Generations, the live alias, and their persistence.
@@ -200,6 +202,7 @@ impl AdapterRegistry {
                 metas,
                 history: saved.history,
                 loaded: HashMap::new(),
+                in_memory: HashMap::new(),
             }),
         };
         if let Some(id) = saved.live {
@@ -267,6 +270,9 @@ impl AdapterRegistry {
             if let Some(g) = state.loaded.get(id).and_then(Weak::upgrade) {
                 return Ok(g);
             }
+            if let Some(g) = state.in_memory.get(id) {
+                return Ok(g.clone());
+            }
         }
         let meta = self
             .read()?
@@ -319,9 +325,8 @@ impl AdapterRegistry {
         });
         let mut state = self.write()?;
         state.metas.insert(id.clone(), meta);
-        // Without a store the registry itself must keep the weights.
         if self.store.is_none() {
-            state.loaded.insert(id, Arc::downgrade(&generation));
+            state.in_memory.insert(id, generation.clone());
         }
         Ok(generation)
     }
