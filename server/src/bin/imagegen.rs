@@ -6,6 +6,7 @@ use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
 use imagegen_proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
+use pb::adapters_client::AdaptersClient;
 use pb::admin_client::AdminClient;
 use pb::image_generator_client::ImageGeneratorClient;
 use tonic::Request;
@@ -113,6 +114,109 @@ enum Command {
     },
     /// Show the model, defaults and limits.
     Info,
+    /// Manage adapter generations and training (admin role with keys).
+    #[command(subcommand)]
+    Adapters(AdaptersCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum AdaptersCommand {
+    /// List every generation; `*` marks the live one.
+    List,
+    /// Show one generation.
+    Get {
+        /// Generation id.
+        generation: String,
+    },
+    /// Make a generation live (`base` for none), if EXPECTED is what is live now.
+    Activate {
+        /// Generation id, or `base`.
+        generation: String,
+        /// The generation you believe is live (`base` for none).
+        #[arg(long)]
+        expected: String,
+    },
+    /// Put the previous live generation back.
+    Rollback,
+    /// Start a training round now.
+    Train,
+    /// Show the trainer's state.
+    Status,
+    /// Write a generation as PEFT files (loadable with diffusers' `load_lora_weights`).
+    Export {
+        /// Generation id.
+        generation: String,
+        /// Output directory.
+        #[arg(long, default_value = "adapter")]
+        out: PathBuf,
+    },
+    /// Add a generation from a PEFT folder (adapter_model.safetensors, adapter_config.json).
+    Import {
+        /// The folder.
+        dir: PathBuf,
+    },
+}
+
+async fn adapters(channel: Channel, key: &Option<String>, command: AdaptersCommand) -> anyhow::Result<()> {
+    let mut client = AdaptersClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
+    let base = |id: &str| if id == "base" { String::new() } else { id.to_string() };
+    let show = |a: &pb::AdapterInfo| {
+        let stats = a.stats.as_ref().map(|s| format!("{} pairs, loss {:.4}, held-out {:.2} (parent {:.2})", s.pairs, s.mean_loss, s.heldout_accuracy, s.parent_heldout_accuracy)).unwrap_or_default();
+        println!(
+            "{} {}  parent {}  {}  rank {} alpha {}  {}",
+            if a.live { "*" } else { " " },
+            a.generation,
+            if a.parent.is_empty() { "base" } else { &a.parent },
+            a.origin,
+            a.rank,
+            a.alpha,
+            stats
+        );
+    };
+    match command {
+        AdaptersCommand::List => {
+            let list = client.list_adapters(with_key(pb::ListAdaptersRequest {}, key)?).await?.into_inner();
+            println!("live: {}", if list.live.is_empty() { "base" } else { &list.live });
+            list.adapters.iter().for_each(show);
+        }
+        AdaptersCommand::Get { generation } => show(&client.get_adapter(with_key(pb::GetAdapterRequest { generation }, key)?).await?.into_inner()),
+        AdaptersCommand::Activate { generation, expected } => {
+            let r = pb::ActivateAdapterRequest { generation: base(&generation), expected_live: base(&expected) };
+            let r = client.activate_adapter(with_key(r, key)?).await?.into_inner();
+            println!("live: {} (was {})", if r.live.is_empty() { "base" } else { &r.live }, if r.previous.is_empty() { "base" } else { &r.previous });
+        }
+        AdaptersCommand::Rollback => {
+            let r = client.rollback_adapter(with_key(pb::RollbackAdapterRequest {}, key)?).await?.into_inner();
+            println!("live: {} (was {})", if r.live.is_empty() { "base" } else { &r.live }, if r.previous.is_empty() { "base" } else { &r.previous });
+        }
+        AdaptersCommand::Train => println!("{:#?}", client.trigger_training(with_key(pb::TriggerTrainingRequest {}, key)?).await?.into_inner()),
+        AdaptersCommand::Status => println!("{:#?}", client.get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?).await?.into_inner()),
+        AdaptersCommand::Export { generation, out } => {
+            let mut stream = client.export_adapter(with_key(pb::ExportAdapterRequest { generation }, key)?).await?.into_inner();
+            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+            let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+            while let Some(chunk) = stream.message().await? {
+                if chunk.file.contains(['/', '\\']) || chunk.file.starts_with('.') {
+                    bail!("the server sent an unsafe file name `{}`", chunk.file);
+                }
+                files.entry(chunk.file).or_default().extend_from_slice(&chunk.data);
+            }
+            for (name, bytes) in files {
+                let path = out.join(&name);
+                std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+                println!("{} ({} bytes)", path.display(), bytes.len());
+            }
+        }
+        AdaptersCommand::Import { dir } => {
+            let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()));
+            let request = pb::ImportAdapterRequest {
+                adapter_model_safetensors: read("adapter_model.safetensors")?,
+                adapter_config_json: read("adapter_config.json")?,
+            };
+            show(&client.import_adapter(with_key(request, key)?).await?.into_inner());
+        }
+    }
+    Ok(())
 }
 
 fn with_key<T>(message: T, key: &Option<String>) -> anyhow::Result<Request<T>> {
@@ -322,6 +426,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("{} ({} bytes)", path.display(), bytes.len());
             }
         }
+        Command::Adapters(command) => adapters(channel, &key, command).await?,
         Command::Info => {
             let info = ImageGeneratorClient::new(channel)
                 .get_info(with_key(pb::GetInfoRequest {}, &key)?)
