@@ -22,34 +22,58 @@ async fn mean_brightness(t: &TestServer, adapter: &str, seeds: std::ops::Range<u
     let mut total = 0.0;
     let n = seeds.end - seeds.start;
     for seed in seeds {
-        let r = pb::GenerateRequest { prompt: "a shape".into(), seed: Some(seed), steps: Some(STEPS), adapter: adapter.into(), ..Default::default() };
+        let r = pb::GenerateRequest {
+            prompt: "a shape".into(),
+            seed: Some(seed),
+            steps: Some(STEPS),
+            adapter: adapter.into(),
+            ..Default::default()
+        };
         total += brightness(&client.generate(r).await.unwrap().into_inner().images[0].data);
     }
     total / n as f64
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "learning signal on the random-weight tiny model is still being tuned; run with --ignored"]
 async fn live_beats_base_for_a_rater_who_prefers_brighter_images() {
     let t = TestServer::start(|c| {
-        c.d3po.lr = std::env::var("LEARN_LR").ok().and_then(|v| v.parse().ok()).unwrap_or(3e-3);
+        c.d3po.lr = std::env::var("LEARN_LR")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(1e-3);
         c.d3po.min_pairs = 1_000_000; // rounds run only when triggered
         c.d3po.heldout_fraction = 0.0;
     })
     .await
     .unwrap();
-    let rounds: u64 = std::env::var("LEARN_ROUNDS").ok().and_then(|v| v.parse().ok()).unwrap_or(3);
-    let groups: u64 = std::env::var("LEARN_GROUPS").ok().and_then(|v| v.parse().ok()).unwrap_or(8);
+    let rounds: u64 = std::env::var("LEARN_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(4);
+    let groups: u64 = std::env::var("LEARN_GROUPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(12);
     let evaluation = 10_000..10_008;
     let base_before = mean_brightness(&t, "base", evaluation.clone()).await;
     let mut client = t.generator();
     let mut adapters = t.adapters();
     for round in 0..rounds {
         for g in 0..groups {
-            let r = pb::GenerateRequest { prompt: "a shape".into(), seed: Some(round * 1000 + g), steps: Some(STEPS), num_images: Some(2), ..Default::default() };
+            let r = pb::GenerateRequest {
+                prompt: "a shape".into(),
+                seed: Some(round * 1000 + g),
+                steps: Some(STEPS),
+                num_images: Some(2),
+                ..Default::default()
+            };
             let r = client.generate(r).await.unwrap().into_inner();
             let (a, b) = (&r.images[0], &r.images[1]);
-            let (winner, loser) = if brightness(&a.data) >= brightness(&b.data) { (a, b) } else { (b, a) };
+            let (winner, loser) = if brightness(&a.data) >= brightness(&b.data) {
+                (a, b)
+            } else {
+                (b, a)
+            };
             client
                 .submit_feedback(pb::FeedbackRequest {
                     image_id: winner.image_id.clone(),
@@ -61,10 +85,17 @@ async fn live_beats_base_for_a_rater_who_prefers_brighter_images() {
                 .await
                 .unwrap();
         }
-        adapters.trigger_training(pb::TriggerTrainingRequest {}).await.unwrap();
+        adapters
+            .trigger_training(pb::TriggerTrainingRequest {})
+            .await
+            .unwrap();
         let deadline = Instant::now() + Duration::from_secs(300);
         loop {
-            let s = adapters.get_training_status(pb::GetTrainingStatusRequest {}).await.unwrap().into_inner();
+            let s = adapters
+                .get_training_status(pb::GetTrainingStatusRequest {})
+                .await
+                .unwrap()
+                .into_inner();
             if s.rounds_published + s.rounds_rejected > round {
                 assert_eq!(s.rounds_published, round + 1, "round {round}: {s:?}");
                 break;
@@ -79,5 +110,9 @@ async fn live_beats_base_for_a_rater_who_prefers_brighter_images() {
     let live = mean_brightness(&t, "", evaluation).await;
     eprintln!("base {base:.2} live {live:.2}");
     assert_eq!(base, base_before, "the base model is untouched");
-    assert!(live > base + 1.0, "live {live:.2} should be brighter than base {base:.2} by at least 1 grey level");
+    // Measured: 102.6 -> 123.0, 108.6, 118.3, 132.4 over four rounds (lr 1e-3, 12 pairs each).
+    assert!(
+        live > base + 10.0,
+        "live {live:.2} should be brighter than base {base:.2} by at least 10 grey levels"
+    );
 }

@@ -157,16 +157,41 @@ enum AdaptersCommand {
     },
 }
 
-async fn adapters(channel: Channel, key: &Option<String>, command: AdaptersCommand) -> anyhow::Result<()> {
-    let mut client = AdaptersClient::new(channel).max_decoding_message_size(256 << 20).max_encoding_message_size(256 << 20);
-    let base = |id: &str| if id == "base" { String::new() } else { id.to_string() };
+async fn adapters(
+    channel: Channel,
+    key: &Option<String>,
+    command: AdaptersCommand,
+) -> anyhow::Result<()> {
+    let mut client = AdaptersClient::new(channel)
+        .max_decoding_message_size(256 << 20)
+        .max_encoding_message_size(256 << 20);
+    let base = |id: &str| {
+        if id == "base" {
+            String::new()
+        } else {
+            id.to_string()
+        }
+    };
     let show = |a: &pb::AdapterInfo| {
-        let stats = a.stats.as_ref().map(|s| format!("{} pairs, loss {:.4}, held-out {:.2} (parent {:.2})", s.pairs, s.mean_loss, s.heldout_accuracy, s.parent_heldout_accuracy)).unwrap_or_default();
+        let stats = a
+            .stats
+            .as_ref()
+            .map(|s| {
+                format!(
+                    "{} pairs, loss {:.4}, held-out {:.2} (parent {:.2})",
+                    s.pairs, s.mean_loss, s.heldout_accuracy, s.parent_heldout_accuracy
+                )
+            })
+            .unwrap_or_default();
         println!(
             "{} {}  parent {}  {}  rank {} alpha {}  {}",
             if a.live { "*" } else { " " },
             a.generation,
-            if a.parent.is_empty() { "base" } else { &a.parent },
+            if a.parent.is_empty() {
+                "base"
+            } else {
+                &a.parent
+            },
             a.origin,
             a.rank,
             a.alpha,
@@ -175,45 +200,115 @@ async fn adapters(channel: Channel, key: &Option<String>, command: AdaptersComma
     };
     match command {
         AdaptersCommand::List => {
-            let list = client.list_adapters(with_key(pb::ListAdaptersRequest {}, key)?).await?.into_inner();
-            println!("live: {}", if list.live.is_empty() { "base" } else { &list.live });
+            let list = client
+                .list_adapters(with_key(pb::ListAdaptersRequest {}, key)?)
+                .await?
+                .into_inner();
+            println!(
+                "live: {}",
+                if list.live.is_empty() {
+                    "base"
+                } else {
+                    &list.live
+                }
+            );
             list.adapters.iter().for_each(show);
         }
-        AdaptersCommand::Get { generation } => show(&client.get_adapter(with_key(pb::GetAdapterRequest { generation }, key)?).await?.into_inner()),
-        AdaptersCommand::Activate { generation, expected } => {
-            let r = pb::ActivateAdapterRequest { generation: base(&generation), expected_live: base(&expected) };
-            let r = client.activate_adapter(with_key(r, key)?).await?.into_inner();
-            println!("live: {} (was {})", if r.live.is_empty() { "base" } else { &r.live }, if r.previous.is_empty() { "base" } else { &r.previous });
+        AdaptersCommand::Get { generation } => show(
+            &client
+                .get_adapter(with_key(pb::GetAdapterRequest { generation }, key)?)
+                .await?
+                .into_inner(),
+        ),
+        AdaptersCommand::Activate {
+            generation,
+            expected,
+        } => {
+            let r = pb::ActivateAdapterRequest {
+                generation: base(&generation),
+                expected_live: base(&expected),
+            };
+            let r = client
+                .activate_adapter(with_key(r, key)?)
+                .await?
+                .into_inner();
+            println!(
+                "live: {} (was {})",
+                if r.live.is_empty() { "base" } else { &r.live },
+                if r.previous.is_empty() {
+                    "base"
+                } else {
+                    &r.previous
+                }
+            );
         }
         AdaptersCommand::Rollback => {
-            let r = client.rollback_adapter(with_key(pb::RollbackAdapterRequest {}, key)?).await?.into_inner();
-            println!("live: {} (was {})", if r.live.is_empty() { "base" } else { &r.live }, if r.previous.is_empty() { "base" } else { &r.previous });
+            let r = client
+                .rollback_adapter(with_key(pb::RollbackAdapterRequest {}, key)?)
+                .await?
+                .into_inner();
+            println!(
+                "live: {} (was {})",
+                if r.live.is_empty() { "base" } else { &r.live },
+                if r.previous.is_empty() {
+                    "base"
+                } else {
+                    &r.previous
+                }
+            );
         }
-        AdaptersCommand::Train => println!("{:#?}", client.trigger_training(with_key(pb::TriggerTrainingRequest {}, key)?).await?.into_inner()),
-        AdaptersCommand::Status => println!("{:#?}", client.get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?).await?.into_inner()),
+        AdaptersCommand::Train => println!(
+            "{:#?}",
+            client
+                .trigger_training(with_key(pb::TriggerTrainingRequest {}, key)?)
+                .await?
+                .into_inner()
+        ),
+        AdaptersCommand::Status => println!(
+            "{:#?}",
+            client
+                .get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?)
+                .await?
+                .into_inner()
+        ),
         AdaptersCommand::Export { generation, out } => {
-            let mut stream = client.export_adapter(with_key(pb::ExportAdapterRequest { generation }, key)?).await?.into_inner();
+            let mut stream = client
+                .export_adapter(with_key(pb::ExportAdapterRequest { generation }, key)?)
+                .await?
+                .into_inner();
             std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
             let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
             while let Some(chunk) = stream.message().await? {
                 if chunk.file.contains(['/', '\\']) || chunk.file.starts_with('.') {
                     bail!("the server sent an unsafe file name `{}`", chunk.file);
                 }
-                files.entry(chunk.file).or_default().extend_from_slice(&chunk.data);
+                files
+                    .entry(chunk.file)
+                    .or_default()
+                    .extend_from_slice(&chunk.data);
             }
             for (name, bytes) in files {
                 let path = out.join(&name);
-                std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+                std::fs::write(&path, &bytes)
+                    .with_context(|| format!("writing {}", path.display()))?;
                 println!("{} ({} bytes)", path.display(), bytes.len());
             }
         }
         AdaptersCommand::Import { dir } => {
-            let read = |name: &str| std::fs::read(dir.join(name)).with_context(|| format!("reading {}", dir.join(name).display()));
+            let read = |name: &str| {
+                std::fs::read(dir.join(name))
+                    .with_context(|| format!("reading {}", dir.join(name).display()))
+            };
             let request = pb::ImportAdapterRequest {
                 adapter_model_safetensors: read("adapter_model.safetensors")?,
                 adapter_config_json: read("adapter_config.json")?,
             };
-            show(&client.import_adapter(with_key(request, key)?).await?.into_inner());
+            show(
+                &client
+                    .import_adapter(with_key(request, key)?)
+                    .await?
+                    .into_inner(),
+            );
         }
     }
     Ok(())
