@@ -529,12 +529,20 @@ impl D3poPlugin {
         } else {
             usize::MAX
         };
-        let (heldout, train): (Vec<(usize, &TrainingPair)>, Vec<(usize, &TrainingPair)>) =
-            pairs.iter().copied().enumerate().partition(|(i, _)| {
-                heldout_every != usize::MAX && i % heldout_every == heldout_every - 1
-            });
-        let heldout: Vec<&TrainingPair> = heldout.into_iter().map(|(_, p)| p).collect();
-        let train: Vec<&TrainingPair> = train.into_iter().map(|(_, p)| p).collect();
+        let is_heldout =
+            |i: usize| heldout_every != usize::MAX && i % heldout_every == heldout_every - 1;
+        let heldout: Vec<&TrainingPair> = pairs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| is_heldout(*i))
+            .map(|(_, p)| *p)
+            .collect();
+        let train: Vec<&TrainingPair> = pairs
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| !is_heldout(*i))
+            .map(|(_, p)| *p)
+            .collect();
 
         let live = match host.adapters.live() {
             Ok(l) => l,

@@ -233,9 +233,18 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v != "0")
         .unwrap_or(true)
     {
-        // At a 64x64 latent, keeping the 4 rows' attention activations for backward needs
-        // more than this machine's 24 GB; 32x32 (256 px) fits.
-        update_time(&UNetConfig::sd15(), 32, "SD-1.5-size UNet, 32x32 latent")?;
+        // Backward keeps every activation of the 4 rows (2 chains x CFG): at a 64x64 or 32x32
+        // latent that exceeds this machine's 24 GB (the process is killed), so the SD-1.5-size
+        // figure is taken at 16x16 (128 px). BENCH_SD15_SIDE overrides it.
+        let side = std::env::var("BENCH_SD15_SIDE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(16);
+        update_time(
+            &UNetConfig::sd15(),
+            side,
+            &format!("SD-1.5-size UNet, {side}x{side} latent"),
+        )?;
     }
     swap_latency()?;
 
