@@ -470,29 +470,6 @@ fn all_finite(weights: &LoraWeights) -> bool {
     })
 }
 
-/// Detached f32 copies of trained factors.
-fn snapshot(
-    weights: &LoraWeights,
-    targets: &[crate::model::LoraTarget],
-) -> Result<LoraWeights, String> {
-    let layers = weights
-        .layers()
-        .iter()
-        .map(|l| {
-            l.as_ref()
-                .map(|p| {
-                    Ok::<_, candle_core::Error>(LoraPair {
-                        down: p.down.copy()?.detach(),
-                        up: p.up.copy()?.detach(),
-                    })
-                })
-                .transpose()
-        })
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(|e| e.to_string())?;
-    LoraWeights::new(weights.rank(), weights.alpha(), targets, layers).map_err(|e| e.to_string())
-}
-
 /// What one round ended with.
 enum RoundResult {
     Published(String, TrainingStats),
@@ -606,9 +583,9 @@ impl D3poPlugin {
         metrics.loss.set(mean_loss);
 
         self.control.update(|s| s.state = "gating".into());
-        let candidate = match snapshot(&trainable.weights, &targets) {
+        let candidate = match trainable.weights.detached() {
             Ok(c) => c,
-            Err(e) => return RoundResult::Skipped(e),
+            Err(e) => return RoundResult::Skipped(format!("copying the trained weights: {e}")),
         };
         if !all_finite(&candidate) {
             return RoundResult::Rejected("the trained weights are not finite".into());

@@ -276,23 +276,7 @@ async fn adapters(
                 .export_adapter(with_key(pb::ExportAdapterRequest { generation }, key)?)
                 .await?
                 .into_inner();
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
-            while let Some(chunk) = stream.message().await? {
-                if chunk.file.contains(['/', '\\']) || chunk.file.starts_with('.') {
-                    bail!("the server sent an unsafe file name `{}`", chunk.file);
-                }
-                files
-                    .entry(chunk.file)
-                    .or_default()
-                    .extend_from_slice(&chunk.data);
-            }
-            for (name, bytes) in files {
-                let path = out.join(&name);
-                std::fs::write(&path, &bytes)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("{} ({} bytes)", path.display(), bytes.len());
-            }
+            save_files(&mut stream, &out).await?;
         }
         AdaptersCommand::Import { dir } => {
             let read = |name: &str| {
@@ -310,6 +294,30 @@ async fn adapters(
                     .into_inner(),
             );
         }
+    }
+    Ok(())
+}
+
+/// Writes a stream of file chunks into `out` (file names must be plain names).
+async fn save_files(
+    stream: &mut tonic::Streaming<pb::ExportChunk>,
+    out: &std::path::Path,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
+    while let Some(chunk) = stream.message().await? {
+        if chunk.file.contains(['/', '\\']) || chunk.file.starts_with('.') {
+            bail!("the server sent an unsafe file name `{}`", chunk.file);
+        }
+        files
+            .entry(chunk.file)
+            .or_default()
+            .extend_from_slice(&chunk.data);
+    }
+    for (name, bytes) in files {
+        let path = out.join(&name);
+        std::fs::write(&path, &bytes).with_context(|| format!("writing {}", path.display()))?;
+        println!("{} ({} bytes)", path.display(), bytes.len());
     }
     Ok(())
 }
@@ -503,23 +511,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 )?)
                 .await?
                 .into_inner();
-            std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-            let mut files: std::collections::BTreeMap<String, Vec<u8>> = Default::default();
-            while let Some(chunk) = stream.message().await? {
-                if chunk.file.contains(['/', '\\']) || chunk.file.starts_with('.') {
-                    bail!("the server sent an unsafe file name `{}`", chunk.file);
-                }
-                files
-                    .entry(chunk.file)
-                    .or_default()
-                    .extend_from_slice(&chunk.data);
-            }
-            for (name, bytes) in files {
-                let path = out.join(&name);
-                std::fs::write(&path, &bytes)
-                    .with_context(|| format!("writing {}", path.display()))?;
-                println!("{} ({} bytes)", path.display(), bytes.len());
-            }
+            save_files(&mut stream, &out).await?;
         }
         Command::Adapters(command) => adapters(channel, &key, command).await?,
         Command::Info => {

@@ -1,17 +1,13 @@
 //! `imagegen.v1.Adapters`: adapter generations, the live alias, training.
 
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use imagegen_proto::v1 as pb;
 use pb::adapters_server::Adapters;
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{AppState, observe};
+use super::{AppState, ChunkStream, observe, stream_files};
 use crate::adapters::AdapterMeta;
 use crate::auth::Role;
 use crate::error::ServerError;
@@ -98,8 +94,6 @@ fn optional(id: &str) -> Option<&str> {
         Some(id)
     }
 }
-
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl Adapters for AdaptersService {
@@ -206,27 +200,10 @@ impl Adapters for AdaptersService {
             Ok(state.adapters.export(id)?)
         })?;
         let (tensors, config) = files.into_inner();
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            for (file, bytes) in [
-                ("adapter_model.safetensors", tensors),
-                ("adapter_config.json", config),
-            ] {
-                for chunk in bytes.chunks(1 << 20) {
-                    if tx
-                        .send(Ok(pb::ExportChunk {
-                            file: file.into(),
-                            data: chunk.to_vec(),
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream_files(vec![
+            ("adapter_model.safetensors", tensors),
+            ("adapter_config.json", config),
+        ])))
     }
 
     async fn import_adapter(

@@ -1,7 +1,6 @@
 //! `imagegen.v1.Admin`: dataset export.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -9,18 +8,12 @@ use candle_core::{DType, Device, Tensor};
 use imagegen_proto::v1 as pb;
 use pb::admin_server::Admin;
 use serde_json::json;
-use tokio::sync::mpsc;
-use tokio_stream::Stream;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::{AppState, observe};
+use super::{AppState, ChunkStream, observe, stream_files};
 use crate::auth::Role;
 use crate::buffer::{Group, StoredImage, Vote};
 use crate::error::ServerError;
-
-/// Export files are sent in chunks of this size.
-const CHUNK: usize = 1 << 20;
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
@@ -132,8 +125,6 @@ pub fn build_export(
     Ok((bytes, metadata))
 }
 
-type ChunkStream = Pin<Box<dyn Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
-
 #[tonic::async_trait]
 impl Admin for AdminService {
     type ExportTrajectoriesStream = ChunkStream;
@@ -158,26 +149,9 @@ impl Admin for AdminService {
         .map_err(Status::from);
         observe(&state.metrics, "ExportTrajectories", started, &prepared);
         let (tensors, metadata) = prepared?;
-        let (tx, rx) = mpsc::channel(4);
-        tokio::spawn(async move {
-            for (file, bytes) in [
-                ("trajectories.safetensors", tensors),
-                ("metadata.json", metadata),
-            ] {
-                for chunk in bytes.chunks(CHUNK) {
-                    if tx
-                        .send(Ok(pb::ExportChunk {
-                            file: file.into(),
-                            data: chunk.to_vec(),
-                        }))
-                        .await
-                        .is_err()
-                    {
-                        return;
-                    }
-                }
-            }
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(stream_files(vec![
+            ("trajectories.safetensors", tensors),
+            ("metadata.json", metadata),
+        ])))
     }
 }

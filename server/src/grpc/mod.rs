@@ -204,6 +204,29 @@ fn code_name(code: tonic::Code) -> &'static str {
     }
 }
 
+/// A server stream of export chunks.
+pub(crate) type ChunkStream =
+    std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::ExportChunk, Status>> + Send>>;
+
+/// Streams whole files as 1 MiB chunks, each naming its file, in order.
+pub(crate) fn stream_files(files: Vec<(&'static str, Vec<u8>)>) -> ChunkStream {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for (file, bytes) in files {
+            for chunk in bytes.chunks(1 << 20) {
+                let chunk = pb::ExportChunk {
+                    file: file.into(),
+                    data: chunk.to_vec(),
+                };
+                if tx.send(Ok(chunk)).await.is_err() {
+                    return; // the client left
+                }
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 /// A random 128-bit id, hex.
 pub(crate) fn new_id() -> String {
     let v: u128 = rand::random();
