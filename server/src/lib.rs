@@ -13,4 +13,5 @@ pub mod model;
 pub mod plugin;
 pub mod sampler;
 pub mod server;
+pub mod shapes;
 pub mod tokens;
