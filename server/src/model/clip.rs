@@ -224,12 +224,13 @@ fn causal_mask(s: usize, device: &Device) -> Result<Tensor> {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, DType, Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
     use candle_transformers::models::clip::text_model::{
         Activation, ClipTextConfig, ClipTextTransformer,
     };
 
     use super::*;
+    use crate::model::nn::max_abs_diff;
     use crate::model::seeded::SeededWeights;
 
     /// Our encoder equals candle-transformers' CLIP text transformer (quick-gelu) on the same weights.
@@ -256,16 +257,7 @@ mod tests {
         let ids = Tensor::from_vec(ids, (2, 77), &Device::Cpu).unwrap();
         let want = reference.forward_with_mask(&ids, usize::MAX).unwrap();
         let got = ours.forward(&ids).unwrap();
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "max difference {diff}");
     }
 }

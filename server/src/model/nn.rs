@@ -394,25 +394,24 @@ impl Linear {
     }
 }
 
+/// Largest absolute difference between two tensors of one shape (NaN if they differ in shape).
+#[cfg(test)]
+pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    (a - b)
+        .and_then(|d| d.abs())
+        .and_then(|d| d.flatten_all())
+        .and_then(|d| d.max(D::Minus1))
+        .and_then(|m| m.to_dtype(DType::F32))
+        .and_then(|m| m.to_scalar::<f32>())
+        .unwrap_or(f32::NAN)
+}
+
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, DType, Device, Module, Tensor};
+    use candle_core::{DType, Device, Module, Tensor};
 
     use super::*;
     use crate::model::seeded::SeededWeights;
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
 
     fn input(shape: (usize, usize, usize, usize)) -> Tensor {
         let n = shape.0 * shape.1 * shape.2 * shape.3;
@@ -448,9 +447,9 @@ mod tests {
                 .unwrap();
             assert_eq!(got.dims(), want.dims(), "k{k} s{stride} p{pad} {h}x{w}");
             assert!(
-                max_diff(&got, &want) < 1e-5,
+                max_abs_diff(&got, &want) < 1e-5,
                 "k{k} s{stride} p{pad}: {}",
-                max_diff(&got, &want)
+                max_abs_diff(&got, &want)
             );
         }
     }
@@ -482,7 +481,11 @@ mod tests {
             .unwrap()
             .permute((0, 3, 1, 2))
             .unwrap();
-        assert!(max_diff(&got, &want) < 1e-5, "{}", max_diff(&got, &want));
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5,
+            "{}",
+            max_abs_diff(&got, &want)
+        );
     }
 
     #[test]
@@ -493,7 +496,7 @@ mod tests {
             .unwrap()
             .permute((0, 3, 1, 2))
             .unwrap();
-        assert_eq!(max_diff(&got, &want), 0.0);
+        assert_eq!(max_abs_diff(&got, &want), 0.0);
     }
 
     #[test]
@@ -508,7 +511,7 @@ mod tests {
         let x = input((1, 2, 3, 6));
         let fused = ln.forward(&x, Mode::Inference).unwrap();
         let composed = ln.forward(&x, Mode::Training).unwrap();
-        assert!(max_diff(&fused, &composed) < 1e-5);
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
         // Hand check: softmax of [0, ln 3] is [1/4, 3/4].
         let t = Tensor::new(&[[0f32, 3f32.ln()]], &Device::Cpu).unwrap();
         for mode in [Mode::Inference, Mode::Training] {

@@ -269,9 +269,10 @@ impl VaeDecoder {
 
 #[cfg(test)]
 mod tests {
-    use candle_core::{D, DType, Device, Tensor};
+    use candle_core::{DType, Device, Tensor};
 
     use super::*;
+    use crate::model::nn::max_abs_diff;
     use crate::model::seeded::SeededWeights;
     use crate::model::tiny::full_autoencoder;
 
@@ -296,16 +297,7 @@ mod tests {
             .permute((0, 3, 1, 2))
             .unwrap();
         assert_eq!(got.dims(), &[2, 3, 16, 12]);
-        let diff: f32 = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(&got, &want);
         assert!(diff < 1e-4, "max difference {diff}");
     }
 }

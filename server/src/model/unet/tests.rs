@@ -6,7 +6,7 @@ use rand_distr::{Distribution, StandardNormal};
 
 use super::{UNet2DConditionModel, UNetConfig};
 use crate::model::lora::{AdapterBatch, LoraPair, LoraWeights};
-use crate::model::nn::Mode;
+use crate::model::nn::{Mode, max_abs_diff};
 use crate::model::seeded::SeededWeights;
 
 fn randn(rng: &mut StdRng, shape: &[usize], dtype: DType, scale: f64) -> Tensor {
@@ -181,24 +181,12 @@ fn training_and_inference_modes_agree_and_lora_rows_are_independent() {
         unet.forward(&x.sample, &x.timesteps, &x.context, adapters, mode)
             .unwrap()
     };
-    let max_diff = |a: &Tensor, b: &Tensor| {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
     let with = run(&AdapterBatch::Uniform(Some(&lora)), Mode::Inference);
     let trained = run(&AdapterBatch::Uniform(Some(&lora)), Mode::Training);
     assert!(
-        max_diff(&with, &trained) < 1e-4,
+        max_abs_diff(&with, &trained) < 1e-4,
         "modes differ by {}",
-        max_diff(&with, &trained)
+        max_abs_diff(&with, &trained)
     );
 
     // Row 0 with the adapter, row 1 without: each equals its uniform-batch counterpart.
@@ -208,19 +196,19 @@ fn training_and_inference_modes_agree_and_lora_rows_are_independent() {
         Mode::Inference,
     );
     assert!(
-        max_diff(
+        max_abs_diff(
             &mixed.narrow(0, 0, 1).unwrap(),
             &with.narrow(0, 0, 1).unwrap()
         ) < 1e-5
     );
     assert!(
-        max_diff(
+        max_abs_diff(
             &mixed.narrow(0, 1, 1).unwrap(),
             &base.narrow(0, 1, 1).unwrap()
         ) < 1e-5
     );
     assert!(
-        max_diff(&with, &base) > 1e-3,
+        max_abs_diff(&with, &base) > 1e-3,
         "the adapter must change the output"
     );
 }
@@ -306,16 +294,7 @@ fn unet_matches_candle_transformers() {
                 Mode::Inference,
             )
             .unwrap();
-        let diff: f32 = (&got - &want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar()
-            .unwrap();
+        let diff: f32 = max_abs_diff(&got, &want);
         let scale: f32 = want
             .abs()
             .unwrap()
