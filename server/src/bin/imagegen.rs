@@ -187,11 +187,7 @@ async fn adapters(
             "{} {}  parent {}  {}  rank {} alpha {}  {}",
             if a.live { "*" } else { " " },
             a.generation,
-            if a.parent.is_empty() {
-                "base"
-            } else {
-                &a.parent
-            },
+            or_base(&a.parent),
             a.origin,
             a.rank,
             a.alpha,
@@ -204,14 +200,7 @@ async fn adapters(
                 .list_adapters(with_key(pb::ListAdaptersRequest {}, key)?)
                 .await?
                 .into_inner();
-            println!(
-                "live: {}",
-                if list.live.is_empty() {
-                    "base"
-                } else {
-                    &list.live
-                }
-            );
+            println!("live: {}", or_base(&list.live));
             list.adapters.iter().for_each(show);
         }
         AdaptersCommand::Get { generation } => show(
@@ -232,30 +221,14 @@ async fn adapters(
                 .activate_adapter(with_key(r, key)?)
                 .await?
                 .into_inner();
-            println!(
-                "live: {} (was {})",
-                if r.live.is_empty() { "base" } else { &r.live },
-                if r.previous.is_empty() {
-                    "base"
-                } else {
-                    &r.previous
-                }
-            );
+            println!("live: {} (was {})", or_base(&r.live), or_base(&r.previous));
         }
         AdaptersCommand::Rollback => {
             let r = client
                 .rollback_adapter(with_key(pb::RollbackAdapterRequest {}, key)?)
                 .await?
                 .into_inner();
-            println!(
-                "live: {} (was {})",
-                if r.live.is_empty() { "base" } else { &r.live },
-                if r.previous.is_empty() {
-                    "base"
-                } else {
-                    &r.previous
-                }
-            );
+            println!("live: {} (was {})", or_base(&r.live), or_base(&r.previous));
         }
         AdaptersCommand::Train => println!(
             "{:#?}",
@@ -296,6 +269,15 @@ async fn adapters(
         }
     }
     Ok(())
+}
+
+/// An adapter generation for display: empty means the base model.
+fn or_base(generation: &str) -> &str {
+    if generation.is_empty() {
+        "base"
+    } else {
+        generation
+    }
 }
 
 /// Writes a stream of file chunks into `out` (file names must be plain names).
@@ -430,11 +412,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 result.group_id,
                 result.seed,
                 result.model_id,
-                if result.adapter_generation.is_empty() {
-                    "base"
-                } else {
-                    &result.adapter_generation
-                }
+                or_base(&result.adapter_generation)
             );
             for image in &result.images {
                 let ext = if image.mime_type == "image/jpeg" {

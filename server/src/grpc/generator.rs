@@ -319,9 +319,9 @@ impl GeneratorService {
         let feedback = req.feedback.as_ref().ok_or_else(|| {
             ServerError::invalid("feedback", "set one of vote, preferred_over or best_of")
         })?;
-        let (kind, group_id) = {
+        let (kind, group_id, generation) = {
             let mut buffer = state.buffer()?;
-            match feedback {
+            let (kind, group_id) = match feedback {
                 pb::feedback_request::Feedback::Vote(v) => {
                     let vote = match pb::Vote::try_from(*v) {
                         Ok(pb::Vote::Up) => Vote::Up,
@@ -346,15 +346,16 @@ impl GeneratorService {
                 pb::feedback_request::Feedback::BestOf(_) => {
                     ("best_of", buffer.best_of(&req.image_id, rater)?)
                 }
-            }
+            };
+            // The adapter that drew the image, read under the same lock.
+            let generation = buffer
+                .image(&req.image_id)
+                .ok()
+                .and_then(|i| i.trajectory.adapter_generation.clone())
+                .unwrap_or_else(|| "base".into());
+            (kind, group_id, generation)
         };
         state.metrics.feedback.with_label_values(&[kind]).inc();
-        let generation = state
-            .buffer()?
-            .image(&req.image_id)
-            .ok()
-            .and_then(|i| i.trajectory.adapter_generation.clone())
-            .unwrap_or_else(|| "base".into());
         state
             .metrics
             .feedback_by_adapter
