@@ -221,6 +221,27 @@ impl Scene {
     }
 }
 
+/// Whether the scene's combination of shape, colour and background is one the embedded model
+/// never sees in training (about one in eleven): the evaluator's held-out captions.
+pub fn is_held_out(scene: &Scene) -> bool {
+    let index = |c: Colour| Colour::ALL.iter().position(|x| *x == c).unwrap_or(0);
+    let shape = Shape::ALL
+        .iter()
+        .position(|s| *s == scene.shape)
+        .unwrap_or(0);
+    (shape + 3 * index(scene.colour) + 5 * index(scene.background)) % 11 == 0
+}
+
+/// A random scene whose combination is (`held_out = true`) or is not held out.
+pub fn random_scene(rng: &mut impl Rng, side: usize, held_out: bool) -> Scene {
+    loop {
+        let scene = Scene::random(rng, side);
+        if is_held_out(&scene) == held_out {
+            return scene;
+        }
+    }
+}
+
 /// `n` random scenes with captions, reproducible from `seed`.
 pub fn dataset(seed: u64, n: usize, side: usize) -> Vec<(Scene, String)> {
     let mut rng = StdRng::seed_from_u64(seed);
@@ -456,6 +477,40 @@ mod tests {
         assert!(!matches_prompt("a red circle", &img[..30], 64));
         let seen = evaluate(&img, 64).unwrap();
         assert!((seen.area_fraction - std::f64::consts::PI * 18.0 * 18.0 / 4096.0).abs() < 0.02);
+    }
+
+    #[test]
+    fn held_out_combinations_cover_every_word_but_are_few() {
+        let mut held = Vec::new();
+        for shape in Shape::ALL {
+            for colour in Colour::ALL {
+                for background in Colour::ALL.into_iter().filter(|b| *b != colour) {
+                    let scene = Scene {
+                        shape,
+                        colour,
+                        size: Size::Large,
+                        background,
+                        centre: (32.0, 32.0),
+                        radius: 16.0,
+                    };
+                    if is_held_out(&scene) {
+                        held.push(scene);
+                    }
+                }
+            }
+        }
+        // 168 combinations in all.
+        assert!((10..=20).contains(&held.len()), "{} held out", held.len());
+        for shape in Shape::ALL {
+            assert!(held.iter().any(|s| s.shape == shape));
+        }
+        for colour in Colour::ALL {
+            assert!(held.iter().any(|s| s.colour == colour));
+            assert!(held.iter().any(|s| s.background == colour));
+        }
+        let mut rng = StdRng::seed_from_u64(4);
+        assert!(is_held_out(&random_scene(&mut rng, 64, true)));
+        assert!(!is_held_out(&random_scene(&mut rng, 64, false)));
     }
 
     #[test]

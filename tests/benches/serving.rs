@@ -2,7 +2,7 @@
 //!
 //! Requests/s and p50/p99 latency through the real gRPC server at concurrency 1, 4 and 16,
 //! beside direct in-process pipeline calls (the server's overhead), and the batching gain
-//! (max-batch 8 against 1 at concurrency 16). Tiny built-in model, 64x64, one image per request.
+//! (max-batch 8 against 1 at concurrency 16). Tiny random-weight model (what `TestServer` serves), 64x64, one image per request.
 //! `BENCH_STEPS` (default 4) and `BENCH_REQUESTS` (default 32 per configuration) tune the run.
 
 use std::time::{Duration, Instant};
@@ -93,7 +93,10 @@ fn main() -> anyhow::Result<()> {
     );
 
     // Direct, in-process pipeline calls: the floor the server adds to.
-    let model = imagegen_server::model::builtin::load(DType::F32, &Device::Cpu)?;
+    let dir = tempfile::tempdir()?;
+    imagegen_server::model::tiny::write_tiny_model(dir.path(), 0)?;
+    let model =
+        imagegen_server::model::loader::DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
     let cond = model.conditioning("a small red circle on a blue background", "")?;
     let mut latencies = Vec::new();
     let started = Instant::now();

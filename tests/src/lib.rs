@@ -1,4 +1,5 @@
-//! Helpers for end-to-end tests: a server on `127.0.0.1:0` serving the built-in model, and
+//! Helpers for end-to-end tests: a server on `127.0.0.1:0` serving the tiny random-weight model
+//! (fast; the API and learning tests need no trained model) or the built-in trained one, and
 //! clients for it.
 
 use anyhow::Context;
@@ -15,11 +16,33 @@ pub struct TestServer {
     pub server: RunningServer,
     /// A connected channel.
     pub channel: Channel,
+    /// Holds the tiny model's files while the server runs.
+    _model_dir: Option<tempfile::TempDir>,
 }
 
 impl TestServer {
-    /// Starts a server on ephemeral loopback ports; `configure` adjusts the defaults.
+    /// Starts a server with the tiny model (id `tiny`) on ephemeral loopback ports; `configure`
+    /// adjusts the defaults.
     pub async fn start(configure: impl FnOnce(&mut ServeConfig)) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let model = dir.path().join("tiny");
+        imagegen_server::model::tiny::write_tiny_model(&model, 0)?;
+        Self::start_with(Some(dir), |c| {
+            c.model = Some(model);
+            configure(c);
+        })
+        .await
+    }
+
+    /// Starts a server with the built-in trained model.
+    pub async fn start_builtin(configure: impl FnOnce(&mut ServeConfig)) -> anyhow::Result<Self> {
+        Self::start_with(None, configure).await
+    }
+
+    async fn start_with(
+        model_dir: Option<tempfile::TempDir>,
+        configure: impl FnOnce(&mut ServeConfig),
+    ) -> anyhow::Result<Self> {
         let mut config = ServeConfig::defaults()?;
         config.grpc_addr = "127.0.0.1:0".parse()?;
         config.metrics_addr = "127.0.0.1:0".parse()?;
@@ -30,7 +53,11 @@ impl TestServer {
             .connect()
             .await
             .context("connecting to the test server")?;
-        Ok(Self { server, channel })
+        Ok(Self {
+            server,
+            channel,
+            _model_dir: model_dir,
+        })
     }
 
     /// A generation client.

@@ -54,7 +54,7 @@ async fn generate_returns_decodable_images_of_the_requested_size_and_format() {
         .into_inner();
     assert_eq!(response.images.len(), 2);
     assert_eq!(response.seed, 1);
-    assert_eq!(response.model_id, "builtin-tiny");
+    assert_eq!(response.model_id, "tiny");
     assert!(!response.group_id.is_empty());
     for image in &response.images {
         assert_eq!(image.mime_type, "image/png");

@@ -1,4 +1,5 @@
-//! `imagegen-server`: serves the image-generation API (the default), or writes the tiny model.
+//! `imagegen-server`: serves the image-generation API (the default); also pretrains and
+//! evaluates the embedded model, and writes the tiny test model.
 
 use std::path::PathBuf;
 
@@ -32,6 +33,56 @@ enum Command {
         #[arg(long, env = "IMAGEGEN_TINY_SEED", default_value_t = 0)]
         seed: u64,
     },
+    /// Pretrain a model on the procedural shapes dataset (how the embedded model was made).
+    Pretrain(PretrainArgs),
+    /// Score a model on held-out captions with the shapes evaluator, and time one image.
+    Evaluate(EvaluateArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct PretrainArgs {
+    /// The recipe (architecture, schedule, optimizer, seed).
+    #[arg(
+        long,
+        env = "IMAGEGEN_PRETRAIN_RECIPE",
+        default_value = "server/embedded/recipe.json"
+    )]
+    recipe: PathBuf,
+    /// Output directory: a diffusers pipeline, rewritten at every checkpoint.
+    #[arg(long, env = "IMAGEGEN_PRETRAIN_OUT")]
+    out: PathBuf,
+    /// Override the recipe's step count (for quick trials).
+    #[arg(long, env = "IMAGEGEN_PRETRAIN_STEPS")]
+    steps: Option<usize>,
+    /// Write the model every this many steps.
+    #[arg(
+        long,
+        env = "IMAGEGEN_PRETRAIN_CHECKPOINT_EVERY",
+        default_value_t = 250
+    )]
+    checkpoint_every: usize,
+    /// Held-out prompts scored at every checkpoint (0 = none).
+    #[arg(long, env = "IMAGEGEN_PRETRAIN_EVAL_PROMPTS", default_value_t = 24)]
+    eval_prompts: usize,
+}
+
+#[derive(Debug, clap::Args)]
+struct EvaluateArgs {
+    /// Model directory (default: the embedded model).
+    #[arg(long, env = "IMAGEGEN_MODEL")]
+    model: Option<PathBuf>,
+    /// Held-out prompts to score.
+    #[arg(long, env = "IMAGEGEN_EVAL_PROMPTS", default_value_t = 200)]
+    prompts: usize,
+    /// Denoising steps per image.
+    #[arg(long, env = "IMAGEGEN_EVAL_STEPS", default_value_t = 20)]
+    steps: usize,
+    /// Classifier-free guidance scale.
+    #[arg(long, env = "IMAGEGEN_EVAL_GUIDANCE", default_value_t = 5.0)]
+    guidance: f64,
+    /// Seed of the prompts and of the sampling noise.
+    #[arg(long, env = "IMAGEGEN_EVAL_SEED", default_value_t = 1000)]
+    seed: u64,
 }
 
 /// mimalloc keeps freed pages for reuse: glibc's malloc returns large tensor buffers to the OS
@@ -39,7 +90,32 @@ enum Command {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// mimalloc hands freed memory back to the OS 10 ms after it is freed; a model's activation
+/// buffers are freed and reallocated on every step, so each step page-faults them back in (a
+/// third of a pretraining step here, measured with perf). Its options are read from the
+/// environment at start-up only, and setting them in-process takes `unsafe`, which this
+/// workspace forbids: so the binary re-executes itself once with purging turned off.
+#[cfg(unix)]
+fn keep_freed_memory() {
+    use std::os::unix::process::CommandExt;
+    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
+        return;
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return;
+    };
+    let error = std::process::Command::new(exe)
+        .args(std::env::args_os().skip(1))
+        .env("MIMALLOC_PURGE_DELAY", "-1")
+        .env("MIMALLOC_ARENA_EAGER_COMMIT", "1")
+        .exec();
+    // Only reached when the exec failed: run as we are.
+    eprintln!("note: could not re-execute with MIMALLOC_PURGE_DELAY=-1 ({error}); continuing");
+}
+
 fn main() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    keep_freed_memory();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
@@ -53,9 +129,124 @@ fn main() -> anyhow::Result<()> {
             tracing::info!(dir = %dir.display(), seed, "wrote the tiny model");
             Ok(())
         }
+        Some(Command::Pretrain(args)) => pretrain(&args),
+        Some(Command::Evaluate(args)) => evaluate(&args),
         Some(Command::Serve(config)) => serve(*config),
         None => serve(cli.serve),
     }
+}
+
+fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
+    use imagegen_server::pretrain::{Pretrainer, Recipe, evaluate, held_out_prompts};
+    let mut recipe = Recipe::from_file(&args.recipe)?;
+    if let Some(steps) = args.steps {
+        recipe.steps = steps;
+    }
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    let mut trainer = Pretrainer::new(recipe.clone(), &args.out)?;
+    tracing::info!(
+        parameters = trainer.parameter_count(),
+        steps = recipe.steps,
+        batch = recipe.batch_size,
+        "pretraining"
+    );
+    let prompts = held_out_prompts(1000, args.eval_prompts, recipe.image_size);
+    let started = std::time::Instant::now();
+    let mut smoothed = None;
+    for _ in 0..recipe.steps {
+        let report = trainer.step()?;
+        let s = smoothed.map_or(report.loss, |s: f64| 0.98 * s + 0.02 * report.loss);
+        smoothed = Some(s);
+        let done = report.step == recipe.steps;
+        if report.step % 25 == 0 || done {
+            let per_step = started.elapsed().as_secs_f64() / report.step as f64;
+            tracing::info!(
+                step = report.step,
+                loss = format!("{s:.4}"),
+                grad_norm = format!("{:.3}", report.grad_norm),
+                lr = format!("{:.2e}", report.learning_rate),
+                s_per_step = format!("{per_step:.2}"),
+                eta_min = format!(
+                    "{:.0}",
+                    per_step * (recipe.steps - report.step) as f64 / 60.0
+                ),
+                "step"
+            );
+        }
+        if report.step % args.checkpoint_every == 0 || done {
+            trainer.write_model(&args.out)?;
+            if !prompts.is_empty() {
+                let model = imagegen_server::model::loader::DiffusionModel::load(
+                    &args.out,
+                    candle_core::DType::F32,
+                    &candle_core::Device::Cpu,
+                )?;
+                let eval = evaluate(&model, &prompts, 20, 5.0, 1000, recipe.image_size)?;
+                tracing::info!(
+                    step = report.step,
+                    accuracy = format!("{:.3}", eval.accuracy()),
+                    shape = eval.shape_correct,
+                    colour = eval.colour_correct,
+                    background = eval.background_correct,
+                    of = eval.prompts,
+                    "held-out evaluation"
+                );
+            }
+        }
+    }
+    tracing::info!(
+        minutes = format!("{:.1}", started.elapsed().as_secs_f64() / 60.0),
+        out = %args.out.display(),
+        "pretraining done"
+    );
+    Ok(())
+}
+
+fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
+    use imagegen_server::pretrain::{evaluate, held_out_prompts};
+    let device = candle_core::Device::Cpu;
+    let model = match &args.model {
+        Some(dir) => imagegen_server::model::loader::DiffusionModel::load(
+            dir,
+            candle_core::DType::F32,
+            &device,
+        )?,
+        None => imagegen_server::model::builtin::load(candle_core::DType::F32, &device)?,
+    };
+    let size = 64;
+    let prompts = held_out_prompts(args.seed, args.prompts, size);
+    let started = std::time::Instant::now();
+    let report = evaluate(&model, &prompts, args.steps, args.guidance, args.seed, size)?;
+    let elapsed = started.elapsed().as_secs_f64();
+    // One image alone, as a client would ask for it (prompt encoding included).
+    let single = std::time::Instant::now();
+    evaluate(
+        &model,
+        &prompts[..1.min(prompts.len())],
+        args.steps,
+        args.guidance,
+        0,
+        size,
+    )?;
+    let single = single.elapsed().as_secs_f64();
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&serde_json::json!({
+            "model": model.id,
+            "prompts": report.prompts,
+            "accuracy": report.accuracy(),
+            "shape_correct": report.shape_correct,
+            "colour_correct": report.colour_correct,
+            "background_correct": report.background_correct,
+            "with_background": report.with_background,
+            "steps": args.steps,
+            "guidance_scale": args.guidance,
+            "seconds_per_image_in_batches_of_4": elapsed / report.prompts.max(1) as f64,
+            "seconds_for_one_image": single,
+        }))?
+    );
+    Ok(())
 }
 
 fn serve(config: ServeConfig) -> anyhow::Result<()> {

@@ -117,6 +117,44 @@ enum Command {
     /// Manage adapter generations and training (admin role with keys).
     #[command(subcommand)]
     Adapters(AdaptersCommand),
+    /// Teach the server a scripted user's taste: rounds of generate, feedback, train, swap;
+    /// writes grid.png, scores.png and scores.txt (admin role with keys).
+    Demo {
+        /// What the scripted user prefers.
+        #[arg(
+            long,
+            value_enum,
+            env = "IMAGEGEN_DEMO_TASTE",
+            default_value = "larger"
+        )]
+        taste: DemoTaste,
+        /// Rounds of feedback and training.
+        #[arg(long, env = "IMAGEGEN_DEMO_ROUNDS", default_value_t = 4)]
+        rounds: usize,
+        /// Image pairs rated per round.
+        #[arg(long, env = "IMAGEGEN_DEMO_PAIRS", default_value_t = 16)]
+        pairs: usize,
+        /// Evaluation images per round (fixed prompts and seeds, never rated).
+        #[arg(long, env = "IMAGEGEN_DEMO_EVAL_IMAGES", default_value_t = 8)]
+        eval_images: usize,
+        /// Denoising steps per image.
+        #[arg(long, env = "IMAGEGEN_DEMO_STEPS", default_value_t = 20)]
+        steps: u32,
+        /// Longest wait for one training round, in seconds.
+        #[arg(long, env = "IMAGEGEN_DEMO_ROUND_TIMEOUT", default_value_t = 1800)]
+        round_timeout: u64,
+        /// Output directory.
+        #[arg(long, env = "IMAGEGEN_DEMO_OUT", default_value = "demo")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum DemoTaste {
+    /// Prefers shapes that fill more of the picture.
+    Larger,
+    /// Prefers red, orange and yellow.
+    Warm,
 }
 
 #[derive(Debug, Subcommand)]
@@ -492,6 +530,39 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             save_files(&mut stream, &out).await?;
         }
         Command::Adapters(command) => adapters(channel, &key, command).await?,
+        Command::Demo {
+            taste,
+            rounds,
+            pairs,
+            eval_images,
+            steps,
+            round_timeout,
+            out,
+        } => {
+            use imagegen_server::demo::{DemoConfig, Taste, run, write_figures};
+            let config = DemoConfig {
+                taste: match taste {
+                    DemoTaste::Larger => Taste::LargerShapes,
+                    DemoTaste::Warm => Taste::WarmColours,
+                },
+                rounds,
+                pairs_per_round: pairs,
+                eval_images,
+                steps,
+                api_key: key.clone(),
+                round_timeout: std::time::Duration::from_secs(round_timeout),
+            };
+            let report = run(channel, &config, &mut |line| println!("{line}")).await?;
+            write_figures(&report, &out).with_context(|| format!("writing {}", out.display()))?;
+            let table = report.table();
+            std::fs::write(out.join("scores.txt"), &table)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("\n{table}");
+            println!(
+                "wrote {0}/grid.png (rows: base, then live after each round), {0}/scores.png, {0}/scores.txt",
+                out.display()
+            );
+        }
         Command::Info => {
             let info = ImageGeneratorClient::new(channel)
                 .get_info(with_key(pb::GetInfoRequest {}, &key)?)

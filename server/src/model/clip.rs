@@ -1,4 +1,4 @@
-//! CLIP text encoder (`CLIPTextModel`, `text_encoder/` of a diffusers pipeline), inference only.
+//! CLIP text encoder (`CLIPTextModel`, `text_encoder/` of a diffusers pipeline).
 //! SD 1.x uses OpenAI CLIP ViT-L/14 (quick-gelu), SD 2.x OpenCLIP ViT-H (gelu); both read the
 //! same config and keys, so one implementation serves both.
 
@@ -169,6 +169,12 @@ impl ClipTextModel {
 
     /// `ids`: `[B, S]` u32 token ids, `S <= max_position_embeddings`. Returns `[B, S, hidden]`.
     pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        self.forward_with_mode(ids, Mode::Inference)
+    }
+
+    /// [`ClipTextModel::forward`]; in [`Mode::Training`] every operation has a backward pass
+    /// (pretraining the encoder with the UNet).
+    pub fn forward_with_mode(&self, ids: &Tensor, mode: Mode) -> Result<Tensor> {
         let (b, s) = ids.dims2()?;
         if s > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -186,7 +192,7 @@ impl ClipTextModel {
         let mask = causal_mask(s, ids.device())?.to_dtype(dtype)?;
         let scale = 1.0 / (head_dim as f64).sqrt();
         for layer in &self.layers {
-            let h = layer.norm1.forward(&x, Mode::Inference)?;
+            let h = layer.norm1.forward(&x, mode)?;
             let split = |t: Tensor| {
                 t.reshape((b, s, heads, head_dim))?
                     .transpose(1, 2)?
@@ -196,21 +202,20 @@ impl ClipTextModel {
             let k = split(layer.k.forward(&h)?)?;
             let v = split(layer.v.forward(&h)?)?;
             let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
-            let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, Mode::Inference)?
-                .to_dtype(dtype)?;
+            let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, mode)?.to_dtype(dtype)?;
             let attn =
                 probs
                     .matmul(&v)?
                     .transpose(1, 2)?
                     .reshape((b, s, self.config.hidden_size))?;
             x = (layer.out.forward(&attn)? + x)?;
-            let h = layer.norm2.forward(&x, Mode::Inference)?;
+            let h = layer.norm2.forward(&x, mode)?;
             let h = layer
                 .fc2
                 .forward(&self.activation(&layer.fc1.forward(&h)?)?)?;
             x = (h + x)?;
         }
-        self.final_norm.forward(&x, Mode::Inference)
+        self.final_norm.forward(&x, mode)
     }
 }
 

@@ -5,6 +5,7 @@ pub mod clip;
 pub mod loader;
 pub mod lora;
 pub mod nn;
+pub mod pixel_vae;
 pub mod seeded;
 pub mod tiny;
 pub mod tokenizer;

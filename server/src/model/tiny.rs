@@ -64,50 +64,19 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
     let unet_weights = SeededWeights::new(seed);
     let unet_config = UNetConfig::tiny();
     UNet2DConditionModel::new(&unet_config, unet_weights.var_builder(DType::F32, &device))?;
-    let mut unet_json = serde_json::to_value(&unet_config).map_err(|e| config_err(dir, e))?;
-    unet_json["_class_name"] = json!("UNet2DConditionModel");
-    write_component(
-        dir,
-        "unet",
-        "diffusion_pytorch_model",
-        &unet_json,
-        unet_weights.tensors(),
-    )?;
+    write_unet(dir, &unet_config, unet_weights.tensors())?;
 
     let vae_weights = SeededWeights::new(seed.wrapping_add(1));
     let vae_config = VaeConfig::tiny();
     // The whole autoencoder (encoder too), so the folder is a complete diffusers checkpoint.
     full_autoencoder(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
     VaeDecoder::new(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
-    let mut vae_json = serde_json::to_value(&vae_config).map_err(|e| config_err(dir, e))?;
-    vae_json["_class_name"] = json!("AutoencoderKL");
-    vae_json["use_quant_conv"] = json!(true);
-    vae_json["down_block_types"] = json!(["DownEncoderBlock2D", "DownEncoderBlock2D"]);
-    vae_json["up_block_types"] = json!(["UpDecoderBlock2D", "UpDecoderBlock2D"]);
-    write_component(
-        dir,
-        "vae",
-        "diffusion_pytorch_model",
-        &vae_json,
-        vae_weights.tensors(),
-    )?;
+    write_vae(dir, &vae_config, vae_weights.tensors())?;
 
     let clip_weights = SeededWeights::new(seed.wrapping_add(2));
     let clip_config = ClipConfig::tiny();
     ClipTextModel::new(&clip_config, clip_weights.var_builder(DType::F32, &device))?;
-    let mut clip_json = serde_json::to_value(&clip_config).map_err(|e| config_err(dir, e))?;
-    clip_json["_class_name"] = json!("CLIPTextModel");
-    clip_json["architectures"] = json!(["CLIPTextModel"]);
-    clip_json["bos_token_id"] = json!(0);
-    clip_json["eos_token_id"] = json!(2);
-    clip_json["pad_token_id"] = json!(1);
-    write_component(
-        dir,
-        "text_encoder",
-        "model",
-        &clip_json,
-        clip_weights.tensors(),
-    )?;
+    write_text_encoder(dir, &clip_config, clip_weights.tensors())?;
 
     write_tokenizer(&dir.join("tokenizer"), clip_config.vocab_size)?;
     write_json(
@@ -125,6 +94,52 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
             "timestep_spacing": "leading"
         }),
     )?;
+    write_model_index(dir)
+}
+
+/// `unet/` of a diffusers pipeline.
+pub(crate) fn write_unet(
+    dir: &Path,
+    config: &UNetConfig,
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<(), ModelError> {
+    let mut json = serde_json::to_value(config).map_err(|e| config_err(dir, e))?;
+    json["_class_name"] = json!("UNet2DConditionModel");
+    write_component(dir, "unet", "diffusion_pytorch_model", &json, tensors)
+}
+
+/// `vae/` of a diffusers pipeline (`AutoencoderKL`, encoder and decoder weights).
+pub(crate) fn write_vae(
+    dir: &Path,
+    config: &VaeConfig,
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<(), ModelError> {
+    let levels = config.block_out_channels.len();
+    let mut json = serde_json::to_value(config).map_err(|e| config_err(dir, e))?;
+    json["_class_name"] = json!("AutoencoderKL");
+    json["use_quant_conv"] = json!(true);
+    json["down_block_types"] = json!(vec!["DownEncoderBlock2D"; levels]);
+    json["up_block_types"] = json!(vec!["UpDecoderBlock2D"; levels]);
+    write_component(dir, "vae", "diffusion_pytorch_model", &json, tensors)
+}
+
+/// `text_encoder/` of a diffusers pipeline (a transformers `CLIPTextModel`).
+pub(crate) fn write_text_encoder(
+    dir: &Path,
+    config: &ClipConfig,
+    tensors: BTreeMap<String, Tensor>,
+) -> Result<(), ModelError> {
+    let mut json = serde_json::to_value(config).map_err(|e| config_err(dir, e))?;
+    json["_class_name"] = json!("CLIPTextModel");
+    json["architectures"] = json!(["CLIPTextModel"]);
+    json["bos_token_id"] = json!(0);
+    json["eos_token_id"] = json!(2);
+    json["pad_token_id"] = json!(1);
+    write_component(dir, "text_encoder", "model", &json, tensors)
+}
+
+/// `model_index.json` of a `StableDiffusionPipeline` without safety checker.
+pub(crate) fn write_model_index(dir: &Path) -> Result<(), ModelError> {
     write_json(
         &dir.join("model_index.json"),
         &json!({
@@ -138,8 +153,7 @@ pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
             "unet": ["diffusers", "UNet2DConditionModel"],
             "vae": ["diffusers", "AutoencoderKL"]
         }),
-    )?;
-    Ok(())
+    )
 }
 
 /// candle-transformers' `AutoEncoderKL` (encoder and decoder) on the same config.
@@ -159,14 +173,14 @@ pub fn full_autoencoder(
     AutoEncoderKL::new(vb, config.in_channels, config.out_channels, kl)
 }
 
-fn config_err(dir: &Path, e: serde_json::Error) -> ModelError {
+pub(crate) fn config_err(dir: &Path, e: serde_json::Error) -> ModelError {
     ModelError::Config {
         path: dir.to_path_buf(),
         reason: e.to_string(),
     }
 }
 
-fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {
+pub(crate) fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> {
     let io = |source| ModelError::Io {
         path: path.to_path_buf(),
         source,
@@ -178,7 +192,7 @@ fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ModelError> 
     std::fs::write(path, text + "\n").map_err(io)
 }
 
-fn write_component(
+pub(crate) fn write_component(
     dir: &Path,
     name: &str,
     stem: &str,
@@ -196,7 +210,7 @@ fn write_component(
 
 /// A byte-level BPE vocabulary in CLIP's layout: the 256 byte characters, the same with `</w>`,
 /// merges that spell out every word of [`WORDS`] left to right, then the two special tokens.
-fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<(), ModelError> {
+pub(crate) fn write_tokenizer(dir: &Path, vocab_size: usize) -> Result<(), ModelError> {
     let alphabet = byte_alphabet();
     let mut vocab: Vec<String> = alphabet.iter().map(|c| c.to_string()).collect();
     vocab.extend(alphabet.iter().map(|c| format!("{c}</w>")));

@@ -1,0 +1,611 @@
+//! `imagegen demo`: a scripted user teaches a running server its taste. Each round generates
+//! pairs of images, says which of each pair it prefers, triggers a D3PO round and waits for the
+//! new adapter to go live; then base and live draw the same evaluation prompts and seeds, and
+//! the user's preference score of both is recorded. The results are a score table, an image
+//! grid (base, then live after every round) and a plot of the scores, both PNG.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use image::{Rgb, RgbImage};
+use imagegen_proto::v1 as pb;
+use pb::adapters_client::AdaptersClient;
+use pb::feedback_request::Feedback;
+use pb::image_generator_client::ImageGeneratorClient;
+use tonic::Request;
+use tonic::transport::Channel;
+
+use crate::shapes::{self, Colour};
+
+/// What the scripted user likes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taste {
+    /// Shapes that fill more of the picture: the score is the largest blob's share of the image.
+    LargerShapes,
+    /// Red, orange and yellow: the score is the share of pixels nearest to one of them.
+    WarmColours,
+}
+
+impl Taste {
+    /// The user's score of an RGB image (`side` x `side`), in [0, 1].
+    pub fn score(self, rgb: &[u8], side: usize) -> f64 {
+        match self {
+            Taste::LargerShapes => shapes::evaluate(rgb, side).map_or(0.0, |s| s.area_fraction),
+            Taste::WarmColours => {
+                let warm = rgb
+                    .chunks(3)
+                    .filter(|p| {
+                        matches!(
+                            Colour::nearest([p[0], p[1], p[2]].map(f64::from)),
+                            Colour::Red | Colour::Orange | Colour::Yellow
+                        )
+                    })
+                    .count();
+                warm as f64 / (rgb.len() / 3).max(1) as f64
+            }
+        }
+    }
+
+    /// Prompts that leave room for the taste (no size words, or no colour words).
+    fn prompts(self) -> Vec<String> {
+        let mut out = Vec::new();
+        for shape in shapes::Shape::ALL {
+            for colour in Colour::ALL {
+                out.push(match self {
+                    Taste::LargerShapes => format!("a {} {}", colour.word(), shape.word()),
+                    Taste::WarmColours => {
+                        format!("a {} on a {} background", shape.word(), colour.word())
+                    }
+                });
+            }
+        }
+        if self == Taste::WarmColours {
+            // Warm backgrounds would score without any learning.
+            out.retain(|p| !["red", "orange", "yellow"].iter().any(|w| p.contains(w)));
+        }
+        out
+    }
+}
+
+/// How the demo runs.
+#[derive(Debug, Clone)]
+pub struct DemoConfig {
+    /// The scripted user's taste.
+    pub taste: Taste,
+    /// Rounds of feedback and training.
+    pub rounds: usize,
+    /// Image pairs rated per round.
+    pub pairs_per_round: usize,
+    /// Evaluation images per adapter (fixed prompts and seeds, never rated).
+    pub eval_images: usize,
+    /// Denoising steps of every image.
+    pub steps: u32,
+    /// API key, when the server requires one (the adapters calls need the admin role).
+    pub api_key: Option<String>,
+    /// Longest wait for one training round.
+    pub round_timeout: Duration,
+}
+
+/// One row of the score table.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RoundScore {
+    /// 0 = before any feedback.
+    pub round: usize,
+    /// The live adapter after the round (empty = base).
+    pub generation: String,
+    /// Whether the round's adapter passed the gate and went live.
+    pub published: bool,
+    /// Mean score of the live adapter's evaluation images.
+    pub live: f64,
+    /// Mean score of the base model's evaluation images.
+    pub base: f64,
+}
+
+/// What the demo produced.
+#[derive(Debug, Clone)]
+pub struct DemoReport {
+    /// One row per round, round 0 first.
+    pub rounds: Vec<RoundScore>,
+    /// Evaluation images per round (row 0 = base), PNG bytes.
+    pub images: Vec<Vec<Vec<u8>>>,
+}
+
+impl DemoReport {
+    /// The score table as text.
+    pub fn table(&self) -> String {
+        let mut out = String::from("round  adapter           live    base    live-base\n");
+        for r in &self.rounds {
+            let generation = if r.generation.is_empty() {
+                "base".to_string()
+            } else {
+                r.generation.chars().take(12).collect()
+            };
+            out.push_str(&format!(
+                "{:>5}  {:<12}{}  {:.4}  {:.4}  {:+.4}\n",
+                r.round,
+                generation,
+                if r.round == 0 || r.published {
+                    "     "
+                } else {
+                    " (rej)"
+                },
+                r.live,
+                r.base,
+                r.live - r.base
+            ));
+        }
+        out
+    }
+}
+
+fn with_key<T>(message: T, key: &Option<String>) -> Result<Request<T>, tonic::Status> {
+    let mut request = Request::new(message);
+    if let Some(key) = key {
+        let value = format!("Bearer {key}")
+            .parse()
+            .map_err(|_| tonic::Status::invalid_argument("the API key is not a valid header"))?;
+        request.metadata_mut().insert("authorization", value);
+    }
+    Ok(request)
+}
+
+fn decode(png: &[u8]) -> Result<RgbImage, tonic::Status> {
+    image::load_from_memory(png)
+        .map(|i| i.to_rgb8())
+        .map_err(|e| tonic::Status::internal(format!("the server sent an unreadable image: {e}")))
+}
+
+/// Runs the demo against the server behind `channel`. `log` receives one line per event.
+pub async fn run(
+    channel: Channel,
+    config: &DemoConfig,
+    log: &mut dyn FnMut(&str),
+) -> Result<DemoReport, tonic::Status> {
+    let mut generator = ImageGeneratorClient::new(channel.clone());
+    let mut adapters = AdaptersClient::new(channel);
+    let key = &config.api_key;
+    let taste = config.taste;
+    let prompts = taste.prompts();
+    let eval: Vec<(String, u64)> = (0..config.eval_images)
+        .map(|i| {
+            (
+                prompts[(i * 7 + 3) % prompts.len()].clone(),
+                900_000 + i as u64,
+            )
+        })
+        .collect();
+
+    let (base, base_images) = evaluate(&mut generator, config, &eval, "base").await?;
+    log(&format!("round 0: base score {base:.4}"));
+    let mut report = DemoReport {
+        rounds: vec![RoundScore {
+            round: 0,
+            generation: String::new(),
+            published: true,
+            live: base,
+            base,
+        }],
+        images: vec![base_images],
+    };
+    let mut published_so_far = {
+        let s = adapters
+            .get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?)
+            .await?
+            .into_inner();
+        (s.rounds_published, s.rounds_rejected)
+    };
+    for round in 1..=config.rounds {
+        let started = Instant::now();
+        let mut rated = 0;
+        for i in 0..config.pairs_per_round {
+            let prompt = &prompts[(round * 31 + i * 5) % prompts.len()];
+            let seed = (round * 10_000 + i) as u64;
+            let r = generate(&mut generator, config, prompt, seed, 2, "").await?;
+            let [a, b] = r.images.as_slice() else {
+                return Err(tonic::Status::internal(
+                    "asked for 2 images, got another count",
+                ));
+            };
+            let (sa, sb) = (decode(&a.data)?, decode(&b.data)?);
+            let (score_a, score_b) = (
+                taste.score(sa.as_raw(), sa.width() as usize),
+                taste.score(sb.as_raw(), sb.width() as usize),
+            );
+            if score_a == score_b {
+                continue; // no preference, no pair
+            }
+            let (winner, loser) = if score_a > score_b { (a, b) } else { (b, a) };
+            let request = pb::FeedbackRequest {
+                image_id: winner.image_id.clone(),
+                feedback_token: winner.feedback_token.clone(),
+                feedback: Some(Feedback::PreferredOver(loser.image_id.clone())),
+                rater_id: "demo".into(),
+                idempotency_key: format!("demo-{round}-{i}-{}", r.group_id),
+            };
+            generator.submit_feedback(with_key(request, key)?).await?;
+            rated += 1;
+        }
+        log(&format!(
+            "round {round}: rated {rated} pairs in {:.0} s; training",
+            started.elapsed().as_secs_f64()
+        ));
+        adapters
+            .trigger_training(with_key(pb::TriggerTrainingRequest {}, key)?)
+            .await?;
+        let deadline = Instant::now() + config.round_timeout;
+        let status = loop {
+            let s = adapters
+                .get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?)
+                .await?
+                .into_inner();
+            if s.rounds_published + s.rounds_rejected > published_so_far.0 + published_so_far.1 {
+                break s;
+            }
+            if Instant::now() > deadline {
+                return Err(tonic::Status::deadline_exceeded(format!(
+                    "training round {round} did not finish within {:?}",
+                    config.round_timeout
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let published = status.rounds_published > published_so_far.0;
+        published_so_far = (status.rounds_published, status.rounds_rejected);
+        let live_generation = adapters
+            .list_adapters(with_key(pb::ListAdaptersRequest {}, key)?)
+            .await?
+            .into_inner()
+            .live;
+        let (live, images) = evaluate(&mut generator, config, &eval, "").await?;
+        log(&format!(
+            "round {round}: {} ({}), live score {live:.4} vs base {base:.4}, {:.0} s",
+            if published { "published" } else { "rejected" },
+            if published {
+                live_generation.clone()
+            } else {
+                status.last_reason.clone()
+            },
+            started.elapsed().as_secs_f64()
+        ));
+        report.rounds.push(RoundScore {
+            round,
+            generation: live_generation,
+            published,
+            live,
+            base,
+        });
+        report.images.push(images);
+    }
+    Ok(report)
+}
+
+async fn generate(
+    client: &mut ImageGeneratorClient<Channel>,
+    config: &DemoConfig,
+    prompt: &str,
+    seed: u64,
+    num_images: u32,
+    adapter: &str,
+) -> Result<pb::GenerateResponse, tonic::Status> {
+    let request = pb::GenerateRequest {
+        prompt: prompt.to_string(),
+        num_images: Some(num_images),
+        seed: Some(seed),
+        steps: Some(config.steps),
+        adapter: adapter.to_string(),
+        ..Default::default()
+    };
+    client
+        .generate(with_key(request, &config.api_key)?)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// Mean score of one image per evaluation prompt and seed, and the images.
+async fn evaluate(
+    client: &mut ImageGeneratorClient<Channel>,
+    config: &DemoConfig,
+    eval: &[(String, u64)],
+    adapter: &str,
+) -> Result<(f64, Vec<Vec<u8>>), tonic::Status> {
+    let mut total = 0.0;
+    let mut images = Vec::new();
+    for (prompt, seed) in eval {
+        let r = generate(client, config, prompt, *seed, 1, adapter).await?;
+        let Some(image) = r.images.into_iter().next() else {
+            return Err(tonic::Status::internal("the server returned no image"));
+        };
+        let rgb = decode(&image.data)?;
+        total += config.taste.score(rgb.as_raw(), rgb.width() as usize);
+        images.push(image.data);
+    }
+    Ok((total / eval.len().max(1) as f64, images))
+}
+
+/// Writes `grid.png` (one row per round, base first) and `scores.png` into `dir`.
+pub fn write_figures(report: &DemoReport, dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let grid = image_grid(&report.images).map_err(std::io::Error::other)?;
+    grid.save(dir.join("grid.png"))
+        .map_err(std::io::Error::other)?;
+    score_plot(&report.rounds)
+        .save(dir.join("scores.png"))
+        .map_err(std::io::Error::other)
+}
+
+/// Images side by side per row, 4-pixel gutters, on white.
+fn image_grid(rows: &[Vec<Vec<u8>>]) -> Result<RgbImage, image::ImageError> {
+    let decoded: Vec<Vec<RgbImage>> = rows
+        .iter()
+        .map(|row| {
+            row.iter()
+                .map(|png| image::load_from_memory(png).map(|i| i.to_rgb8()))
+                .collect()
+        })
+        .collect::<Result<_, _>>()?;
+    let cell = decoded
+        .iter()
+        .flatten()
+        .map(|i| i.width().max(i.height()))
+        .max()
+        .unwrap_or(64);
+    let columns = decoded.iter().map(Vec::len).max().unwrap_or(0) as u32;
+    let gutter = 4;
+    let label = 20;
+    let mut out = RgbImage::from_pixel(
+        label + columns * (cell + gutter) + gutter,
+        decoded.len() as u32 * (cell + gutter) + gutter,
+        Rgb([255, 255, 255]),
+    );
+    for (r, row) in decoded.iter().enumerate() {
+        let y = gutter + r as u32 * (cell + gutter);
+        draw_text(
+            &mut out,
+            &r.to_string(),
+            4,
+            y + cell / 2 - 5,
+            2,
+            Rgb([60, 60, 60]),
+        );
+        for (c, img) in row.iter().enumerate() {
+            let x = label + gutter + c as u32 * (cell + gutter);
+            image::imageops::replace(&mut out, img, i64::from(x), i64::from(y));
+        }
+    }
+    Ok(out)
+}
+
+/// Live (blue, dots) and base (grey) score per round, with y gridlines labelled.
+fn score_plot(rounds: &[RoundScore]) -> RgbImage {
+    let (w, h) = (560u32, 340u32);
+    let (left, right, top, bottom) = (64u32, 24u32, 20u32, 44u32);
+    let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
+    let values = rounds.iter().flat_map(|r| [r.live, r.base]);
+    let (lo, hi) = values.fold((f64::MAX, f64::MIN), |(a, b), v| (a.min(v), b.max(v)));
+    let pad = ((hi - lo) * 0.15).max(0.01);
+    let (lo, hi) = ((lo - pad).max(0.0), hi + pad);
+    let plot_w = f64::from(w - left - right);
+    let plot_h = f64::from(h - top - bottom);
+    let n = rounds.len().max(2) - 1;
+    let px = |i: usize| f64::from(left) + plot_w * i as f64 / n as f64;
+    let py = |v: f64| f64::from(top) + plot_h * (1.0 - (v - lo) / (hi - lo));
+    let grey = Rgb([200, 200, 200]);
+    for k in 0..=4 {
+        let v = lo + (hi - lo) * f64::from(k) / 4.0;
+        let y = py(v).round() as u32;
+        draw_line(
+            &mut img,
+            (f64::from(left), f64::from(y)),
+            (f64::from(w - right), f64::from(y)),
+            grey,
+            1,
+        );
+        draw_text(
+            &mut img,
+            &format!("{v:.3}"),
+            4,
+            y.saturating_sub(5),
+            2,
+            Rgb([60, 60, 60]),
+        );
+    }
+    for (i, _) in rounds.iter().enumerate() {
+        let x = px(i).round() as u32;
+        draw_line(
+            &mut img,
+            (f64::from(x), f64::from(h - bottom)),
+            (f64::from(x), f64::from(h - bottom + 6)),
+            Rgb([60, 60, 60]),
+            1,
+        );
+        draw_text(
+            &mut img,
+            &i.to_string(),
+            x.saturating_sub(3),
+            h - bottom + 12,
+            2,
+            Rgb([60, 60, 60]),
+        );
+    }
+    let axis = Rgb([60, 60, 60]);
+    draw_line(
+        &mut img,
+        (f64::from(left), f64::from(top)),
+        (f64::from(left), f64::from(h - bottom)),
+        axis,
+        1,
+    );
+    draw_line(
+        &mut img,
+        (f64::from(left), f64::from(h - bottom)),
+        (f64::from(w - right), f64::from(h - bottom)),
+        axis,
+        1,
+    );
+    let series = |img: &mut RgbImage, value: &dyn Fn(&RoundScore) -> f64, colour: Rgb<u8>| {
+        for (i, pair) in rounds.windows(2).enumerate() {
+            draw_line(
+                img,
+                (px(i), py(value(&pair[0]))),
+                (px(i + 1), py(value(&pair[1]))),
+                colour,
+                2,
+            );
+        }
+        for (i, r) in rounds.iter().enumerate() {
+            let (x, y) = (px(i).round() as i64, py(value(r)).round() as i64);
+            for dy in -3..=3 {
+                for dx in -3..=3 {
+                    if dx * dx + dy * dy <= 9 {
+                        put(img, x + dx, y + dy, colour);
+                    }
+                }
+            }
+        }
+    };
+    series(&mut img, &|r| r.base, Rgb([150, 150, 150]));
+    series(&mut img, &|r| r.live, Rgb([30, 90, 220]));
+    img
+}
+
+fn put(img: &mut RgbImage, x: i64, y: i64, colour: Rgb<u8>) {
+    if x >= 0 && y >= 0 && (x as u32) < img.width() && (y as u32) < img.height() {
+        img.put_pixel(x as u32, y as u32, colour);
+    }
+}
+
+fn draw_line(img: &mut RgbImage, from: (f64, f64), to: (f64, f64), colour: Rgb<u8>, width: i64) {
+    let steps = ((to.0 - from.0).abs().max((to.1 - from.1).abs()).ceil() as usize).max(1);
+    for s in 0..=steps {
+        let t = s as f64 / steps as f64;
+        let (x, y) = (from.0 + (to.0 - from.0) * t, from.1 + (to.1 - from.1) * t);
+        for d in 0..width {
+            put(img, x.round() as i64, y.round() as i64 + d, colour);
+        }
+    }
+}
+
+/// 3x5 glyphs of the characters the figures print, one row per 3 bits.
+fn glyph(c: char) -> Option<[u8; 5]> {
+    Some(match c {
+        '0' => [7, 5, 5, 5, 7],
+        '1' => [2, 6, 2, 2, 7],
+        '2' => [7, 1, 7, 4, 7],
+        '3' => [7, 1, 7, 1, 7],
+        '4' => [5, 5, 7, 1, 1],
+        '5' => [7, 4, 7, 1, 7],
+        '6' => [7, 4, 7, 5, 7],
+        '7' => [7, 1, 1, 1, 1],
+        '8' => [7, 5, 7, 5, 7],
+        '9' => [7, 5, 7, 1, 7],
+        '.' => [0, 0, 0, 0, 2],
+        '-' => [0, 0, 7, 0, 0],
+        _ => return None,
+    })
+}
+
+fn draw_text(img: &mut RgbImage, text: &str, x: u32, y: u32, scale: u32, colour: Rgb<u8>) {
+    for (i, c) in text.chars().enumerate() {
+        let Some(rows) = glyph(c) else { continue };
+        let x0 = x + i as u32 * 4 * scale;
+        for (r, bits) in rows.iter().enumerate() {
+            for b in 0..3 {
+                if bits & (4 >> b) != 0 {
+                    for dy in 0..scale {
+                        for dx in 0..scale {
+                            put(
+                                img,
+                                i64::from(x0 + b * scale + dx),
+                                i64::from(y + r as u32 * scale + dy),
+                                colour,
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::{Scene, Shape, Size};
+
+    fn scene(colour: Colour, radius: f64) -> Vec<u8> {
+        Scene {
+            shape: Shape::Square,
+            colour,
+            size: Size::Large,
+            background: Colour::Blue,
+            centre: (32.0, 32.0),
+            radius,
+        }
+        .render(64)
+    }
+
+    #[test]
+    fn tastes_score_what_they_say() {
+        // A square of half-side 8 covers 16 x 16 = 256 of 4096 pixels (pixel centres inside).
+        let small = Taste::LargerShapes.score(&scene(Colour::Red, 8.0), 64);
+        assert!((small - 256.0 / 4096.0).abs() < 0.01, "{small}");
+        let large = Taste::LargerShapes.score(&scene(Colour::Red, 16.0), 64);
+        assert!(large > 3.5 * small);
+        let warm = Taste::WarmColours.score(&scene(Colour::Orange, 16.0), 64);
+        let cold = Taste::WarmColours.score(&scene(Colour::Green, 16.0), 64);
+        assert!((warm - 1024.0 / 4096.0).abs() < 0.02, "{warm}");
+        assert_eq!(cold, 0.0);
+    }
+
+    #[test]
+    fn prompts_leave_the_taste_open() {
+        assert!(
+            Taste::LargerShapes
+                .prompts()
+                .iter()
+                .all(|p| !p.contains("large") && !p.contains("small"))
+        );
+        for p in Taste::WarmColours.prompts() {
+            assert!(
+                !["red", "orange", "yellow"].iter().any(|w| p.contains(w)),
+                "{p}"
+            );
+        }
+    }
+
+    #[test]
+    fn figures_are_written() {
+        let png = |c| {
+            let mut bytes = Vec::new();
+            RgbImage::from_pixel(64, 64, Rgb([c, 0, 0]))
+                .write_to(
+                    &mut std::io::Cursor::new(&mut bytes),
+                    image::ImageFormat::Png,
+                )
+                .unwrap();
+            bytes
+        };
+        let report = DemoReport {
+            rounds: (0..3)
+                .map(|round| RoundScore {
+                    round,
+                    generation: format!("g{round}"),
+                    published: true,
+                    live: 0.1 + 0.05 * round as f64,
+                    base: 0.1,
+                })
+                .collect(),
+            images: vec![vec![png(10), png(20)]; 3],
+        };
+        let dir = tempfile::tempdir().unwrap();
+        write_figures(&report, dir.path()).unwrap();
+        let grid = image::open(dir.path().join("grid.png")).unwrap().to_rgb8();
+        assert_eq!((grid.width(), grid.height()), (20 + 2 * 68 + 4, 3 * 68 + 4));
+        let plot = image::open(dir.path().join("scores.png"))
+            .unwrap()
+            .to_rgb8();
+        // The live series (blue) is drawn.
+        assert!(plot.pixels().any(|p| *p == Rgb([30, 90, 220])));
+        assert!(report.table().contains("+0.1000"));
+    }
+}

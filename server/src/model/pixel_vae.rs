@@ -1,0 +1,215 @@
+//! An `AutoencoderKL` whose weights are written by hand rather than trained: its encoder is exact
+//! 2x2 average pooling and its decoder exact 2x nearest-neighbour upsampling, both of RGB in
+//! [-1, 1]. The embedded model diffuses in this "latent" space, which is simply the image at half
+//! resolution, so it needs no learned autoencoder yet loads through the standard pipeline layout
+//! (here and in diffusers).
+//!
+//! How an identity passes through the VAE's nonlinear layers:
+//! - every resnet's `conv2` and every attention's output projection are zero, so those blocks
+//!   reduce to their skip connection;
+//! - `conv_in` writes each colour `v` into a group of four channels `(v, -v, K, -K)`: the group's
+//!   mean is exactly 0 and its variance `(mean(v^2) + K^2) / 2`, so the final group norm divides
+//!   by `K / sqrt(2)` to within `mean(v^2) / (2 K^2)` (5e-7 for K = 1000), and its affine weight
+//!   multiplies that back;
+//! - the norm's bias shifts `v` to `v + 16`, where SiLU is the identity to 2e-6, and `conv_out`
+//!   subtracts the 16 again.
+
+use std::collections::BTreeMap;
+
+use candle_core::{DType, Device, Tensor};
+
+use super::seeded::SeededWeights;
+use super::tiny::full_autoencoder;
+use super::vae::{VaeConfig, VaeDecoder};
+
+/// The constant channel pair that pins the group norms' scale.
+const PIN: f32 = 1000.0;
+/// Where SiLU is linear enough to carry values in [-1, 1] unchanged.
+const SHIFT: f32 = 16.0;
+/// Channels per colour inside the VAE: `(v, -v, PIN, -PIN)`.
+const PER_COLOUR: usize = 4;
+
+/// The configuration: two levels (factor 2), 3 latent channels, 12 internal channels in 3 groups.
+pub fn pixel_vae_config() -> VaeConfig {
+    VaeConfig {
+        in_channels: 3,
+        out_channels: 3,
+        block_out_channels: vec![3 * PER_COLOUR; 2],
+        layers_per_block: 1,
+        latent_channels: 3,
+        norm_num_groups: 3,
+        scaling_factor: 1.0,
+        use_post_quant_conv: true,
+        sample_size: 64,
+    }
+}
+
+/// Every tensor of the autoencoder (encoder and decoder), under diffusers' keys.
+pub fn pixel_vae_weights() -> candle_core::Result<BTreeMap<String, Tensor>> {
+    let config = pixel_vae_config();
+    // Record every key and shape the two implementations ask for, then overwrite the values.
+    let shapes = SeededWeights::new(0);
+    full_autoencoder(&config, shapes.var_builder(DType::F32, &Device::Cpu))?;
+    VaeDecoder::new(&config, shapes.var_builder(DType::F32, &Device::Cpu))?;
+    let mut out = BTreeMap::new();
+    for (key, tensor) in shapes.tensors() {
+        let values = weight_values(&key, tensor.dims());
+        out.insert(key, Tensor::from_vec(values, tensor.dims(), &Device::Cpu)?);
+    }
+    Ok(out)
+}
+
+/// The values of one weight: zero unless the construction above needs it.
+fn weight_values(key: &str, dims: &[usize]) -> Vec<f32> {
+    let mut v = vec![0.0f32; dims.iter().product()];
+    // Conv weights `[out, in, k, k]`: set `(o, i)` at the kernel's tap `(y, x)`.
+    let mut set = |o: usize, i: usize, y: usize, x: usize, value: f32| {
+        let (cin, k) = (dims[1], dims[2]);
+        v[((o * cin + i) * k + y) * k + x] = value;
+    };
+    let colours = 0..3;
+    match key {
+        "encoder.conv_in.weight" | "decoder.conv_in.weight" => {
+            for c in colours {
+                set(PER_COLOUR * c, c, 1, 1, 1.0);
+                set(PER_COLOUR * c + 1, c, 1, 1, -1.0);
+            }
+        }
+        "encoder.conv_in.bias" | "decoder.conv_in.bias" => {
+            for c in colours {
+                v[PER_COLOUR * c + 2] = PIN;
+                v[PER_COLOUR * c + 3] = -PIN;
+            }
+        }
+        // Stride 2 over the right/bottom-padded input: taps (0..2, 0..2) cover one 2x2 cell.
+        "encoder.down_blocks.0.downsamplers.0.conv.weight" => {
+            for o in 0..dims[0] {
+                for (y, x) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
+                    set(o, o, y, x, 0.25);
+                }
+            }
+        }
+        "decoder.up_blocks.0.upsamplers.0.conv.weight" => {
+            for o in 0..dims[0] {
+                set(o, o, 1, 1, 1.0);
+            }
+        }
+        "encoder.conv_norm_out.weight" | "decoder.conv_norm_out.weight" => {
+            for c in colours {
+                v[PER_COLOUR * c] = PIN / std::f32::consts::SQRT_2;
+            }
+        }
+        "encoder.conv_norm_out.bias" | "decoder.conv_norm_out.bias" => {
+            for c in colours {
+                v[PER_COLOUR * c] = SHIFT;
+            }
+        }
+        "encoder.conv_out.weight" | "decoder.conv_out.weight" => {
+            for c in colours {
+                set(c, PER_COLOUR * c, 1, 1, 1.0);
+            }
+        }
+        // The encoder's mean channels, then its log-variance channels (a near-zero variance).
+        "encoder.conv_out.bias" => {
+            for (i, x) in v.iter_mut().enumerate() {
+                *x = if i < 3 { -SHIFT } else { -30.0 };
+            }
+        }
+        "decoder.conv_out.bias" => v.fill(-SHIFT),
+        "quant_conv.weight" | "post_quant_conv.weight" => {
+            for o in 0..dims[0] {
+                set(o, o, 0, 0, 1.0);
+            }
+        }
+        // Unused group norms keep unit scale so nothing divides by an all-zero weight later.
+        k if k.ends_with("norm1.weight")
+            || k.ends_with("norm2.weight")
+            || k.ends_with("group_norm.weight") =>
+        {
+            v.fill(1.0)
+        }
+        _ => {}
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+    use candle_nn::VarBuilder;
+
+    use super::*;
+
+    fn image(side: usize) -> Tensor {
+        // A smooth ramp plus a hard edge, in [-1, 1].
+        let data: Vec<f32> = (0..3 * side * side)
+            .map(|i| {
+                let (c, p) = (i / (side * side), i % (side * side));
+                let (y, x) = (p / side, p % side);
+                let ramp = (x as f32 / side as f32) * 1.6 - 0.8;
+                if y > side / 2 {
+                    -ramp
+                } else {
+                    ramp * (c as f32 - 1.0)
+                }
+            })
+            .collect();
+        Tensor::from_vec(data, (1, 3, side, side), &Device::Cpu).unwrap()
+    }
+
+    #[test]
+    fn decoder_is_nearest_neighbour_upsampling() {
+        let config = pixel_vae_config();
+        let vb = VarBuilder::from_tensors(
+            pixel_vae_weights().unwrap().into_iter().collect(),
+            DType::F32,
+            &Device::Cpu,
+        );
+        let decoder = VaeDecoder::new(&config, vb).unwrap();
+        let latent = image(8);
+        let decoded = decoder.decode(&latent).unwrap(); // [1, 16, 16, 3]
+        let expected = latent
+            .permute((0, 2, 3, 1))
+            .unwrap()
+            .reshape((1, 8, 1, 8, 1, 3))
+            .unwrap()
+            .broadcast_as((1, 8, 2, 8, 2, 3))
+            .unwrap()
+            .reshape((1, 16, 16, 3))
+            .unwrap();
+        let err = crate::model::nn::max_abs_diff(&decoded, &expected);
+        assert!(err < 1e-4, "decoder differs from upsampling by {err}");
+    }
+
+    #[test]
+    fn candle_transformers_autoencoder_pools_and_upsamples() {
+        let config = pixel_vae_config();
+        let vb = VarBuilder::from_tensors(
+            pixel_vae_weights().unwrap().into_iter().collect(),
+            DType::F32,
+            &Device::Cpu,
+        );
+        let vae = full_autoencoder(&config, vb).unwrap();
+        let img = image(16);
+        let latent = vae.encode(&img).unwrap().sample().unwrap(); // [1, 3, 8, 8]
+        let pooled = img
+            .reshape((1, 3, 8, 2, 8, 2))
+            .unwrap()
+            .mean(5)
+            .unwrap()
+            .mean(3)
+            .unwrap();
+        let err = crate::model::nn::max_abs_diff(&latent, &pooled);
+        assert!(err < 1e-4, "encoder differs from 2x2 pooling by {err}");
+        let back = vae.decode(&pooled).unwrap(); // [1, 3, 16, 16]
+        let up = pooled
+            .reshape((1, 3, 8, 1, 8, 1))
+            .unwrap()
+            .broadcast_as((1, 3, 8, 2, 8, 2))
+            .unwrap()
+            .reshape((1, 3, 16, 16))
+            .unwrap();
+        let err = crate::model::nn::max_abs_diff(&back, &up);
+        assert!(err < 1e-4, "decoder differs from upsampling by {err}");
+    }
+}

@@ -1,0 +1,644 @@
+//! Pretraining the embedded model: a small text-conditioned UNet and CLIP text encoder learn
+//! the procedural shapes dataset ([`crate::shapes`]) with the standard noise-prediction loss,
+//! in the half-resolution pixel space of [`crate::model::pixel_vae`].
+//!
+//! The whole run is defined by a [`Recipe`] (committed beside the weights as `recipe.json`) and
+//! reproducible from it: scenes, captions, timesteps and noise all come from its seed.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use candle_core::{DType, Device, Tensor, Var};
+use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
+use plugin_d3po::{PredictionType, SchedulerConfig};
+use rand::{Rng, SeedableRng, rngs::StdRng};
+use rand_distr::StandardNormal;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::error::ModelError;
+use crate::model::clip::{ClipConfig, ClipTextModel};
+use crate::model::loader::DiffusionModel;
+use crate::model::pixel_vae::{pixel_vae_config, pixel_vae_weights};
+use crate::model::seeded::SeededWeights;
+use crate::model::tiny::{
+    config_err, write_json, write_model_index, write_text_encoder, write_tokenizer, write_unet,
+    write_vae,
+};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{AdapterBatch, Mode, UNet2DConditionModel, UNetConfig};
+use crate::sampler::{AdapterChoice, SampleRequest};
+use crate::shapes::{self, Scene};
+
+/// Everything that defines a pretraining run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    /// Seed of the initial weights, the scenes, timesteps and noise.
+    pub seed: u64,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Images per step.
+    pub batch_size: usize,
+    /// Peak AdamW learning rate.
+    pub learning_rate: f64,
+    /// Linear warm-up from 0 to the peak, in steps.
+    pub warmup_steps: usize,
+    /// The cosine decay ends at this learning rate.
+    pub final_learning_rate: f64,
+    /// AdamW decoupled weight decay.
+    pub weight_decay: f64,
+    /// Global gradient-norm clip.
+    pub max_grad_norm: f64,
+    /// Decay of the exponential moving average of the weights that is written out.
+    pub ema_decay: f64,
+    /// Share of captions replaced by the empty prompt (what classifier-free guidance needs).
+    pub caption_dropout: f64,
+    /// With noise prediction, the x0 error joins the loss, weighted at most this much:
+    /// `|eps err|^2 (1 + min(1/SNR, cap))`, as `|x0 err|^2 = |eps err|^2 / SNR`. Plain noise MSE
+    /// (cap 0) barely trains the high-noise steps where the layout and colours are decided.
+    #[serde(default)]
+    pub x0_weight_cap: f64,
+    /// Side of the generated images in pixels (the UNet works at half of it).
+    pub image_size: usize,
+    /// The denoiser.
+    pub unet: UNetConfig,
+    /// The text encoder.
+    pub text_encoder: ClipConfig,
+    /// `scheduler/scheduler_config.json`: the noise schedule of training and sampling.
+    pub scheduler: serde_json::Value,
+}
+
+impl Recipe {
+    /// Reads a recipe file; the error names the file and what is wrong.
+    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let recipe: Self = serde_json::from_str(&text).map_err(|e| config_err(path, e))?;
+        recipe.validate().map_err(|reason| ModelError::Config {
+            path: path.to_path_buf(),
+            reason,
+        })?;
+        Ok(recipe)
+    }
+
+    fn validate(&self) -> Result<(), String> {
+        self.unet.validate()?;
+        self.text_encoder.validate()?;
+        SchedulerConfig::from_json(&self.scheduler.to_string()).map_err(|e| e.to_string())?;
+        if self.steps == 0 || self.batch_size == 0 {
+            return Err("steps and batch_size must be positive".into());
+        }
+        if self.unet.in_channels != 3 || self.unet.out_channels != 3 {
+            return Err("the UNet must have 3 input and output channels (RGB pixel space)".into());
+        }
+        if self.unet.cross_attention_dim != self.text_encoder.hidden_size {
+            return Err(format!(
+                "the UNet's cross_attention_dim {} differs from the encoder's hidden_size {}",
+                self.unet.cross_attention_dim, self.text_encoder.hidden_size
+            ));
+        }
+        let multiple = 2 << self.unet.downsample_levels();
+        if self.image_size == 0 || !self.image_size.is_multiple_of(multiple) {
+            return Err(format!("image_size must be a multiple of {multiple}"));
+        }
+        if !(self.x0_weight_cap >= 0.0 && self.x0_weight_cap.is_finite()) {
+            return Err("x0_weight_cap must be finite and >= 0".into());
+        }
+        if !(0.0..1.0).contains(&self.caption_dropout) || !(0.0..1.0).contains(&self.ema_decay) {
+            return Err("caption_dropout and ema_decay must lie in [0, 1)".into());
+        }
+        Ok(())
+    }
+
+    /// The learning rate at `step`: linear warm-up, then cosine decay to the final rate.
+    pub fn learning_rate_at(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let span = self.steps.saturating_sub(self.warmup_steps).max(1);
+        let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
+        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
+        self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * cosine
+    }
+}
+
+/// What one optimizer step did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepReport {
+    /// Steps done so far (this one included).
+    pub step: usize,
+    /// Weighted mean squared error of the prediction (noise or velocity, as the schedule says).
+    pub loss: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// The learning rate used.
+    pub learning_rate: f64,
+}
+
+/// The training state: variables, optimizer, weight average and the data stream.
+pub struct Pretrainer {
+    recipe: Recipe,
+    unet_vars: VarMap,
+    text_vars: VarMap,
+    /// Every variable with its running average, by component and key.
+    averages: Vec<(Component, String, Var, Tensor)>,
+    optimizer: AdamW,
+    tokenizer: ClipTokenizer,
+    alphas_cumprod: Vec<f32>,
+    prediction: PredictionType,
+    rng: StdRng,
+    step: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Component {
+    Unet,
+    TextEncoder,
+}
+
+impl Pretrainer {
+    /// Initialises the model from the recipe's seed. `out_dir` receives the tokenizer now and
+    /// the model on every [`Pretrainer::write_model`].
+    pub fn new(recipe: Recipe, out_dir: &Path) -> Result<Self, ModelError> {
+        recipe
+            .validate()
+            .map_err(|reason| ModelError::InvalidRequest {
+                field: "recipe",
+                reason,
+            })?;
+        let device = Device::Cpu;
+        write_tokenizer(&out_dir.join("tokenizer"), recipe.text_encoder.vocab_size)?;
+        let tokenizer = ClipTokenizer::from_dir(
+            &out_dir.join("tokenizer"),
+            recipe.text_encoder.max_position_embeddings,
+        )?;
+        let scheduler = SchedulerConfig::from_json(&recipe.scheduler.to_string()).map_err(|e| {
+            ModelError::InvalidRequest {
+                field: "scheduler",
+                reason: e.to_string(),
+            }
+        })?;
+        // Initial weights from the recipe's seed (candle's CPU generator cannot be seeded).
+        let unet_init = SeededWeights::new(recipe.seed);
+        UNet2DConditionModel::new(&recipe.unet, unet_init.var_builder(DType::F32, &device))?;
+        let text_init = SeededWeights::new(recipe.seed.wrapping_add(1));
+        ClipTextModel::new(
+            &recipe.text_encoder,
+            text_init.var_builder(DType::F32, &device),
+        )?;
+        let unet_vars = vars_from(&unet_init)?;
+        let text_vars = vars_from(&text_init)?;
+        zero_residual_outputs(&unet_vars)?;
+        let mut averages = Vec::new();
+        for (component, map) in [
+            (Component::Unet, &unet_vars),
+            (Component::TextEncoder, &text_vars),
+        ] {
+            let data = map.data().lock().map_err(|_| poisoned())?;
+            let mut keys: Vec<&String> = data.keys().collect();
+            keys.sort();
+            for key in keys {
+                let var = data[key].clone();
+                let average = var.as_tensor().detach().copy()?;
+                averages.push((component, key.clone(), var, average));
+            }
+        }
+        let vars: Vec<Var> = averages.iter().map(|(_, _, v, _)| v.clone()).collect();
+        let optimizer = AdamW::new(
+            vars,
+            ParamsAdamW {
+                lr: recipe.learning_rate_at(0),
+                weight_decay: recipe.weight_decay,
+                ..ParamsAdamW::default()
+            },
+        )?;
+        Ok(Self {
+            rng: StdRng::seed_from_u64(recipe.seed),
+            alphas_cumprod: scheduler.alphas_cumprod(),
+            prediction: scheduler.prediction_type,
+            recipe,
+            unet_vars,
+            text_vars,
+            averages,
+            optimizer,
+            tokenizer,
+            step: 0,
+        })
+    }
+
+    /// The recipe being trained.
+    pub fn recipe(&self) -> &Recipe {
+        &self.recipe
+    }
+
+    /// Trainable parameters.
+    pub fn parameter_count(&self) -> usize {
+        self.averages
+            .iter()
+            .map(|(_, _, v, _)| v.as_tensor().elem_count())
+            .sum()
+    }
+
+    /// One optimizer step on a fresh batch.
+    pub fn step(&mut self) -> Result<StepReport, ModelError> {
+        let device = Device::Cpu;
+        let r = &self.recipe;
+        let b = r.batch_size;
+        let side = r.image_size / 2;
+        let mut clean = Vec::with_capacity(b * 3 * side * side);
+        let mut ids = Vec::with_capacity(b * self.tokenizer.max_len());
+        let mut timesteps: Vec<usize> = Vec::with_capacity(b);
+        for _ in 0..b {
+            let scene = shapes::random_scene(&mut self.rng, r.image_size, false);
+            clean.extend(half_resolution_planes(&scene, r.image_size));
+            let caption = if self.rng.random_bool(r.caption_dropout) {
+                String::new()
+            } else {
+                scene.caption(self.rng.random_range(0..4))
+            };
+            ids.extend(self.tokenizer.encode(&caption)?.ids);
+            timesteps.push(self.rng.random_range(0..self.alphas_cumprod.len()));
+        }
+        let noise: Vec<f32> = (0..clean.len())
+            .map(|_| self.rng.sample(StandardNormal))
+            .collect();
+        let per_image = 3 * side * side;
+        let mut noisy = Vec::with_capacity(clean.len());
+        let mut target = Vec::with_capacity(clean.len());
+        for (i, (x, e)) in clean.iter().zip(&noise).enumerate() {
+            let ab = self.alphas_cumprod[timesteps[i / per_image]];
+            let (a, s) = (ab.sqrt(), (1.0 - ab).sqrt());
+            noisy.push(a * x + s * e);
+            // v (velocity) stays informative where the signal is almost gone: predicting the
+            // noise there leaves x0 = (x_t - s eps) / a with its error amplified 1/a times.
+            target.push(match self.prediction {
+                PredictionType::Epsilon => *e,
+                PredictionType::VPrediction => a * e - s * x,
+            });
+        }
+        let shape = (b, 3, side, side);
+        let noisy = Tensor::from_vec(noisy, shape, &device)?;
+        let target = Tensor::from_vec(target, shape, &device)?;
+        let ids = Tensor::from_vec(ids, (b, self.tokenizer.max_len()), &device)?;
+
+        // Rebuilt every step: the convolutions keep their weights pre-arranged, so a model built
+        // once would not see the optimizer's updates.
+        let unet = UNet2DConditionModel::new(
+            &r.unet,
+            VarBuilder::from_varmap(&self.unet_vars, DType::F32, &device),
+        )?;
+        let text = ClipTextModel::new(
+            &r.text_encoder,
+            VarBuilder::from_varmap(&self.text_vars, DType::F32, &device),
+        )?;
+        let context = text.forward_with_mode(&ids, Mode::Training)?;
+        let t: Vec<f64> = timesteps.iter().map(|&t| t as f64).collect();
+        let predicted = unet.forward(&noisy, &t, &context, &AdapterBatch::BASE, Mode::Training)?;
+        let weights: Vec<f32> = timesteps
+            .iter()
+            .map(|&t| match self.prediction {
+                PredictionType::Epsilon => {
+                    let ab = f64::from(self.alphas_cumprod[t]);
+                    (1.0 + ((1.0 - ab) / ab).min(r.x0_weight_cap)) as f32
+                }
+                PredictionType::VPrediction => 1.0,
+            })
+            .collect();
+        let weights = Tensor::from_vec(weights, (b, 1, 1, 1), &device)?;
+        let loss = (predicted - &target)?
+            .sqr()?
+            .broadcast_mul(&weights)?
+            .mean_all()?;
+        let mut grads = loss.backward()?;
+
+        let mut norm_sq = 0.0f64;
+        for (_, _, var, _) in &self.averages {
+            if let Some(g) = grads.get(var.as_tensor()) {
+                norm_sq += f64::from(g.sqr()?.sum_all()?.to_scalar::<f32>()?);
+            }
+        }
+        let grad_norm = norm_sq.sqrt();
+        if grad_norm > r.max_grad_norm {
+            let scale = r.max_grad_norm / (grad_norm + 1e-6);
+            for (_, _, var, _) in &self.averages {
+                if let Some(g) = grads.remove(var.as_tensor()) {
+                    grads.insert(var.as_tensor(), (g * scale)?);
+                }
+            }
+        }
+        let learning_rate = r.learning_rate_at(self.step);
+        self.optimizer.set_learning_rate(learning_rate);
+        self.optimizer.step(&grads)?;
+
+        // The average warms up so early steps are not dominated by the initial weights.
+        let decay = r
+            .ema_decay
+            .min((1 + self.step) as f64 / (10 + self.step) as f64);
+        for (_, _, var, average) in &mut self.averages {
+            *average = ((&*average * decay)? + (var.as_tensor().detach() * (1.0 - decay))?)?;
+        }
+        self.step += 1;
+        Ok(StepReport {
+            step: self.step,
+            loss: f64::from(loss.to_scalar::<f32>()?),
+            grad_norm,
+            learning_rate,
+        })
+    }
+
+    /// Writes the averaged weights as a complete diffusers pipeline into `dir`, with the recipe.
+    pub fn write_model(&self, dir: &Path) -> Result<(), ModelError> {
+        let weights = |component: Component| -> BTreeMap<String, Tensor> {
+            self.averages
+                .iter()
+                .filter(|(c, _, _, _)| *c == component)
+                .map(|(_, key, _, average)| (key.clone(), average.clone()))
+                .collect()
+        };
+        write_unet(dir, &self.recipe.unet, weights(Component::Unet))?;
+        write_text_encoder(
+            dir,
+            &self.recipe.text_encoder,
+            weights(Component::TextEncoder),
+        )?;
+        write_vae(dir, &pixel_vae_config(), pixel_vae_weights()?)?;
+        write_tokenizer(&dir.join("tokenizer"), self.recipe.text_encoder.vocab_size)?;
+        let mut scheduler = self.recipe.scheduler.clone();
+        scheduler["_class_name"] = json!("DDIMScheduler");
+        write_json(&dir.join("scheduler/scheduler_config.json"), &scheduler)?;
+        write_model_index(dir)?;
+        write_json(
+            &dir.join("recipe.json"),
+            &serde_json::to_value(&self.recipe).map_err(|e| config_err(dir, e))?,
+        )?;
+        // A checkpoint may stop short of the recipe's steps: say how far it got.
+        write_json(
+            &dir.join("progress.json"),
+            &json!({ "completed_steps": self.step, "recipe_steps": self.recipe.steps }),
+        )
+    }
+}
+
+impl std::fmt::Debug for Pretrainer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pretrainer")
+            .field("step", &self.step)
+            .field("parameters", &self.parameter_count())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Trainable variables holding the weights `init` produced.
+fn vars_from(init: &SeededWeights) -> Result<VarMap, ModelError> {
+    let map = VarMap::new();
+    {
+        let mut data = map.data().lock().map_err(|_| poisoned())?;
+        for (key, tensor) in init.tensors() {
+            data.insert(key, Var::from_tensor(&tensor)?);
+        }
+    }
+    Ok(map)
+}
+
+fn poisoned() -> ModelError {
+    ModelError::Tensor(candle_core::Error::msg("variable map lock poisoned"))
+}
+
+/// Zeroes the last layer of every residual branch (resnets' `conv2`, the transformers'
+/// `proj_out`) and the UNet's `conv_out`: each block starts as the identity, which keeps the
+/// first steps stable (as in the original latent-diffusion code).
+fn zero_residual_outputs(vars: &VarMap) -> Result<(), ModelError> {
+    let data = vars.data().lock().map_err(|_| poisoned())?;
+    for (key, var) in data.iter() {
+        let zero = key.ends_with(".conv2.weight")
+            || key.ends_with(".conv2.bias")
+            || (key.contains("attentions.") && key.contains(".proj_out."))
+            || key.starts_with("conv_out.");
+        if zero {
+            var.set(&var.as_tensor().zeros_like()?)?;
+        }
+    }
+    Ok(())
+}
+
+/// The scene at half resolution (2x2 means of its full-size render, as the pixel VAE's encoder
+/// computes them), as planar RGB in [-1, 1].
+pub fn half_resolution_planes(scene: &Scene, image_size: usize) -> Vec<f32> {
+    let full = scene.render(image_size);
+    let side = image_size / 2;
+    let mut planes = vec![0.0f32; 3 * side * side];
+    for y in 0..side {
+        for x in 0..side {
+            for c in 0..3 {
+                let sum: u32 = [(0, 0), (0, 1), (1, 0), (1, 1)]
+                    .iter()
+                    .map(|(dy, dx)| {
+                        u32::from(full[((2 * y + dy) * image_size + 2 * x + dx) * 3 + c])
+                    })
+                    .sum();
+                planes[(c * side + y) * side + x] = sum as f32 / (4.0 * 127.5) - 1.0;
+            }
+        }
+    }
+    planes
+}
+
+/// How well a model draws what held-out captions ask for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct EvalReport {
+    /// Prompts generated.
+    pub prompts: usize,
+    /// Images whose shape, colour and (when named) background all match.
+    pub correct: usize,
+    /// Images with the right shape.
+    pub shape_correct: usize,
+    /// Images with the right shape colour.
+    pub colour_correct: usize,
+    /// Images with the right background, among prompts that name one.
+    pub background_correct: usize,
+    /// Prompts that name a background.
+    pub with_background: usize,
+}
+
+impl EvalReport {
+    /// Share of images that match their prompt.
+    pub fn accuracy(&self) -> f64 {
+        self.correct as f64 / self.prompts.max(1) as f64
+    }
+}
+
+/// Generates one image for each of `prompts` (20-step sampling at the given guidance, seeded by
+/// `seed` and the prompt's index) and scores it with the evaluator.
+pub fn evaluate(
+    model: &DiffusionModel,
+    prompts: &[String],
+    steps: usize,
+    guidance_scale: f64,
+    seed: u64,
+    image_size: usize,
+) -> Result<EvalReport, ModelError> {
+    let mut report = EvalReport::default();
+    let batch = 4;
+    for (chunk_index, chunk) in prompts.chunks(batch).enumerate() {
+        let requests: Vec<SampleRequest> = (0..chunk.len())
+            .map(|i| SampleRequest {
+                num_images: 1,
+                seed: seed.wrapping_add((chunk_index * batch + i) as u64),
+                steps,
+                guidance_scale,
+                eta: 1.0,
+                width: image_size,
+                height: image_size,
+            })
+            .collect();
+        let conditioning = chunk
+            .iter()
+            .map(|p| model.conditioning(p, ""))
+            .collect::<Result<Vec<_>, _>>()?;
+        let generations = model.generate(
+            &requests,
+            &conditioning,
+            AdapterChoice::default(),
+            &mut |_, _| true,
+        )?;
+        for (prompt, generation) in chunk.iter().zip(generations) {
+            let Some(image) = generation.images.first() else {
+                continue;
+            };
+            report.prompts += 1;
+            let spec = shapes::parse_prompt(prompt);
+            let seen = shapes::evaluate(&image.data, image_size);
+            let shape_ok = seen.is_some_and(|s| Some(s.shape) == spec.shape);
+            let colour_ok = seen.is_some_and(|s| Some(s.colour) == spec.colour);
+            let background_ok =
+                seen.is_some_and(|s| spec.background.is_none_or(|b| b == s.background));
+            report.shape_correct += usize::from(shape_ok);
+            report.colour_correct += usize::from(colour_ok);
+            if spec.background.is_some() {
+                report.with_background += 1;
+                report.background_correct += usize::from(background_ok);
+            }
+            report.correct += usize::from(shape_ok && colour_ok && background_ok);
+        }
+    }
+    Ok(report)
+}
+
+/// `n` captions of held-out combinations (never seen in training), reproducible from `seed`.
+pub fn held_out_prompts(seed: u64, n: usize, image_size: usize) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| shapes::random_scene(&mut rng, image_size, true).caption(i))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::shapes::{Colour, Shape, Size};
+
+    fn small_recipe() -> Recipe {
+        let mut recipe =
+            Recipe::from_file(&Path::new(env!("CARGO_MANIFEST_DIR")).join("embedded/recipe.json"))
+                .unwrap();
+        recipe.steps = 40;
+        recipe.batch_size = 8;
+        // Noise prediction: its loss falls faster in a few steps than v's.
+        recipe.scheduler["prediction_type"] = json!("epsilon");
+        recipe.warmup_steps = 5;
+        recipe.learning_rate = 4e-3;
+        recipe.image_size = 32;
+        recipe.unet.block_out_channels = vec![16, 32];
+        recipe.unet.down_block_types = ["DownBlock2D", "CrossAttnDownBlock2D"]
+            .map(String::from)
+            .to_vec();
+        recipe.unet.up_block_types = ["CrossAttnUpBlock2D", "UpBlock2D"]
+            .map(String::from)
+            .to_vec();
+        recipe.unet.norm_num_groups = 8;
+        recipe.unet.cross_attention_dim = 32;
+        recipe.text_encoder.hidden_size = 32;
+        recipe.text_encoder.intermediate_size = 64;
+        recipe
+    }
+
+    #[test]
+    fn the_committed_recipe_is_the_one_the_weights_record() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("embedded");
+        let recipe = Recipe::from_file(&dir.join("recipe.json")).unwrap();
+        let recorded = Recipe::from_file(&dir.join("model/recipe.json")).unwrap();
+        assert_eq!(recipe, recorded);
+    }
+
+    #[test]
+    fn learning_rate_warms_up_then_decays_to_the_final_rate() {
+        let mut r = small_recipe();
+        (
+            r.steps,
+            r.warmup_steps,
+            r.learning_rate,
+            r.final_learning_rate,
+        ) = (110, 10, 1e-3, 1e-4);
+        assert!((r.learning_rate_at(0) - 1e-4).abs() < 1e-12);
+        assert!((r.learning_rate_at(9) - 1e-3).abs() < 1e-12);
+        assert!((r.learning_rate_at(10) - 1e-3).abs() < 1e-12);
+        // Half way through the decay: the mean of peak and final.
+        assert!((r.learning_rate_at(60) - 5.5e-4).abs() < 1e-12);
+        assert!((r.learning_rate_at(110) - 1e-4).abs() < 1e-12);
+    }
+
+    #[test]
+    fn half_resolution_planes_average_two_by_two_cells() {
+        let scene = Scene {
+            shape: Shape::Square,
+            colour: Colour::Red,
+            size: Size::Large,
+            background: Colour::Blue,
+            centre: (8.0, 8.0),
+            radius: 3.0,
+        };
+        // The square covers pixel centres 5.5..=10.5, i.e. pixels 5..=10 of 16.
+        let planes = half_resolution_planes(&scene, 16);
+        let at = |c: usize, y: usize, x: usize| planes[(c * 8 + y) * 8 + x];
+        // Cell (3, 3) = pixels 6..8, all red (220, 30, 30); cell (0, 0) all blue (30, 60, 220).
+        assert!((at(0, 3, 3) - (220.0 / 127.5 - 1.0)).abs() < 1e-6);
+        assert!((at(2, 0, 0) - (220.0 / 127.5 - 1.0)).abs() < 1e-6);
+        // Cell (2, 2) = pixels 4..6: one column and one row outside, so 1 of 4 pixels is red.
+        let want = (220.0 + 3.0 * 30.0) / 4.0 / 127.5 - 1.0;
+        assert!((at(0, 2, 2) - want).abs() < 1e-6, "{}", at(0, 2, 2));
+    }
+
+    /// A few steps on a small model lower the loss, and the written folder is a pipeline the
+    /// loader serves.
+    #[test]
+    fn pretraining_lowers_the_loss_and_writes_a_loadable_pipeline() {
+        let dir = tempfile::tempdir().unwrap();
+        let recipe = small_recipe();
+        let run = |recipe: Recipe| {
+            let mut trainer = Pretrainer::new(recipe.clone(), dir.path()).unwrap();
+            let losses: Vec<f64> = (0..recipe.steps)
+                .map(|_| trainer.step().unwrap().loss)
+                .collect();
+            (trainer, losses)
+        };
+        // A run that does not learn sees the very same batches (the stream is seeded).
+        let mut frozen = recipe.clone();
+        (frozen.learning_rate, frozen.final_learning_rate) = (0.0, 0.0);
+        let (_, still) = run(frozen);
+        let (trainer, losses) = run(recipe.clone());
+        assert_eq!(losses[0], still[0], "same seed, same first batch and loss");
+        let mean = |s: &[f64]| s.iter().sum::<f64>() / s.len() as f64;
+        let (trained, untrained) = (mean(&losses[30..]), mean(&still[30..]));
+        eprintln!("loss on the last 10 batches: {untrained:.3} untrained, {trained:.3} trained");
+        assert!(trained < 0.7 * untrained, "{untrained:.3} -> {trained:.3}");
+        trainer.write_model(dir.path()).unwrap();
+        let model = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu).unwrap();
+        assert_eq!(model.vae_scale_factor(), 2);
+        let prompts = held_out_prompts(1, 2, 32);
+        let report = evaluate(&model, &prompts, 2, 3.0, 0, 32).unwrap();
+        assert_eq!(report.prompts, 2);
+    }
+}
