@@ -470,13 +470,26 @@ impl EvalReport {
     }
 }
 
-/// Generates one image for each of `prompts` (20-step sampling at the given guidance, seeded by
-/// `seed` and the prompt's index) and scores it with the evaluator.
+/// Generates one image for each of `prompts` (`steps`-step sampling at the given guidance, eta 1,
+/// seeded by `seed` and the prompt's index) and scores it with the evaluator.
 pub fn evaluate(
     model: &DiffusionModel,
     prompts: &[String],
     steps: usize,
     guidance_scale: f64,
+    seed: u64,
+    image_size: usize,
+) -> Result<EvalReport, ModelError> {
+    evaluate_with_eta(model, prompts, steps, guidance_scale, 1.0, seed, image_size)
+}
+
+/// [`evaluate`] with another DDIM eta (in (0, 1]).
+pub fn evaluate_with_eta(
+    model: &DiffusionModel,
+    prompts: &[String],
+    steps: usize,
+    guidance_scale: f64,
+    eta: f64,
     seed: u64,
     image_size: usize,
 ) -> Result<EvalReport, ModelError> {
@@ -489,7 +502,7 @@ pub fn evaluate(
                 seed: seed.wrapping_add((chunk_index * batch + i) as u64),
                 steps,
                 guidance_scale,
-                eta: 1.0,
+                eta,
                 width: image_size,
                 height: image_size,
             })

@@ -80,6 +80,9 @@ struct EvaluateArgs {
     /// Classifier-free guidance scale.
     #[arg(long, env = "IMAGEGEN_EVAL_GUIDANCE", default_value_t = 5.0)]
     guidance: f64,
+    /// DDIM eta in (0, 1] (1: the server's default).
+    #[arg(long, env = "IMAGEGEN_EVAL_ETA", default_value_t = 1.0)]
+    eta: f64,
     /// Seed of the prompts and of the sampling noise.
     #[arg(long, env = "IMAGEGEN_EVAL_SEED", default_value_t = 1000)]
     seed: u64,
@@ -204,7 +207,7 @@ fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
 }
 
 fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
-    use imagegen_server::pretrain::{evaluate, held_out_prompts};
+    use imagegen_server::pretrain::{evaluate_with_eta as evaluate, held_out_prompts};
     let device = candle_core::Device::Cpu;
     let model = match &args.model {
         Some(dir) => imagegen_server::model::loader::DiffusionModel::load(
@@ -217,7 +220,15 @@ fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
     let size = 64;
     let prompts = held_out_prompts(args.seed, args.prompts, size);
     let started = std::time::Instant::now();
-    let report = evaluate(&model, &prompts, args.steps, args.guidance, args.seed, size)?;
+    let report = evaluate(
+        &model,
+        &prompts,
+        args.steps,
+        args.guidance,
+        args.eta,
+        args.seed,
+        size,
+    )?;
     let elapsed = started.elapsed().as_secs_f64();
     // One image alone, as a client would ask for it (prompt encoding included).
     let single = std::time::Instant::now();
@@ -226,6 +237,7 @@ fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
         &prompts[..1.min(prompts.len())],
         args.steps,
         args.guidance,
+        args.eta,
         0,
         size,
     )?;
@@ -242,6 +254,7 @@ fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
             "with_background": report.with_background,
             "steps": args.steps,
             "guidance_scale": args.guidance,
+            "eta": args.eta,
             "seconds_per_image_in_batches_of_4": elapsed / report.prompts.max(1) as f64,
             "seconds_for_one_image": single,
         }))?
