@@ -187,13 +187,6 @@ pub async fn run(
         }],
         images: vec![base_images],
     };
-    let mut published_so_far = {
-        let s = adapters
-            .get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?)
-            .await?
-            .into_inner();
-        (s.rounds_published, s.rounds_rejected)
-    };
     for round in 1..=config.rounds {
         let started = Instant::now();
         let mut rated = 0;
@@ -229,28 +222,12 @@ pub async fn run(
             "round {round}: rated {rated} pairs in {:.0} s; training",
             started.elapsed().as_secs_f64()
         ));
-        adapters
-            .trigger_training(with_key(pb::TriggerTrainingRequest {}, key)?)
-            .await?;
-        let deadline = Instant::now() + config.round_timeout;
-        let status = loop {
-            let s = adapters
-                .get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?)
-                .await?
-                .into_inner();
-            if s.rounds_published + s.rounds_rejected > published_so_far.0 + published_so_far.1 {
-                break s;
-            }
-            if Instant::now() > deadline {
-                return Err(tonic::Status::deadline_exceeded(format!(
-                    "training round {round} did not finish within {:?}",
-                    config.round_timeout
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        };
-        let published = status.rounds_published > published_so_far.0;
-        published_so_far = (status.rounds_published, status.rounds_rejected);
+        let (before, status) = train_round(&mut adapters, key, config.round_timeout)
+            .await
+            .map_err(|e| {
+                tonic::Status::new(e.code(), format!("training round {round}: {}", e.message()))
+            })?;
+        let published = status.rounds_published > before.rounds_published;
         let live_generation = adapters
             .list_adapters(with_key(pb::ListAdaptersRequest {}, key)?)
             .await?
@@ -320,6 +297,39 @@ async fn evaluate(
         images.push(image.data);
     }
     Ok((total / eval.len().max(1) as f64, images))
+}
+
+/// Triggers a training round and waits until it is published or rejected; returns the trainer's
+/// status before and after. `DEADLINE_EXCEEDED` when no round finishes within `timeout`.
+pub async fn train_round(
+    adapters: &mut AdaptersClient<Channel>,
+    key: &Option<String>,
+    timeout: Duration,
+) -> Result<(pb::TrainingStatus, pb::TrainingStatus), tonic::Status> {
+    let finished = |s: &pb::TrainingStatus| s.rounds_published + s.rounds_rejected;
+    let before = adapters
+        .get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?)
+        .await?
+        .into_inner();
+    adapters
+        .trigger_training(with_key(pb::TriggerTrainingRequest {}, key)?)
+        .await?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        let s = adapters
+            .get_training_status(with_key(pb::GetTrainingStatusRequest {}, key)?)
+            .await?
+            .into_inner();
+        if finished(&s) > finished(&before) {
+            return Ok((before, s));
+        }
+        if Instant::now() > deadline {
+            return Err(tonic::Status::deadline_exceeded(format!(
+                "no training round finished within {timeout:?}: {s:?}"
+            )));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Writes `grid.png` (one row per round, base first) and `scores.png` into `dir`.

@@ -3,9 +3,10 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use imagegen_proto::v1 as pb;
+use imagegen_server::demo::train_round;
 use imagegen_tests::TestServer;
 use pb::feedback_request::Feedback;
 use tonic::Code;
@@ -48,30 +49,10 @@ async fn rate(t: &TestServer, groups: u64) -> Vec<String> {
 
 /// Triggers a round and waits until it has been published or rejected.
 async fn train(t: &TestServer) -> pb::TrainingStatus {
-    let mut adapters = t.adapters();
-    let before = adapters
-        .get_training_status(pb::GetTrainingStatusRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    adapters
-        .trigger_training(pb::TriggerTrainingRequest {})
+    let (_, after) = train_round(&mut t.adapters(), &None, Duration::from_secs(120))
         .await
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let s = adapters
-            .get_training_status(pb::GetTrainingStatusRequest {})
-            .await
-            .unwrap()
-            .into_inner();
-        if s.rounds_published + s.rounds_rejected > before.rounds_published + before.rounds_rejected
-        {
-            return s;
-        }
-        assert!(Instant::now() < deadline, "no round finished: {s:?}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    after
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

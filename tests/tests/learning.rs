@@ -4,9 +4,10 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use imagegen_proto::v1 as pb;
+use imagegen_server::demo::train_round;
 use imagegen_tests::TestServer;
 use pb::feedback_request::Feedback;
 
@@ -85,24 +86,10 @@ async fn live_beats_base_for_a_rater_who_prefers_brighter_images() {
                 .await
                 .unwrap();
         }
-        adapters
-            .trigger_training(pb::TriggerTrainingRequest {})
+        let (_, s) = train_round(&mut adapters, &None, Duration::from_secs(300))
             .await
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(300);
-        loop {
-            let s = adapters
-                .get_training_status(pb::GetTrainingStatusRequest {})
-                .await
-                .unwrap()
-                .into_inner();
-            if s.rounds_published + s.rounds_rejected > round {
-                assert_eq!(s.rounds_published, round + 1, "round {round}: {s:?}");
-                break;
-            }
-            assert!(Instant::now() < deadline, "round {round} did not finish");
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
+            .unwrap_or_else(|e| panic!("round {round} did not finish: {e}"));
+        assert_eq!(s.rounds_published, round + 1, "round {round}: {s:?}");
         let live = mean_brightness(&t, "", evaluation.clone()).await;
         eprintln!("round {round}: live brightness {live:.2} (base {base_before:.2})");
     }
