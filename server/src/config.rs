@@ -70,6 +70,11 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_MAX_PROMPT_CHARS", default_value_t = 2000)]
     pub max_prompt_chars: usize,
 
+    /// Guidance scale of requests that leave it unset (default: 2 for the built-in model, where
+    /// its evaluator scores best, 5 for a `--model`).
+    #[arg(long, env = "IMAGEGEN_DEFAULT_GUIDANCE")]
+    pub default_guidance: Option<f32>,
+
     /// File of API keys, one `ROLES KEY` per line (`generate,feedback sk-...`; roles: generate,
     /// feedback, admin). Without keys the server is unauthenticated and should stay on loopback.
     #[arg(long, env = "IMAGEGEN_API_KEYS_FILE")]
@@ -114,6 +119,12 @@ impl ServeConfig {
 
     /// Checks ranges that clap cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if self
+            .default_guidance
+            .is_some_and(|g| !g.is_finite() || g < 0.0)
+        {
+            return Err("--default-guidance must be finite and >= 0".into());
+        }
         if self.max_batch == 0 {
             return Err("--max-batch must be at least 1".into());
         }
@@ -156,6 +167,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_images", &self.max_images)
             .field("max_image_size", &self.max_image_size)
             .field("max_prompt_chars", &self.max_prompt_chars)
+            .field("default_guidance", &self.default_guidance)
             .field("api_keys_file", &self.api_keys_file)
             .field("api_keys", &redacted(&self.api_keys))
             .field("feedback_secret", &redacted(&self.feedback_secret))

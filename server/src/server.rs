@@ -23,6 +23,7 @@ use crate::engine::{Engine, EngineConfig};
 use crate::error::ModelError;
 use crate::grpc::{AdaptersService, AdminService, AppState, Defaults, GeneratorService, Limits};
 use crate::metrics::Metrics;
+use crate::model::builtin::{BUILTIN_ID, GUIDANCE_SCALE};
 use crate::model::loader::DiffusionModel;
 use crate::tokens::TokenSigner;
 
@@ -143,7 +144,13 @@ pub async fn start(
     let defaults = Defaults {
         num_images: 1,
         steps: 20,
-        guidance_scale: 5.0,
+        guidance_scale: config
+            .default_guidance
+            .unwrap_or(if model.id == BUILTIN_ID {
+                GUIDANCE_SCALE
+            } else {
+                5.0
+            }),
         size: native,
         eta: 1.0,
     };

@@ -109,9 +109,9 @@ impl Colour {
 /// Small or large.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Size {
-    /// About a quarter of the image across.
+    /// About a third of the image across (radius 16-20% of the side).
     Small,
-    /// About half the image across.
+    /// About half the image across (radius 24-30% of the side).
     Large,
 }
 
@@ -160,7 +160,7 @@ impl Scene {
         };
         let s = side as f64;
         let radius = match size {
-            Size::Small => s * rng.random_range(0.11..0.15),
+            Size::Small => s * rng.random_range(0.16..0.20),
             Size::Large => s * rng.random_range(0.24..0.30),
         };
         let margin = radius + 1.0;
@@ -301,17 +301,22 @@ pub struct Seen {
     pub area_fraction: f64,
 }
 
-/// A connected region of one colour: pixel count, bounding box, summed RGB.
+/// A connected region of non-background pixels: pixel count, bounding box, pixels per colour.
 struct Blob {
     count: usize,
     x0: usize,
     x1: usize,
     y0: usize,
     y1: usize,
-    sum: [f64; 3],
+    colours: [usize; 8],
 }
 
 /// Finds the largest blob that is not the background and classifies its colour and shape.
+///
+/// The figure is every pixel whose nearest palette colour is not the background's, whatever
+/// colour it is nearest to: an anti-aliased or slightly noisy edge (red over blue reads as
+/// purple) stays part of the shape instead of breaking it up, and the figure's colour is the
+/// most common one among its pixels.
 pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
     if rgb.len() != side * side * 3 || side < 4 {
         return None;
@@ -331,27 +336,24 @@ pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
     }
     let bg_index = (0..8).max_by_key(|&i| border_counts[i]).unwrap_or(0);
     let background = Colour::ALL[bg_index];
-    // Connected components of same-colour, non-background pixels (4-neighbourhood).
+    // Connected components of non-background pixels (4-neighbourhood).
     let mut seen = vec![false; side * side];
     let mut best: Option<Blob> = None;
     for start in 0..side * side {
         if seen[start] || label[start] == background {
             continue;
         }
-        let colour = label[start];
         let mut stack = vec![start];
         seen[start] = true;
         let (mut count, mut x0, mut x1, mut y0, mut y1) = (0, side, 0, side, 0);
-        let mut sum = [0.0; 3];
+        let mut colours = [0usize; 8];
         while let Some(p) = stack.pop() {
             count += 1;
             let (x, y) = (p % side, p / side);
             (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-            for (c, s) in sum.iter_mut().enumerate() {
-                *s += f64::from(rgb[p * 3 + c]);
-            }
+            colours[Colour::ALL.iter().position(|c| *c == label[p]).unwrap_or(0)] += 1;
             let mut visit = |q: usize| {
-                if !seen[q] && label[q] == colour {
+                if !seen[q] && label[q] != background {
                     seen[q] = true;
                     stack.push(q);
                 }
@@ -376,7 +378,7 @@ pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
                 x1,
                 y0,
                 y1,
-                sum,
+                colours,
             });
         }
     }
@@ -386,9 +388,9 @@ pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
         x1,
         y0,
         y1,
-        sum,
+        colours,
     } = best?;
-    let mean = sum.map(|s| s / count as f64);
+    let colour_index = (0..8).max_by_key(|&i| colours[i]).unwrap_or(0);
     let bbox = ((x1 - x0 + 1) * (y1 - y0 + 1)) as f64;
     let fill = count as f64 / bbox;
     // Filled fraction of the bounding box: square 1, circle pi/4 = 0.785, triangle 1/2.
@@ -400,7 +402,7 @@ pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
         Shape::Triangle
     };
     Some(Seen {
-        colour: Colour::nearest(mean),
+        colour: Colour::ALL[colour_index],
         shape,
         background,
         area_fraction: count as f64 / (side * side) as f64,

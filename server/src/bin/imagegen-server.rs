@@ -77,8 +77,8 @@ struct EvaluateArgs {
     /// Denoising steps per image.
     #[arg(long, env = "IMAGEGEN_EVAL_STEPS", default_value_t = 20)]
     steps: usize,
-    /// Classifier-free guidance scale.
-    #[arg(long, env = "IMAGEGEN_EVAL_GUIDANCE", default_value_t = 5.0)]
+    /// Classifier-free guidance scale (2: what the server uses for the built-in model).
+    #[arg(long, env = "IMAGEGEN_EVAL_GUIDANCE", default_value_t = 2.0)]
     guidance: f64,
     /// DDIM eta in (0, 1] (1: the server's default).
     #[arg(long, env = "IMAGEGEN_EVAL_ETA", default_value_t = 1.0)]
@@ -185,7 +185,8 @@ fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
                     candle_core::DType::F32,
                     &candle_core::Device::Cpu,
                 )?;
-                let eval = evaluate(&model, &prompts, 20, 5.0, 1000, recipe.image_size)?;
+                let guidance = f64::from(imagegen_server::model::builtin::GUIDANCE_SCALE);
+                let eval = evaluate(&model, &prompts, 20, guidance, 1000, recipe.image_size)?;
                 tracing::info!(
                     step = report.step,
                     accuracy = format!("{:.3}", eval.accuracy()),

@@ -1,8 +1,8 @@
 //! An `AutoencoderKL` whose weights are written by hand rather than trained: its encoder is exact
-//! 2x2 average pooling and its decoder exact 2x nearest-neighbour upsampling, both of RGB in
-//! [-1, 1]. The embedded model diffuses in this "latent" space, which is simply the image at half
-//! resolution, so it needs no learned autoencoder yet loads through the standard pipeline layout
-//! (here and in diffusers).
+//! `f` x `f` average pooling and its decoder exact `f`x nearest-neighbour upsampling (`f` a power
+//! of two), both of RGB in [-1, 1]. The embedded model diffuses in this "latent" space, which is
+//! simply the image at `1/f` resolution, so it needs no learned autoencoder yet loads through the
+//! standard pipeline layout (here and in diffusers).
 //!
 //! How an identity passes through the VAE's nonlinear layers:
 //! - every resnet's `conv2` and every attention's output projection are zero, so those blocks
@@ -29,12 +29,13 @@ const SHIFT: f32 = 16.0;
 /// Channels per colour inside the VAE: `(v, -v, PIN, -PIN)`.
 const PER_COLOUR: usize = 4;
 
-/// The configuration: two levels (factor 2), 3 latent channels, 12 internal channels in 3 groups.
-pub fn pixel_vae_config() -> VaeConfig {
+/// The configuration for a `factor` of 2, 4 or 8: one level more than the factor's power of two,
+/// 3 latent channels, 12 internal channels in 3 groups.
+pub fn pixel_vae_config(factor: usize) -> VaeConfig {
     VaeConfig {
         in_channels: 3,
         out_channels: 3,
-        block_out_channels: vec![3 * PER_COLOUR; 2],
+        block_out_channels: vec![3 * PER_COLOUR; 1 + factor.trailing_zeros() as usize],
         layers_per_block: 1,
         latent_channels: 3,
         norm_num_groups: 3,
@@ -45,8 +46,8 @@ pub fn pixel_vae_config() -> VaeConfig {
 }
 
 /// Every tensor of the autoencoder (encoder and decoder), under diffusers' keys.
-pub fn pixel_vae_weights() -> candle_core::Result<BTreeMap<String, Tensor>> {
-    let config = pixel_vae_config();
+pub fn pixel_vae_weights(factor: usize) -> candle_core::Result<BTreeMap<String, Tensor>> {
+    let config = pixel_vae_config(factor);
     // Record every key and shape the two implementations ask for, then overwrite the values.
     let shapes = SeededWeights::new(0);
     full_autoencoder(&config, shapes.var_builder(DType::F32, &Device::Cpu))?;
@@ -82,14 +83,16 @@ fn weight_values(key: &str, dims: &[usize]) -> Vec<f32> {
             }
         }
         // Stride 2 over the right/bottom-padded input: taps (0..2, 0..2) cover one 2x2 cell.
-        "encoder.down_blocks.0.downsamplers.0.conv.weight" => {
+        k if k.starts_with("encoder.down_blocks.")
+            && k.ends_with(".downsamplers.0.conv.weight") =>
+        {
             for o in 0..dims[0] {
                 for (y, x) in [(0, 0), (0, 1), (1, 0), (1, 1)] {
                     set(o, o, y, x, 0.25);
                 }
             }
         }
-        "decoder.up_blocks.0.upsamplers.0.conv.weight" => {
+        k if k.starts_with("decoder.up_blocks.") && k.ends_with(".upsamplers.0.conv.weight") => {
             for o in 0..dims[0] {
                 set(o, o, 1, 1, 1.0);
             }
@@ -157,59 +160,68 @@ mod tests {
         Tensor::from_vec(data, (1, 3, side, side), &Device::Cpu).unwrap()
     }
 
-    #[test]
-    fn decoder_is_nearest_neighbour_upsampling() {
-        let config = pixel_vae_config();
-        let vb = VarBuilder::from_tensors(
-            pixel_vae_weights().unwrap().into_iter().collect(),
-            DType::F32,
-            &Device::Cpu,
-        );
-        let decoder = VaeDecoder::new(&config, vb).unwrap();
-        let latent = image(8);
-        let decoded = decoder.decode(&latent).unwrap(); // [1, 16, 16, 3]
-        let expected = latent
-            .permute((0, 2, 3, 1))
-            .unwrap()
-            .reshape((1, 8, 1, 8, 1, 3))
-            .unwrap()
-            .broadcast_as((1, 8, 2, 8, 2, 3))
-            .unwrap()
-            .reshape((1, 16, 16, 3))
-            .unwrap();
-        let err = crate::model::nn::max_abs_diff(&decoded, &expected);
-        assert!(err < 1e-4, "decoder differs from upsampling by {err}");
-    }
-
-    #[test]
-    fn candle_transformers_autoencoder_pools_and_upsamples() {
-        let config = pixel_vae_config();
-        let vb = VarBuilder::from_tensors(
-            pixel_vae_weights().unwrap().into_iter().collect(),
-            DType::F32,
-            &Device::Cpu,
-        );
-        let vae = full_autoencoder(&config, vb).unwrap();
-        let img = image(16);
-        let latent = vae.encode(&img).unwrap().sample().unwrap(); // [1, 3, 8, 8]
-        let pooled = img
-            .reshape((1, 3, 8, 2, 8, 2))
+    /// `x` [1, c, h, w] -> [1, c, h / f, w / f] by means of f x f cells.
+    fn pool(x: &Tensor, f: usize) -> Tensor {
+        let (b, c, h, w) = x.dims4().unwrap();
+        x.reshape((b, c, h / f, f, w / f, f))
             .unwrap()
             .mean(5)
             .unwrap()
             .mean(3)
-            .unwrap();
-        let err = crate::model::nn::max_abs_diff(&latent, &pooled);
-        assert!(err < 1e-4, "encoder differs from 2x2 pooling by {err}");
-        let back = vae.decode(&pooled).unwrap(); // [1, 3, 16, 16]
-        let up = pooled
-            .reshape((1, 3, 8, 1, 8, 1))
             .unwrap()
-            .broadcast_as((1, 3, 8, 2, 8, 2))
+    }
+
+    /// `x` [1, c, h, w] -> [1, c, h f, w f], each value repeated in an f x f cell.
+    fn upsample(x: &Tensor, f: usize) -> Tensor {
+        let (b, c, h, w) = x.dims4().unwrap();
+        x.reshape((b, c, h, 1, w, 1))
             .unwrap()
-            .reshape((1, 3, 16, 16))
-            .unwrap();
-        let err = crate::model::nn::max_abs_diff(&back, &up);
-        assert!(err < 1e-4, "decoder differs from upsampling by {err}");
+            .broadcast_as((b, c, h, f, w, f))
+            .unwrap()
+            .reshape((b, c, h * f, w * f))
+            .unwrap()
+    }
+
+    fn weights(factor: usize) -> VarBuilder<'static> {
+        VarBuilder::from_tensors(
+            pixel_vae_weights(factor).unwrap().into_iter().collect(),
+            DType::F32,
+            &Device::Cpu,
+        )
+    }
+
+    #[test]
+    fn decoder_is_nearest_neighbour_upsampling() {
+        for factor in [2, 4] {
+            let config = pixel_vae_config(factor);
+            assert_eq!(config.scale_factor(), factor);
+            let decoder = VaeDecoder::new(&config, weights(factor)).unwrap();
+            let latent = image(8);
+            let decoded = decoder.decode(&latent).unwrap(); // [1, 8f, 8f, 3]
+            let expected = upsample(&latent, factor).permute((0, 2, 3, 1)).unwrap();
+            let err = crate::model::nn::max_abs_diff(&decoded, &expected);
+            assert!(err < 1e-4, "factor {factor}: decoder differs by {err}");
+        }
+    }
+
+    #[test]
+    fn candle_transformers_autoencoder_pools_and_upsamples() {
+        for factor in [2, 4] {
+            let vae = full_autoencoder(&pixel_vae_config(factor), weights(factor)).unwrap();
+            let img = image(16);
+            let latent = vae.encode(&img).unwrap().sample().unwrap();
+            let pooled = pool(&img, factor);
+            let err = crate::model::nn::max_abs_diff(&latent, &pooled);
+            assert!(
+                err < 1e-4,
+                "factor {factor}: encoder differs from pooling by {err}"
+            );
+            let back = vae.decode(&pooled).unwrap();
+            let err = crate::model::nn::max_abs_diff(&back, &upsample(&pooled, factor));
+            assert!(
+                err < 1e-4,
+                "factor {factor}: decoder differs from upsampling by {err}"
+            );
+        }
     }
 }
