@@ -91,6 +91,11 @@ impl Colour {
         }
     }
 
+    /// Its position in [`Colour::ALL`].
+    pub fn index(self) -> usize {
+        Colour::ALL.iter().position(|c| *c == self).unwrap_or(0)
+    }
+
     /// The palette colour nearest to `rgb`.
     pub fn nearest(rgb: [f64; 3]) -> Colour {
         let dist = |c: Colour| {
@@ -224,12 +229,11 @@ impl Scene {
 /// Whether the scene's combination of shape, colour and background is one the embedded model
 /// never sees in training (about one in eleven): the evaluator's held-out captions.
 pub fn is_held_out(scene: &Scene) -> bool {
-    let index = |c: Colour| Colour::ALL.iter().position(|x| *x == c).unwrap_or(0);
     let shape = Shape::ALL
         .iter()
         .position(|s| *s == scene.shape)
         .unwrap_or(0);
-    (shape + 3 * index(scene.colour) + 5 * index(scene.background)) % 11 == 0
+    (shape + 3 * scene.colour.index() + 5 * scene.background.index()).is_multiple_of(11)
 }
 
 /// A random scene whose combination is (`held_out = true`) or is not held out.
@@ -321,21 +325,18 @@ pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
     if rgb.len() != side * side * 3 || side < 4 {
         return None;
     }
-    let label: Vec<Colour> = rgb
+    // Each pixel's nearest palette colour, as its index in `Colour::ALL`.
+    let label: Vec<usize> = rgb
         .chunks(3)
-        .map(|p| Colour::nearest([f64::from(p[0]), f64::from(p[1]), f64::from(p[2])]))
+        .map(|p| Colour::nearest([f64::from(p[0]), f64::from(p[1]), f64::from(p[2])]).index())
         .collect();
     let mut border_counts = [0usize; 8];
     for i in 0..side {
         for (x, y) in [(i, 0), (i, side - 1), (0, i), (side - 1, i)] {
-            border_counts[Colour::ALL
-                .iter()
-                .position(|c| *c == label[y * side + x])
-                .unwrap_or(0)] += 1;
+            border_counts[label[y * side + x]] += 1;
         }
     }
-    let bg_index = (0..8).max_by_key(|&i| border_counts[i]).unwrap_or(0);
-    let background = Colour::ALL[bg_index];
+    let background = (0..8).max_by_key(|&i| border_counts[i]).unwrap_or(0);
     // Connected components of non-background pixels (4-neighbourhood).
     let mut seen = vec![false; side * side];
     let mut best: Option<Blob> = None;
@@ -351,7 +352,7 @@ pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
             count += 1;
             let (x, y) = (p % side, p / side);
             (x0, x1, y0, y1) = (x0.min(x), x1.max(x), y0.min(y), y1.max(y));
-            colours[Colour::ALL.iter().position(|c| *c == label[p]).unwrap_or(0)] += 1;
+            colours[label[p]] += 1;
             let mut visit = |q: usize| {
                 if !seen[q] && label[q] != background {
                     seen[q] = true;
@@ -404,7 +405,7 @@ pub fn evaluate(rgb: &[u8], side: usize) -> Option<Seen> {
     Some(Seen {
         colour: Colour::ALL[colour_index],
         shape,
-        background,
+        background: Colour::ALL[background],
         area_fraction: count as f64 / (side * side) as f64,
     })
 }

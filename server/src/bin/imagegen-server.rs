@@ -78,7 +78,11 @@ struct EvaluateArgs {
     #[arg(long, env = "IMAGEGEN_EVAL_STEPS", default_value_t = 20)]
     steps: usize,
     /// Classifier-free guidance scale (2: what the server uses for the built-in model).
-    #[arg(long, env = "IMAGEGEN_EVAL_GUIDANCE", default_value_t = 2.0)]
+    #[arg(
+        long,
+        env = "IMAGEGEN_EVAL_GUIDANCE",
+        default_value_t = f64::from(imagegen_server::model::builtin::GUIDANCE_SCALE)
+    )]
     guidance: f64,
     /// DDIM eta in (0, 1] (1: the server's default).
     #[arg(long, env = "IMAGEGEN_EVAL_ETA", default_value_t = 1.0)]
