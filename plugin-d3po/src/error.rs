@@ -1,10 +1,7 @@
 /// Everything that can go wrong in the D3PO crate.
 #[derive(Debug, thiserror::Error)]
 pub enum D3poError {
-    /// A scheduler setting is outside what the DDIM sampler supports.
-    #[error("invalid scheduler configuration: {0}")]
-    InvalidSchedule(String),
-    /// A sampling or training argument is out of range (eta, steps, beta, clamp).
+    /// A training argument is out of range (beta, clamp, learning rate, pairs).
     #[error("invalid argument `{name}`: {reason}")]
     InvalidArgument {
         /// The argument's name, as the caller spells it.
@@ -12,6 +9,9 @@ pub enum D3poError {
         /// What is wrong and what is allowed.
         reason: String,
     },
+    /// The host's policy could not evaluate a stored transition.
+    #[error("policy: {0}")]
+    Policy(String),
     /// A tensor operation failed (shape or dtype mismatch, device error).
     #[error(transparent)]
     Tensor(#[from] candle_core::Error),

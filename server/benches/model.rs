@@ -6,12 +6,14 @@
 use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device, Tensor};
-use imagegen_server::model::loader::DiffusionModel;
 use imagegen_server::model::seeded::SeededWeights;
-use imagegen_server::model::tiny::write_tiny_model;
 use imagegen_server::model::{AdapterBatch, Mode, TrainableLora, UNet2DConditionModel, UNetConfig};
-use imagegen_server::sampler::{AdapterChoice, SampleRequest, TransitionBatch};
-use plugin_d3po::{D3poLossConfig, d3po_loss, log_prob, log_ratio};
+use imagegen_server::pipeline::DiffusionModel;
+use imagegen_server::pipeline::save::write_tiny_model;
+use imagegen_server::pipeline::{AdapterChoice, SampleRequest};
+use imagegen_server::sampler::TransitionBatch;
+use imagegen_server::sampler::{log_prob, log_ratio};
+use plugin_d3po::{D3poLossConfig, d3po_loss};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 
@@ -100,7 +102,7 @@ fn main() -> anyhow::Result<()> {
     println!(
         "\n== 20-step generation, built-in trained model, CFG 5, eta 1, 64x64 px (prompt encoding included) =="
     );
-    let builtin = imagegen_server::model::builtin::load(DType::F32, &Device::Cpu)?;
+    let builtin = imagegen_server::builtin::load(DType::F32, &Device::Cpu)?;
     for images in [1, 4] {
         println!(
             "{images} image(s): {}",
@@ -223,7 +225,7 @@ fn train_step(
     )?;
     let reference = lora.weights.detached()?;
     let items = [(&trajectories[0], 10usize), (&trajectories[1], 10usize)];
-    let batch = TransitionBatch::new(model, &items)?;
+    let batch = TransitionBatch::new(model.denoiser(), &items)?;
     let sigmas = batch.sigmas();
     let cfg = D3poLossConfig::default();
     let mut fwd = Duration::ZERO;
@@ -231,14 +233,14 @@ fn train_step(
         let start = Instant::now();
         let (mu_ref, _) = batch
             .policy_mean(
-                model,
+                model.denoiser(),
                 &AdapterBatch::Uniform(Some(&reference)),
                 Mode::Training,
             )
             .expect("ref");
         let (mu, _) = batch
             .policy_mean(
-                model,
+                model.denoiser(),
                 &AdapterBatch::Uniform(Some(&lora.weights)),
                 Mode::Training,
             )

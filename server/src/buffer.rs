@@ -54,6 +54,17 @@ pub struct Group {
     pub best_of: BTreeMap<String, String>,
 }
 
+/// One group as a consumer sees it: a copy of its feedback and of its images still buffered.
+#[derive(Debug, Clone)]
+pub struct GroupSnapshot {
+    /// The request's group id.
+    pub group_id: String,
+    /// Its feedback.
+    pub group: Group,
+    /// Its images still in the buffer, in generation order.
+    pub images: Vec<StoredImage>,
+}
+
 impl Group {
     /// Whether any feedback touches this group.
     pub fn is_labelled(&self, images: &HashMap<String, StoredImage>) -> bool {
@@ -228,7 +239,7 @@ impl TrajectoryBuffer {
     }
 
     /// A consistent copy of the groups (and their images) for export or training, oldest first.
-    pub fn snapshot(&self, include_unlabelled: bool) -> Vec<(String, Group, Vec<StoredImage>)> {
+    pub fn snapshot(&self, include_unlabelled: bool) -> Vec<GroupSnapshot> {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for image_id in &self.order {
@@ -249,7 +260,11 @@ impl TrajectoryBuffer {
                 .iter()
                 .filter_map(|id| self.images.get(id).cloned())
                 .collect();
-            out.push((image.group_id.clone(), group.clone(), images));
+            out.push(GroupSnapshot {
+                group_id: image.group_id.clone(),
+                group: group.clone(),
+                images,
+            });
         }
         out
     }

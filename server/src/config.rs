@@ -4,7 +4,40 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use candle_core::DType;
 use clap::Args;
+
+use crate::grpc::{Defaults, Limits};
+use crate::pipeline::{DiffusionModel, SampleLimits};
+
+/// Denoising steps of a request that leaves them unset.
+const DEFAULT_STEPS: u32 = 20;
+/// DDIM eta of a request that leaves it unset (1: DDPM-like, what D3PO trains on).
+const DEFAULT_ETA: f32 = 1.0;
+/// Guidance of a request to a `--model` that leaves it unset (diffusers' usual 5 to 7.5).
+const DEFAULT_GUIDANCE: f32 = 5.0;
+
+/// Weight precision (`--dtype`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Precision {
+    /// 32-bit floats.
+    F32,
+    /// 16-bit floats.
+    F16,
+    /// bfloat16 (needs a GPU).
+    Bf16,
+}
+
+impl Precision {
+    /// The tensor dtype.
+    pub fn dtype(self) -> DType {
+        match self {
+            Self::F32 => DType::F32,
+            Self::F16 => DType::F16,
+            Self::Bf16 => DType::BF16,
+        }
+    }
+}
 
 /// Settings of `imagegen-server serve`.
 #[derive(Clone, Args)]
@@ -14,8 +47,8 @@ pub struct ServeConfig {
     pub model: Option<PathBuf>,
 
     /// Weight precision: f32 or f16 (bf16 needs a GPU).
-    #[arg(long, env = "IMAGEGEN_DTYPE", default_value = "f32")]
-    pub dtype: String,
+    #[arg(long, env = "IMAGEGEN_DTYPE", value_enum, default_value_t = Precision::F32)]
+    pub dtype: Precision,
 
     /// Run on the first CUDA GPU (needs the `cuda` build).
     #[arg(long, env = "IMAGEGEN_CUDA", default_value_t = false)]
@@ -93,9 +126,9 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_FEEDBACK_TOKEN_TTL_SECS", default_value_t = 7 * 24 * 3600)]
     pub feedback_token_ttl_secs: u64,
 
-    /// D3PO training settings.
+    /// Learning plugins' settings (`--d3po-*`).
     #[command(flatten)]
-    pub d3po: crate::d3po::D3poConfig,
+    pub plugins: crate::plugins::PluginsConfig,
 
     /// Longest a SIGTERM waits for in-flight requests before exiting.
     #[arg(long, env = "IMAGEGEN_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
@@ -134,16 +167,49 @@ impl ServeConfig {
         if self.max_steps == 0 || self.max_images == 0 {
             return Err("--max-steps and --max-images must be at least 1".into());
         }
-        if self.d3po.enabled {
-            self.d3po.validate()?;
+        self.plugins.validate()?;
+        Ok(())
+    }
+
+    /// What unset request fields default to, for `model`.
+    pub(crate) fn request_defaults(&self, model: &DiffusionModel) -> Defaults {
+        let builtin = model.id == crate::builtin::BUILTIN_ID;
+        Defaults {
+            num_images: 1,
+            steps: DEFAULT_STEPS,
+            guidance_scale: self.default_guidance.unwrap_or(if builtin {
+                crate::builtin::GUIDANCE_SCALE
+            } else {
+                DEFAULT_GUIDANCE
+            }),
+            size: native_size(model),
+            eta: DEFAULT_ETA,
         }
-        if !matches!(self.dtype.as_str(), "f32" | "f16" | "bf16") {
+    }
+
+    /// What requests may ask of `model`: the flags, tightened by what the model supports.
+    pub(crate) fn request_limits(&self, model: &DiffusionModel) -> Result<Limits, String> {
+        let intrinsic = model.sample_limits();
+        let max_size = self
+            .max_image_size
+            .map_or(2 * native_size(model) as usize, |s| s as usize);
+        if max_size < intrinsic.size_multiple {
             return Err(format!(
-                "--dtype must be f32, f16 or bf16, got {}",
-                self.dtype
+                "--max-image-size must be at least {}",
+                intrinsic.size_multiple
             ));
         }
-        Ok(())
+        Ok(Limits {
+            sample: SampleLimits {
+                max_images: self.max_images as usize,
+                max_steps: (self.max_steps as usize).min(intrinsic.max_steps),
+                max_size,
+                size_multiple: intrinsic.size_multiple,
+            },
+            max_prompt_chars: self.max_prompt_chars,
+            max_batch: self.max_batch,
+            max_queue: self.max_queue,
+        })
     }
 }
 
@@ -173,7 +239,12 @@ impl std::fmt::Debug for ServeConfig {
             .field("feedback_secret", &redacted(&self.feedback_secret))
             .field("feedback_token_ttl_secs", &self.feedback_token_ttl_secs)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
-            .field("d3po", &self.d3po)
+            .field("plugins", &self.plugins)
             .finish()
     }
+}
+
+/// The model's native image side in pixels.
+fn native_size(model: &DiffusionModel) -> u32 {
+    (model.vae_scale_factor() * model.unet.config().sample_size) as u32
 }

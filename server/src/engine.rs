@@ -15,10 +15,11 @@ use lru::LruCache;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 
 use crate::adapters::AdapterGeneration;
-use crate::error::ModelError;
 use crate::metrics::Metrics;
-use crate::model::loader::DiffusionModel;
-use crate::sampler::{AdapterChoice, BatchTimings, Conditioning, Generation, SampleRequest};
+use crate::model::ModelError;
+use crate::pipeline::DiffusionModel;
+use crate::pipeline::{AdapterChoice, BatchTimings, Generation, SampleRequest};
+use crate::sampler::Conditioning;
 
 /// Errors the engine answers with; the gRPC layer maps them to statuses.
 #[derive(Debug, thiserror::Error)]

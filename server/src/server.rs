@@ -2,11 +2,11 @@
 //! Prometheus endpoint, with a graceful drain on shutdown.
 
 use std::net::SocketAddr;
-use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use candle_core::{DType, Device};
+use candle_core::Device;
 use imagegen_proto::v1::adapters_server::AdaptersServer;
 use imagegen_proto::v1::admin_server::AdminServer;
 use imagegen_proto::v1::image_generator_server::ImageGeneratorServer;
@@ -20,11 +20,11 @@ use crate::auth::ApiKeys;
 use crate::buffer::TrajectoryBuffer;
 use crate::config::ServeConfig;
 use crate::engine::{Engine, EngineConfig};
-use crate::error::ModelError;
-use crate::grpc::{AdaptersService, AdminService, AppState, Defaults, GeneratorService, Limits};
+use crate::grpc::{AdaptersService, AdminService, AppState, GeneratorService};
 use crate::metrics::Metrics;
-use crate::model::builtin::{BUILTIN_ID, GUIDANCE_SCALE};
-use crate::model::loader::DiffusionModel;
+use crate::model::ModelError;
+use crate::pipeline::DiffusionModel;
+use crate::plugins::{PluginHost, TrainingControl};
 use crate::tokens::TokenSigner;
 
 /// Why the server could not start.
@@ -44,21 +44,9 @@ pub enum StartError {
     Setup(String),
 }
 
-/// The dtype a `--dtype` flag names.
-pub fn parse_dtype(s: &str) -> Result<DType, StartError> {
-    match s {
-        "f32" => Ok(DType::F32),
-        "f16" => Ok(DType::F16),
-        "bf16" => Ok(DType::BF16),
-        other => Err(StartError::Config(format!(
-            "--dtype must be f32, f16 or bf16, got {other}"
-        ))),
-    }
-}
-
 /// Loads the model the configuration names: `--model DIR`, or the built-in model.
 pub fn load_model(config: &ServeConfig) -> Result<DiffusionModel, StartError> {
-    let dtype = parse_dtype(&config.dtype)?;
+    let dtype = config.dtype.dtype();
     let device = if config.cuda {
         Device::new_cuda(0).map_err(|e| {
             StartError::Config(format!("--cuda: {e} (build with `--features cuda`)"))
@@ -68,7 +56,7 @@ pub fn load_model(config: &ServeConfig) -> Result<DiffusionModel, StartError> {
     };
     Ok(match &config.model {
         Some(dir) => DiffusionModel::load(dir, dtype, &device)?,
-        None => crate::model::builtin::load(dtype, &device)?,
+        None => crate::builtin::load(dtype, &device)?,
     })
 }
 
@@ -101,75 +89,11 @@ pub async fn start(
     model: DiffusionModel,
 ) -> Result<RunningServer, StartError> {
     config.validate().map_err(StartError::Config)?;
-    let mut keys = ApiKeys::default();
-    if let Some(path) = &config.api_keys_file {
-        keys.extend(ApiKeys::from_file(path).map_err(StartError::Config)?);
-    }
-    if let Some(inline) = &config.api_keys {
-        keys.extend(
-            ApiKeys::parse(inline).map_err(|e| StartError::Config(format!("--api-keys: {e}")))?,
-        );
-    }
-    if keys.enabled() {
-        tracing::info!(
-            keys = keys.len(),
-            "API keys configured: every RPC but health and reflection needs a key"
-        );
-    } else if config.grpc_addr.ip().is_loopback() {
-        tracing::warn!(addr = %config.grpc_addr, "no API keys configured: serving unauthenticated, on loopback only");
-    } else {
-        tracing::warn!(addr = %config.grpc_addr, "no API keys configured and listening beyond loopback: anyone who can reach this port can use the server");
-    }
-    let secret = match &config.feedback_secret {
-        Some(s) if s.len() >= 16 => s.as_bytes().to_vec(),
-        Some(_) => {
-            return Err(StartError::Config(
-                "--feedback-secret must be at least 16 characters".into(),
-            ));
-        }
-        None => {
-            tracing::info!(
-                "no --feedback-secret: feedback tokens are valid until this process exits"
-            );
-            (0..4)
-                .flat_map(|_| rand::random::<u64>().to_le_bytes())
-                .collect()
-        }
-    };
+    let keys = api_keys(config)?;
+    let secret = feedback_secret(config)?;
     let metrics = Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
-
-    let native = (model.vae_scale_factor() * model.unet.config().sample_size) as u32;
-    let size_multiple =
-        (model.vae_scale_factor() << model.unet.config().downsample_levels()) as u32;
-    let defaults = Defaults {
-        num_images: 1,
-        steps: 20,
-        guidance_scale: config
-            .default_guidance
-            .unwrap_or(if model.id == BUILTIN_ID {
-                GUIDANCE_SCALE
-            } else {
-                5.0
-            }),
-        size: native,
-        eta: 1.0,
-    };
-    let limits = Limits {
-        max_num_images: config.max_images,
-        max_steps: config
-            .max_steps
-            .min(model.scheduler.num_train_timesteps as u32),
-        max_size: config.max_image_size.unwrap_or(native * 2),
-        size_multiple,
-        max_prompt_chars: config.max_prompt_chars,
-        max_batch: config.max_batch as u32,
-        max_queue: config.max_queue as u32,
-    };
-    if limits.max_size < size_multiple {
-        return Err(StartError::Config(format!(
-            "--max-image-size must be at least {size_multiple}"
-        )));
-    }
+    let defaults = config.request_defaults(&model);
+    let limits = config.request_limits(&model).map_err(StartError::Config)?;
     let model_id = model.id.clone();
     let store_dir = config.data_dir.as_ref().map(|d| d.join("adapters"));
     if store_dir.is_none() {
@@ -193,14 +117,13 @@ pub async fn start(
     };
     let model = Arc::new(model);
     let engine = Engine::start(model.clone(), engine_config, metrics.clone())?;
-    let buffer = Arc::new(std::sync::Mutex::new(TrajectoryBuffer::new(
+    let buffer = Arc::new(Mutex::new(TrajectoryBuffer::new(
         config.trajectory_buffer_bytes,
     )));
-    let training = Arc::new(crate::d3po::TrainerControl::default());
-    let plugin_stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let plugin = crate::d3po::D3poPlugin::new(config.d3po.clone(), training.clone());
-    if config.d3po.enabled {
-        let host = crate::plugin::PluginHost::new(
+    let training = Arc::new(TrainingControl::default());
+    let plugin_stop = Arc::new(AtomicBool::new(false));
+    if let Some(plugin) = config.plugins.trainer(&training) {
+        let host = PluginHost::new(
             buffer.clone(),
             model.clone(),
             adapters.clone(),
@@ -208,35 +131,38 @@ pub async fn start(
             metrics.queue_depth.clone(),
             plugin_stop.clone(),
         );
-        let plugin: Box<dyn crate::plugin::Plugin> = Box::new(plugin);
         let name = plugin.name();
         std::thread::Builder::new()
             .name(format!("plugin-{name}"))
             .spawn(move || plugin.run(host))?;
-        tracing::info!(
-            interval_secs = config.d3po.interval_secs,
-            min_pairs = config.d3po.min_pairs,
-            "D3PO training is on"
-        );
+        tracing::info!(plugin = name, "training is on");
     }
-    let state = Arc::new(AppState::new(
+    let state = Arc::new(AppState {
         engine,
         adapters,
         buffer,
-        training.clone(),
-        TokenSigner::new(&secret, Duration::from_secs(config.feedback_token_ttl_secs)),
+        training: training.clone(),
+        signer: TokenSigner::new(&secret, Duration::from_secs(config.feedback_token_ttl_secs)),
         keys,
-        metrics.clone(),
-        model_id.clone(),
+        metrics: metrics.clone(),
+        model_id: model_id.clone(),
         defaults,
         limits,
-    ));
+        idempotency: AppState::idempotency_cache(),
+        draining: AtomicBool::new(false),
+    });
 
     let grpc_listener = TcpListener::bind(config.grpc_addr).await?;
     let metrics_listener = TcpListener::bind(config.metrics_addr).await?;
     let grpc_addr = grpc_listener.local_addr()?;
     let metrics_addr = metrics_listener.local_addr()?;
 
+    let (stop, stop_rx) = watch::channel(false);
+    tokio::spawn(crate::metrics::serve(
+        metrics_listener,
+        metrics,
+        stop_rx.clone(),
+    ));
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<ImageGeneratorServer<GeneratorService>>()
@@ -245,21 +171,8 @@ pub async fn start(
     health
         .set_serving::<AdaptersServer<AdaptersService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(imagegen_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
-        .map_err(|e| StartError::Setup(e.to_string()))?;
-
-    let (stop, stop_rx) = watch::channel(false);
-    tokio::spawn(crate::metrics::serve(
-        metrics_listener,
-        metrics,
-        stop_rx.clone(),
-    ));
 
     let drain_state = state.clone();
-    let drain_health = health.clone();
     let mut signal_rx = stop_rx.clone();
     let shutdown_signal = async move {
         let _ = signal_rx.wait_for(|stop| *stop).await;
@@ -267,19 +180,17 @@ pub async fn start(
         drain_state.draining.store(true, Ordering::Release);
         plugin_stop.store(true, Ordering::Release);
         training.wake();
-        drain_health
+        health
             .set_not_serving::<ImageGeneratorServer<GeneratorService>>()
             .await;
-        drain_health
-            .set_not_serving::<AdminServer<AdminService>>()
-            .await;
-        drain_health
+        health.set_not_serving::<AdminServer<AdminService>>().await;
+        health
             .set_service_status("", tonic_health::ServingStatus::NotServing)
             .await;
     };
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection)
+        .add_service(reflection()?)
         .add_service(
             ImageGeneratorServer::new(GeneratorService::new(state.clone()))
                 .max_decoding_message_size(1 << 20),
@@ -291,17 +202,8 @@ pub async fn start(
         );
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     let mut timeout_rx = stop_rx;
-    // Without TCP_NODELAY a response's last frame waits for the client's delayed ACK: 40 ms
-    // added to every request (measured at concurrency 1).
-    let incoming = tokio_stream::StreamExt::map(TcpListenerStream::new(grpc_listener), |conn| {
-        conn.inspect(|stream| {
-            if let Err(e) = stream.set_nodelay(true) {
-                tracing::debug!(error = %e, "TCP_NODELAY");
-            }
-        })
-    });
     let task = tokio::spawn(async move {
-        let serve = router.serve_with_incoming_shutdown(incoming, shutdown_signal);
+        let serve = router.serve_with_incoming_shutdown(no_delay(grpc_listener), shutdown_signal);
         let deadline = async move {
             let _ = timeout_rx.wait_for(|stop| *stop).await;
             tokio::time::sleep(drain_timeout).await;
@@ -323,5 +225,75 @@ pub async fn start(
         metrics_addr,
         stop,
         task,
+    })
+}
+
+/// The API keys of `--api-keys-file` and `--api-keys`, with a warning when there are none.
+fn api_keys(config: &ServeConfig) -> Result<ApiKeys, StartError> {
+    let mut keys = ApiKeys::default();
+    if let Some(path) = &config.api_keys_file {
+        keys.extend(ApiKeys::from_file(path).map_err(StartError::Config)?);
+    }
+    if let Some(inline) = &config.api_keys {
+        keys.extend(
+            ApiKeys::parse(inline).map_err(|e| StartError::Config(format!("--api-keys: {e}")))?,
+        );
+    }
+    if keys.enabled() {
+        tracing::info!(
+            keys = keys.len(),
+            "API keys configured: every RPC but health and reflection needs a key"
+        );
+    } else if config.grpc_addr.ip().is_loopback() {
+        tracing::warn!(addr = %config.grpc_addr, "no API keys configured: serving unauthenticated, on loopback only");
+    } else {
+        tracing::warn!(addr = %config.grpc_addr, "no API keys configured and listening beyond loopback: anyone who can reach this port can use the server");
+    }
+    Ok(keys)
+}
+
+/// The key that signs feedback tokens: `--feedback-secret`, or a random one for this process.
+fn feedback_secret(config: &ServeConfig) -> Result<Vec<u8>, StartError> {
+    match &config.feedback_secret {
+        Some(s) if s.len() >= 16 => Ok(s.as_bytes().to_vec()),
+        Some(_) => Err(StartError::Config(
+            "--feedback-secret must be at least 16 characters".into(),
+        )),
+        None => {
+            tracing::info!(
+                "no --feedback-secret: feedback tokens are valid until this process exits"
+            );
+            Ok((0..4)
+                .flat_map(|_| rand::random::<u64>().to_le_bytes())
+                .collect())
+        }
+    }
+}
+
+/// Server reflection over the API's and health's descriptors.
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    StartError,
+> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(imagegen_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .map_err(|e| StartError::Setup(e.to_string()))
+}
+
+/// Accepted connections with TCP_NODELAY: without it a response's last frame waits for the
+/// client's delayed ACK, 40 ms added to every request (measured at concurrency 1).
+fn no_delay(
+    listener: TcpListener,
+) -> impl tokio_stream::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    tokio_stream::StreamExt::map(TcpListenerStream::new(listener), |conn| {
+        conn.inspect(|stream| {
+            if let Err(e) = stream.set_nodelay(true) {
+                tracing::debug!(error = %e, "TCP_NODELAY");
+            }
+        })
     })
 }

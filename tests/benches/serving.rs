@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use candle_core::{DType, Device};
 use imagegen_proto::v1 as pb;
-use imagegen_server::sampler::{AdapterChoice, SampleRequest};
+use imagegen_server::pipeline::{AdapterChoice, SampleRequest};
 use imagegen_tests::TestServer;
 
 fn env(name: &str, default: usize) -> usize {
@@ -94,9 +94,9 @@ fn main() -> anyhow::Result<()> {
 
     // Direct, in-process pipeline calls: the floor the server adds to.
     let dir = tempfile::tempdir()?;
-    imagegen_server::model::tiny::write_tiny_model(dir.path(), 0)?;
+    imagegen_server::pipeline::save::write_tiny_model(dir.path(), 0)?;
     let model =
-        imagegen_server::model::loader::DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
+        imagegen_server::pipeline::DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
     let cond = model.conditioning("a small red circle on a blue background", "")?;
     let mut latencies = Vec::new();
     let started = Instant::now();

@@ -16,12 +16,12 @@ use imagegen_server::model::seeded::SeededWeights;
 use imagegen_server::model::{
     AdapterBatch, LoraWeights, Mode, TrainableLora, UNet2DConditionModel, UNetConfig,
 };
-use imagegen_server::sampler::guided_mean;
+use imagegen_server::sampler::{
+    DdimSchedule, PredictionType, SchedulerConfig, StepConstants, guided_mean, log_ratio,
+};
 use imagegen_tests::TestServer;
 use pb::feedback_request::Feedback;
-use plugin_d3po::{
-    D3poTrainer, DdimSchedule, SchedulerConfig, StepConstants, StepPolicy, TrainConfig, log_ratio,
-};
+use plugin_d3po::{D3poTrainer, StepPolicy, TrainConfig};
 use rand::{SeedableRng, rngs::StdRng};
 use rand_distr::{Distribution, StandardNormal};
 
@@ -78,7 +78,7 @@ impl StepPolicy for Policy<'_> {
         let run = |w: Option<&LoraWeights>| {
             guided_mean(
                 self.unet,
-                plugin_d3po::PredictionType::Epsilon,
+                PredictionType::Epsilon,
                 &x_t,
                 &steps,
                 &context,
@@ -88,14 +88,12 @@ impl StepPolicy for Policy<'_> {
                 Mode::Training,
                 usize::MAX,
             )
-            .map_err(|e| plugin_d3po::D3poError::InvalidArgument {
-                name: "model",
-                reason: e.to_string(),
-            })
+            .map_err(|e| plugin_d3po::D3poError::Policy(e.to_string()))
         };
         let (mu, sigmas) = run(Some(self.policy))?;
         let (mu_ref, _) = run(self.reference)?;
         log_ratio(&x_prev, &mu, &mu_ref.detach(), &sigmas)
+            .map_err(|e| plugin_d3po::D3poError::Policy(e.to_string()))
     }
 }
 
@@ -254,8 +252,8 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     runtime.block_on(async {
         let t = TestServer::start(|c| {
-            c.d3po.min_pairs = 1_000_000;
-            c.d3po.heldout_fraction = 0.0;
+            c.plugins.d3po.min_pairs = 1_000_000;
+            c.plugins.d3po.heldout_fraction = 0.0;
         })
         .await?;
         let (p50, p99) = load(&t, 24).await;

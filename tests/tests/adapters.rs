@@ -5,8 +5,8 @@
 
 use std::time::Duration;
 
+use imagegen_client::demo::train_round;
 use imagegen_proto::v1 as pb;
-use imagegen_server::demo::train_round;
 use imagegen_tests::TestServer;
 use pb::feedback_request::Feedback;
 use tonic::Code;
@@ -61,7 +61,7 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
     let data_dir = data.path().to_path_buf();
     let t = TestServer::start(|c| {
         c.data_dir = Some(data_dir.clone());
-        c.d3po.lr = 1e-3;
+        c.plugins.d3po.lr = 1e-3;
     })
     .await
     .unwrap();
@@ -182,7 +182,9 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
         safetensors::SafeTensors::deserialize(&files["adapter_model.safetensors"]).unwrap();
     assert!(tensors.names().iter().all(|n| n.starts_with("unet.")
         && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))));
-    let other = TestServer::start(|c| c.d3po.enabled = false).await.unwrap();
+    let other = TestServer::start(|c| c.plugins.d3po.enabled = false)
+        .await
+        .unwrap();
     let imported = other
         .adapters()
         .import_adapter(pb::ImportAdapterRequest {
@@ -233,8 +235,8 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
 async fn a_rejected_adapter_never_goes_live() {
     // An impossible margin: the gate must refuse whatever the round produces.
     let t = TestServer::start(|c| {
-        c.d3po.gate_margin = 2.0;
-        c.d3po.lr = 1e-3;
+        c.plugins.d3po.gate_margin = 2.0;
+        c.plugins.d3po.lr = 1e-3;
     })
     .await
     .unwrap();
@@ -274,7 +276,9 @@ async fn a_rejected_adapter_never_goes_live() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generation_during_swaps_sees_no_error() {
-    let t = TestServer::start(|c| c.d3po.lr = 1e-3).await.unwrap();
+    let t = TestServer::start(|c| c.plugins.d3po.lr = 1e-3)
+        .await
+        .unwrap();
     rate(&t, 2).await;
     assert_eq!(train(&t).await.rounds_published, 1);
     let live = t

@@ -6,18 +6,18 @@
 
 use std::time::Duration;
 
+use imagegen_client::demo::{DemoConfig, Taste, run, write_figures};
 use imagegen_proto::v1 as pb;
-use imagegen_server::demo::{DemoConfig, Taste, run, write_figures};
-use imagegen_server::pretrain::held_out_prompts;
-use imagegen_server::shapes::{evaluate, parse_prompt};
+use imagegen_server::builtin::pretrain::held_out_prompts;
+use imagegen_shapes::{evaluate, parse_prompt};
 use imagegen_tests::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_model_draws_prompts_and_the_demo_loop_runs() {
     let t = TestServer::start_builtin(|c| {
-        c.d3po.lr = 1e-3;
-        c.d3po.min_pairs = 1_000_000; // rounds run only when the demo triggers them
-        c.d3po.heldout_fraction = 0.0;
+        c.plugins.d3po.lr = 1e-3;
+        c.plugins.d3po.min_pairs = 1_000_000; // rounds run only when the demo triggers them
+        c.plugins.d3po.heldout_fraction = 0.0;
     })
     .await
     .unwrap();

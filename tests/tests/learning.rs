@@ -6,8 +6,8 @@
 
 use std::time::Duration;
 
+use imagegen_client::demo::train_round;
 use imagegen_proto::v1 as pb;
-use imagegen_server::demo::train_round;
 use imagegen_tests::TestServer;
 use pb::feedback_request::Feedback;
 
@@ -38,12 +38,12 @@ async fn mean_brightness(t: &TestServer, adapter: &str, seeds: std::ops::Range<u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn live_beats_base_for_a_rater_who_prefers_brighter_images() {
     let t = TestServer::start(|c| {
-        c.d3po.lr = std::env::var("LEARN_LR")
+        c.plugins.d3po.lr = std::env::var("LEARN_LR")
             .ok()
             .and_then(|v| v.parse().ok())
             .unwrap_or(1e-3);
-        c.d3po.min_pairs = 1_000_000; // rounds run only when triggered
-        c.d3po.heldout_fraction = 0.0;
+        c.plugins.d3po.min_pairs = 1_000_000; // rounds run only when triggered
+        c.plugins.d3po.heldout_fraction = 0.0;
     })
     .await
     .unwrap();

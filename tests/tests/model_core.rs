@@ -7,11 +7,11 @@ use std::collections::HashMap;
 use std::path::Path;
 
 use candle_core::{DType, Device, Tensor};
-use imagegen_server::error::ModelError;
-use imagegen_server::model::loader::DiffusionModel;
-use imagegen_server::model::tiny::write_tiny_model;
+use imagegen_server::model::ModelError;
 use imagegen_server::model::{LoraPair, LoraWeights, Mode};
-use imagegen_server::sampler::{AdapterChoice, Generation, SampleRequest};
+use imagegen_server::pipeline::DiffusionModel;
+use imagegen_server::pipeline::save::write_tiny_model;
+use imagegen_server::pipeline::{AdapterChoice, Generation, SampleRequest};
 
 fn tiny_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

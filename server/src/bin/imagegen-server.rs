@@ -81,7 +81,7 @@ struct EvaluateArgs {
     #[arg(
         long,
         env = "IMAGEGEN_EVAL_GUIDANCE",
-        default_value_t = f64::from(imagegen_server::model::builtin::GUIDANCE_SCALE)
+        default_value_t = f64::from(imagegen_server::builtin::GUIDANCE_SCALE)
     )]
     guidance: f64,
     /// DDIM eta in (0, 1] (1: the server's default).
@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MakeTinyModel { dir, seed }) => {
-            imagegen_server::model::tiny::write_tiny_model(&dir, seed)
+            imagegen_server::pipeline::save::write_tiny_model(&dir, seed)
                 .with_context(|| format!("writing the tiny model to {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), seed, "wrote the tiny model");
             Ok(())
@@ -144,7 +144,7 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
-    use imagegen_server::pretrain::{Pretrainer, Recipe, evaluate, held_out_prompts};
+    use imagegen_server::builtin::pretrain::{Pretrainer, Recipe, evaluate, held_out_prompts};
     let mut recipe = Recipe::from_file(&args.recipe)?;
     if let Some(steps) = args.steps {
         recipe.steps = steps;
@@ -184,12 +184,12 @@ fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
         if report.step % args.checkpoint_every == 0 || done {
             trainer.write_model(&args.out)?;
             if !prompts.is_empty() {
-                let model = imagegen_server::model::loader::DiffusionModel::load(
+                let model = imagegen_server::pipeline::DiffusionModel::load(
                     &args.out,
                     candle_core::DType::F32,
                     &candle_core::Device::Cpu,
                 )?;
-                let guidance = f64::from(imagegen_server::model::builtin::GUIDANCE_SCALE);
+                let guidance = f64::from(imagegen_server::builtin::GUIDANCE_SCALE);
                 let eval = evaluate(&model, &prompts, 20, guidance, 1000, recipe.image_size)?;
                 tracing::info!(
                     step = report.step,
@@ -212,15 +212,13 @@ fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
 }
 
 fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
-    use imagegen_server::pretrain::{evaluate_with_eta as evaluate, held_out_prompts};
+    use imagegen_server::builtin::pretrain::{evaluate_with_eta as evaluate, held_out_prompts};
     let device = candle_core::Device::Cpu;
     let model = match &args.model {
-        Some(dir) => imagegen_server::model::loader::DiffusionModel::load(
-            dir,
-            candle_core::DType::F32,
-            &device,
-        )?,
-        None => imagegen_server::model::builtin::load(candle_core::DType::F32, &device)?,
+        Some(dir) => {
+            imagegen_server::pipeline::DiffusionModel::load(dir, candle_core::DType::F32, &device)?
+        }
+        None => imagegen_server::builtin::load(candle_core::DType::F32, &device)?,
     };
     let size = 64;
     let prompts = held_out_prompts(args.seed, args.prompts, size);

@@ -10,7 +10,7 @@ use tonic::{Request, Response, Status};
 use super::{AppState, ChunkStream, observe, stream_files};
 use crate::adapters::AdapterMeta;
 use crate::auth::Role;
-use crate::error::ServerError;
+use crate::grpc::status::ServerError;
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
@@ -167,7 +167,7 @@ impl Adapters for AdaptersService {
         self.call("TriggerTraining", &request, || {
             if !self.state.training.status().enabled {
                 return Err(ServerError::FailedPrecondition(
-                    "training is disabled (--d3po-enabled=false)".into(),
+                    "training is disabled: no learning plugin runs on this server (enable one, e.g. --d3po-enabled=true)".into(),
                 ));
             }
             self.state.training.trigger();

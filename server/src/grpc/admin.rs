@@ -12,8 +12,8 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, ChunkStream, observe, stream_files};
 use crate::auth::Role;
-use crate::buffer::{Group, StoredImage, Vote};
-use crate::error::ServerError;
+use crate::buffer::{GroupSnapshot, Vote};
+use crate::grpc::status::ServerError;
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
@@ -37,13 +37,18 @@ fn seconds(t: SystemTime) -> f64 {
 /// Builds `trajectories.safetensors` and `metadata.json` (layout in the README, "Dataset export").
 pub fn build_export(
     model_id: &str,
-    groups: Vec<(String, Group, Vec<StoredImage>)>,
+    groups: Vec<GroupSnapshot>,
 ) -> Result<(Vec<u8>, Vec<u8>), ServerError> {
     let tensor_err =
         |e: candle_core::Error| ServerError::Internal(format!("building the export: {e}"));
     let mut tensors: BTreeMap<String, Tensor> = BTreeMap::new();
     let mut group_docs = Vec::with_capacity(groups.len());
-    for (group_id, group, images) in groups {
+    for GroupSnapshot {
+        group_id,
+        group,
+        images,
+    } in groups
+    {
         let Some(first) = images.first() else {
             continue;
         };

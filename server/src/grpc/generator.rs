@@ -16,8 +16,8 @@ use crate::adapters::{AdapterError, AdapterRegistry};
 use crate::auth::Role;
 use crate::buffer::Vote;
 use crate::engine::{JobOutput, JobSpec};
-use crate::error::ServerError;
-use crate::sampler::{RgbImage, SampleRequest};
+use crate::grpc::status::ServerError;
+use crate::pipeline::{RgbImage, SampleRequest};
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
@@ -66,49 +66,17 @@ fn prepare(
             format!("at most {} characters allowed", limits.max_prompt_chars),
         ));
     }
-    let num_images = req.num_images.unwrap_or(defaults.num_images);
-    if num_images == 0 || num_images > limits.max_num_images {
-        return Err(ServerError::invalid(
-            "num_images",
-            format!("must be in 1..={}, got {num_images}", limits.max_num_images),
-        ));
-    }
-    let steps = req.steps.unwrap_or(defaults.steps);
-    if steps == 0 || steps > limits.max_steps {
-        return Err(ServerError::invalid(
-            "steps",
-            format!("must be in 1..={}, got {steps}", limits.max_steps),
-        ));
-    }
-    let guidance = req.guidance_scale.unwrap_or(defaults.guidance_scale);
-    if !guidance.is_finite() || guidance < 0.0 {
-        return Err(ServerError::invalid(
-            "guidance_scale",
-            format!("must be finite and >= 0, got {guidance}"),
-        ));
-    }
-    let eta = req.eta.unwrap_or(defaults.eta);
-    if !(eta > 0.0 && eta <= 1.0) {
-        return Err(ServerError::invalid(
-            "eta",
-            format!("must be in (0, 1], got {eta}"),
-        ));
-    }
-    let size = |field: &str, value: Option<u32>| {
-        let v = value.unwrap_or(defaults.size);
-        if v == 0 || v > limits.max_size || !v.is_multiple_of(limits.size_multiple) {
-            return Err(ServerError::invalid(
-                field,
-                format!(
-                    "must be a multiple of {} in {}..={}, got {v}",
-                    limits.size_multiple, limits.size_multiple, limits.max_size
-                ),
-            ));
-        }
-        Ok(v)
+    let size = |value: Option<u32>| value.unwrap_or(defaults.size) as usize;
+    let sample = SampleRequest {
+        num_images: req.num_images.unwrap_or(defaults.num_images) as usize,
+        seed: req.seed.unwrap_or_else(rand::random),
+        steps: req.steps.unwrap_or(defaults.steps) as usize,
+        guidance_scale: f64::from(req.guidance_scale.unwrap_or(defaults.guidance_scale)),
+        eta: f64::from(req.eta.unwrap_or(defaults.eta)),
+        width: size(req.width),
+        height: size(req.height),
     };
-    let width = size("width", req.width)?;
-    let height = size("height", req.height)?;
+    sample.check(&limits.sample)?;
     // The generation is pinned here: the request finishes on it whatever swaps happen meanwhile.
     let adapter = adapters.resolve(&req.adapter).map_err(|e| match e {
         AdapterError::Unknown(_) => ServerError::invalid("adapter", e.to_string()),
@@ -126,15 +94,6 @@ fn prepare(
         return Err(ServerError::invalid("request_id", "at most 128 bytes"));
     } else {
         req.request_id.clone()
-    };
-    let sample = SampleRequest {
-        num_images: num_images as usize,
-        seed: req.seed.unwrap_or_else(rand::random),
-        steps: steps as usize,
-        guidance_scale: f64::from(guidance),
-        eta: f64::from(eta),
-        width: width as usize,
-        height: height as usize,
     };
     Ok(Prepared {
         spec: JobSpec {
@@ -508,14 +467,14 @@ impl ImageGenerator for GeneratorService {
                         eta: d.eta,
                     }),
                     limits: Some(pb::Limits {
-                        max_num_images: l.max_num_images,
-                        max_steps: l.max_steps,
-                        max_width: l.max_size,
-                        max_height: l.max_size,
-                        size_multiple: l.size_multiple,
-                        max_prompt_chars: l.max_prompt_chars as u32,
-                        max_batch: l.max_batch,
-                        max_queue: l.max_queue,
+                        max_num_images: wire_u32(l.sample.max_images),
+                        max_steps: wire_u32(l.sample.max_steps),
+                        max_width: wire_u32(l.sample.max_size),
+                        max_height: wire_u32(l.sample.max_size),
+                        size_multiple: wire_u32(l.sample.size_multiple),
+                        max_prompt_chars: wire_u32(l.max_prompt_chars),
+                        max_batch: wire_u32(l.max_batch),
+                        max_queue: wire_u32(l.max_queue),
                     }),
                     live_adapter: state
                         .adapters
@@ -531,4 +490,9 @@ impl ImageGenerator for GeneratorService {
         observe(&state.metrics, "GetInfo", started, &result);
         result
     }
+}
+
+/// A count as the API's `uint32` (saturating: a limit beyond it is "no limit" to a client).
+fn wire_u32(v: usize) -> u32 {
+    u32::try_from(v).unwrap_or(u32::MAX)
 }

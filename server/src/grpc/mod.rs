@@ -3,6 +3,7 @@
 mod adapters;
 mod admin;
 mod generator;
+pub(crate) mod status;
 
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -21,8 +22,10 @@ use crate::adapters::AdapterRegistry;
 use crate::auth::{ApiKeys, Role};
 use crate::buffer::TrajectoryBuffer;
 use crate::engine::Engine;
-use crate::error::ServerError;
+use crate::grpc::status::ServerError;
 use crate::metrics::Metrics;
+use crate::pipeline::SampleLimits;
+use crate::plugins::TrainingControl;
 use crate::tokens::TokenSigner;
 
 /// Defaults applied to unset request fields (reported by `GetInfo`).
@@ -40,84 +43,54 @@ pub struct Defaults {
     pub eta: f32,
 }
 
-/// What requests may ask for.
+/// What requests may ask for (reported by `GetInfo`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Limits {
-    /// Images per request.
-    pub max_num_images: u32,
-    /// Denoising steps.
-    pub max_steps: u32,
-    /// Width or height in pixels.
-    pub max_size: u32,
-    /// Width and height must be multiples of this.
-    pub size_multiple: u32,
+    /// Images, steps and sizes of one request.
+    pub sample: SampleLimits,
     /// Prompt length in characters.
     pub max_prompt_chars: usize,
     /// Images per model batch.
-    pub max_batch: u32,
+    pub max_batch: usize,
     /// Requests admitted at once.
-    pub max_queue: u32,
+    pub max_queue: usize,
 }
 
-/// Everything the services share.
+/// Everything the services share (built once by `server::start`).
 #[derive(Debug)]
-pub struct AppState {
+pub(crate) struct AppState {
     /// The generation engine.
-    pub engine: Engine,
+    pub(crate) engine: Engine,
     /// Adapter generations and the live alias.
-    pub adapters: Arc<AdapterRegistry>,
+    pub(crate) adapters: Arc<AdapterRegistry>,
     /// Trajectories and feedback (shared with the training plugin).
-    pub buffer: Arc<Mutex<TrajectoryBuffer>>,
-    /// The trainer's status and trigger.
-    pub training: Arc<crate::d3po::TrainerControl>,
+    pub(crate) buffer: Arc<Mutex<TrajectoryBuffer>>,
+    /// The training plugin's status and trigger (idle and disabled when none runs).
+    pub(crate) training: Arc<TrainingControl>,
     /// Signs feedback tokens.
-    pub signer: TokenSigner,
+    pub(crate) signer: TokenSigner,
     /// API keys (empty: no authentication).
-    pub keys: ApiKeys,
+    pub(crate) keys: ApiKeys,
     /// Metrics.
-    pub metrics: Metrics,
+    pub(crate) metrics: Metrics,
     /// The served model's id.
-    pub model_id: String,
+    pub(crate) model_id: String,
     /// Request defaults.
-    pub defaults: Defaults,
+    pub(crate) defaults: Defaults,
     /// Request limits.
-    pub limits: Limits,
+    pub(crate) limits: Limits,
     /// Answers by idempotency key, so a retried feedback counts once.
-    pub idempotency: Mutex<LruCache<String, pb::FeedbackResponse>>,
+    pub(crate) idempotency: Mutex<LruCache<String, pb::FeedbackResponse>>,
     /// Set on SIGTERM: new generation requests are refused while in-flight ones finish.
-    pub draining: AtomicBool,
+    pub(crate) draining: AtomicBool,
 }
 
 impl AppState {
-    /// Shared state for the services.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        engine: Engine,
-        adapters: Arc<AdapterRegistry>,
-        buffer: Arc<Mutex<TrajectoryBuffer>>,
-        training: Arc<crate::d3po::TrainerControl>,
-        signer: TokenSigner,
-        keys: ApiKeys,
-        metrics: Metrics,
-        model_id: String,
-        defaults: Defaults,
-        limits: Limits,
-    ) -> Self {
-        let idempotency = LruCache::new(NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN));
-        Self {
-            engine,
-            adapters,
-            buffer,
-            training,
-            signer,
-            keys,
-            metrics,
-            model_id,
-            defaults,
-            limits,
-            idempotency: Mutex::new(idempotency),
-            draining: AtomicBool::new(false),
-        }
+    /// An empty idempotency cache of the size the server keeps.
+    pub(crate) fn idempotency_cache() -> Mutex<LruCache<String, pb::FeedbackResponse>> {
+        Mutex::new(LruCache::new(
+            NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
+        ))
     }
 
     /// Checks the caller's API key for `role` (always passes when no keys are configured).

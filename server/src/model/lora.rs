@@ -10,7 +10,7 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 use super::nn::{Linear, upcast};
 
 /// The attention projections LoRA can target (diffusers / PEFT module names).
-pub const DEFAULT_TARGET_MODULES: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
+pub const TARGET_MODULES: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
 /// One projection of the UNet an adapter may modify.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -13,7 +13,7 @@ use tokenizers::pre_tokenizers::sequence::Sequence as PreTokenizerSequence;
 use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::{SplitDelimiterBehavior, Tokenizer};
 
-use crate::error::ModelError;
+use crate::model::ModelError;
 
 /// CLIP's word pattern (`CLIPTokenizer.pat`).
 const CLIP_PATTERN: &str =

@@ -274,7 +274,7 @@ mod tests {
     use super::*;
     use crate::model::nn::max_abs_diff;
     use crate::model::seeded::SeededWeights;
-    use crate::model::tiny::full_autoencoder;
+    use crate::pipeline::save::full_autoencoder;
 
     /// Our channels-last decoder equals candle-transformers' NCHW `AutoEncoderKL::decode`.
     #[test]

@@ -6,10 +6,13 @@
 //! The files are a complete diffusers pipeline; they are written to a temporary directory and
 //! read back by the same loader as any `--model` directory.
 
+pub mod pixel_vae;
+pub mod pretrain;
+
 use candle_core::{DType, Device};
 
-use super::loader::DiffusionModel;
-use crate::error::ModelError;
+use crate::model::ModelError;
+use crate::pipeline::DiffusionModel;
 
 /// The built-in model's id.
 pub const BUILTIN_ID: &str = "builtin-shapes";
@@ -77,7 +80,7 @@ pub fn load(dtype: DType, device: &Device) -> Result<DiffusionModel, ModelError>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapes;
+    use imagegen_shapes as shapes;
 
     /// The committed weights are the small model the issue allows, and they draw the shape and
     /// colour a prompt asks for far more often than chance (1 in 24): 82% on 200 held-out
@@ -88,10 +91,16 @@ mod tests {
         assert!(bytes <= 25 << 20, "the embedded model is {bytes} bytes");
         let model = load(DType::F32, &Device::Cpu).unwrap();
         assert_eq!(model.id, BUILTIN_ID);
-        let prompts = crate::pretrain::held_out_prompts(77, 16, 64);
-        let report =
-            crate::pretrain::evaluate(&model, &prompts, 20, f64::from(GUIDANCE_SCALE), 77, 64)
-                .unwrap();
+        let prompts = crate::builtin::pretrain::held_out_prompts(77, 16, 64);
+        let report = crate::builtin::pretrain::evaluate(
+            &model,
+            &prompts,
+            20,
+            f64::from(GUIDANCE_SCALE),
+            77,
+            64,
+        )
+        .unwrap();
         eprintln!("built-in model: {report:?}");
         assert!(
             report.correct >= 9,

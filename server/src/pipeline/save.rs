@@ -9,12 +9,12 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use serde_json::json;
 
-use super::clip::{ClipConfig, ClipTextModel};
-use super::seeded::SeededWeights;
-use super::tokenizer::{BOS, EOS, byte_alphabet};
-use super::unet::{UNet2DConditionModel, UNetConfig};
-use super::vae::{VaeConfig, VaeDecoder};
-use crate::error::ModelError;
+use crate::model::ModelError;
+use crate::model::clip::{ClipConfig, ClipTextModel};
+use crate::model::seeded::SeededWeights;
+use crate::model::tokenizer::{BOS, EOS, byte_alphabet};
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::{VaeConfig, VaeDecoder};
 
 /// Words the tiny vocabulary learns whole (the procedural captions of the embedded model).
 const WORDS: &[&str] = &[

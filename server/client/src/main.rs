@@ -539,7 +539,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             round_timeout,
             out,
         } => {
-            use imagegen_server::demo::{DemoConfig, Taste, run, write_figures};
+            use imagegen_client::demo::{DemoConfig, Taste, run, write_figures};
             let config = DemoConfig {
                 taste: match taste {
                     DemoTaste::Larger => Taste::LargerShapes,

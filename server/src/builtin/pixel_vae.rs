@@ -18,9 +18,9 @@ use std::collections::BTreeMap;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::seeded::SeededWeights;
-use super::tiny::full_autoencoder;
-use super::vae::{VaeConfig, VaeDecoder};
+use crate::model::seeded::SeededWeights;
+use crate::model::vae::{VaeConfig, VaeDecoder};
+use crate::pipeline::save::full_autoencoder;
 
 /// The constant channel pair that pins the group norms' scale.
 const PIN: f32 = 1000.0;

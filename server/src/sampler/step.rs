@@ -4,7 +4,7 @@
 
 use candle_core::{D, Tensor};
 
-use crate::{D3poError, Result};
+use super::error::{Result, SamplerError};
 
 /// `ln sqrt(2 pi)`.
 const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_8;
@@ -13,7 +13,7 @@ const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_8;
 fn per_item(values: &[f64], like: &Tensor) -> Result<Tensor> {
     let batch = like.dim(0)?;
     if values.len() != batch {
-        return Err(D3poError::InvalidArgument {
+        return Err(SamplerError::InvalidArgument {
             name: "per-item constants",
             reason: format!("{} values for a batch of {batch}", values.len()),
         });
@@ -46,7 +46,7 @@ fn inverse_two_variances(sigmas: &[f64]) -> Result<Vec<f64>> {
             if s.is_finite() && s > 0.0 {
                 Ok(1.0 / (2.0 * s * s))
             } else {
-                Err(D3poError::InvalidArgument {
+                Err(SamplerError::InvalidArgument {
                     name: "sigma",
                     reason: format!("must be finite and positive (eta > 0), got {s}"),
                 })

@@ -1,67 +1,11 @@
-//! Errors of the model layer; the server maps them to gRPC statuses in one place.
+//! The transport's error and the one place that decides gRPC status codes: every lower layer's
+//! error converts into [`ServerError`] here, and [`ServerError`] into [`tonic::Status`].
 
-use std::path::PathBuf;
-
-/// What can go wrong loading or running the model.
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    /// A file the diffusers layout requires is absent.
-    #[error("missing file {path}")]
-    MissingFile {
-        /// The file that was looked for.
-        path: PathBuf,
-    },
-    /// A config file is malformed or describes something unsupported.
-    #[error("{path}: {reason}")]
-    Config {
-        /// The config file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// A weight file lacks a tensor, or a tensor has the wrong shape.
-    #[error("{path}: {reason}")]
-    Weights {
-        /// The safetensors file.
-        path: PathBuf,
-        /// The key and what is wrong with it.
-        reason: String,
-    },
-    /// The tokenizer files are unusable.
-    #[error("tokenizer {path}: {reason}")]
-    Tokenizer {
-        /// The tokenizer folder or file.
-        path: PathBuf,
-        /// What is wrong.
-        reason: String,
-    },
-    /// Reading or writing a file failed.
-    #[error("{path}: {source}")]
-    Io {
-        /// The file.
-        path: PathBuf,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A sampling request is outside what the model supports.
-    #[error("invalid {field}: {reason}")]
-    InvalidRequest {
-        /// The request field.
-        field: &'static str,
-        /// What is allowed.
-        reason: String,
-    },
-    /// The caller asked the sampler to stop (client gone, deadline passed).
-    #[error("generation cancelled")]
-    Cancelled,
-    /// The sampler or its schedule rejected an argument.
-    #[error(transparent)]
-    D3po(#[from] plugin_d3po::D3poError),
-    /// A tensor operation failed.
-    #[error("tensor operation failed: {0}")]
-    Tensor(#[from] candle_core::Error),
-}
+use crate::adapters::AdapterError;
+use crate::auth::AuthError;
+use crate::buffer::BufferError;
+use crate::engine::EngineError;
+use crate::model::error::ModelError;
 
 /// Everything a gRPC call can fail with; [`From<ServerError> for tonic::Status`] is the one
 /// place that decides status codes.
@@ -121,9 +65,8 @@ impl From<ModelError> for ServerError {
     }
 }
 
-impl From<crate::engine::EngineError> for ServerError {
-    fn from(e: crate::engine::EngineError) -> Self {
-        use crate::engine::EngineError;
+impl From<EngineError> for ServerError {
+    fn from(e: EngineError) -> Self {
         match e {
             EngineError::Overloaded(_) => Self::Overloaded(e.to_string()),
             EngineError::ShuttingDown => Self::Unavailable(e.to_string()),
@@ -133,9 +76,8 @@ impl From<crate::engine::EngineError> for ServerError {
     }
 }
 
-impl From<crate::buffer::BufferError> for ServerError {
-    fn from(e: crate::buffer::BufferError) -> Self {
-        use crate::buffer::BufferError;
+impl From<BufferError> for ServerError {
+    fn from(e: BufferError) -> Self {
         match e {
             BufferError::UnknownImage(_) => Self::NotFound(e.to_string()),
             BufferError::DifferentGroups(..) => Self::invalid("preferred_over", e.to_string()),
@@ -144,18 +86,17 @@ impl From<crate::buffer::BufferError> for ServerError {
     }
 }
 
-impl From<crate::auth::AuthError> for ServerError {
-    fn from(e: crate::auth::AuthError) -> Self {
+impl From<AuthError> for ServerError {
+    fn from(e: AuthError) -> Self {
         match e {
-            crate::auth::AuthError::Unauthenticated => Self::Unauthenticated(e.to_string()),
-            crate::auth::AuthError::Forbidden(_) => Self::PermissionDenied(e.to_string()),
+            AuthError::Unauthenticated => Self::Unauthenticated(e.to_string()),
+            AuthError::Forbidden(_) => Self::PermissionDenied(e.to_string()),
         }
     }
 }
 
-impl From<crate::adapters::AdapterError> for ServerError {
-    fn from(e: crate::adapters::AdapterError) -> Self {
-        use crate::adapters::AdapterError;
+impl From<AdapterError> for ServerError {
+    fn from(e: AdapterError) -> Self {
         match e {
             AdapterError::Unknown(_) => Self::NotFound(e.to_string()),
             AdapterError::Conflict { .. } => Self::Aborted(e.to_string()),

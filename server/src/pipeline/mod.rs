@@ -11,19 +11,26 @@
 //!
 //! Every failure names the file, and for weights the key.
 
+mod generate;
+pub mod save;
+
+pub use generate::{
+    AdapterChoice, BatchTimings, Generation, RgbImage, SampleLimits, SampleRequest,
+};
+
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
+use crate::sampler::SchedulerConfig;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use plugin_d3po::SchedulerConfig;
 use serde::de::DeserializeOwned;
 
-use super::clip::{ClipConfig, ClipTextModel};
-use super::tokenizer::ClipTokenizer;
-use super::unet::{UNet2DConditionModel, UNetConfig};
-use super::vae::{VaeConfig, VaeDecoder};
-use crate::error::ModelError;
+use crate::model::ModelError;
+use crate::model::clip::{ClipConfig, ClipTextModel};
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::unet::{UNet2DConditionModel, UNetConfig};
+use crate::model::vae::{VaeConfig, VaeDecoder};
 
 /// Every part of a text-to-image latent-diffusion pipeline.
 #[derive(Debug)]

@@ -7,7 +7,7 @@
 
 use serde::Deserialize;
 
-use crate::{D3poError, Result};
+use super::error::{Result, SamplerError};
 
 /// How the betas of the training schedule are spaced (`beta_schedule` in diffusers).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -84,32 +84,32 @@ impl SchedulerConfig {
     pub fn from_json(text: &str) -> Result<Self> {
         // Options that change the sampler's math must be refused, not silently ignored.
         let raw: serde_json::Value = serde_json::from_str(text)
-            .map_err(|e| D3poError::InvalidSchedule(format!("not valid JSON: {e}")))?;
+            .map_err(|e| SamplerError::InvalidSchedule(format!("not valid JSON: {e}")))?;
         for (key, harmless) in [
             ("rescale_betas_zero_snr", serde_json::Value::Bool(false)),
             ("thresholding", serde_json::Value::Bool(false)),
         ] {
             if let Some(v) = raw.get(key).filter(|v| **v != harmless) {
-                return Err(D3poError::InvalidSchedule(format!(
+                return Err(SamplerError::InvalidSchedule(format!(
                     "`{key}` = {v} is not supported (only {harmless})"
                 )));
             }
         }
-        let config: Self =
-            serde_json::from_value(raw).map_err(|e| D3poError::InvalidSchedule(e.to_string()))?;
+        let config: Self = serde_json::from_value(raw)
+            .map_err(|e| SamplerError::InvalidSchedule(e.to_string()))?;
         config.validate()?;
         Ok(config)
     }
 
     fn validate(&self) -> Result<()> {
         if self.num_train_timesteps < 2 {
-            return Err(D3poError::InvalidSchedule(
+            return Err(SamplerError::InvalidSchedule(
                 "num_train_timesteps must be at least 2".into(),
             ));
         }
         let ok = |b: f64| b.is_finite() && b > 0.0 && b < 1.0;
         if !ok(self.beta_start) || !ok(self.beta_end) {
-            return Err(D3poError::InvalidSchedule(format!(
+            return Err(SamplerError::InvalidSchedule(format!(
                 "betas must lie in (0, 1), got {}..{}",
                 self.beta_start, self.beta_end
             )));
@@ -153,7 +153,7 @@ impl SchedulerConfig {
     pub fn timesteps(&self, num_steps: usize) -> Result<Vec<usize>> {
         let train = self.num_train_timesteps;
         if num_steps == 0 || num_steps > train {
-            return Err(D3poError::InvalidArgument {
+            return Err(SamplerError::InvalidArgument {
                 name: "steps",
                 reason: format!("must be in 1..={train}, got {num_steps}"),
             });
@@ -188,7 +188,7 @@ impl SchedulerConfig {
             }
         };
         if let Some(&bad) = ts.iter().find(|&&t| t >= train) {
-            return Err(D3poError::InvalidSchedule(format!(
+            return Err(SamplerError::InvalidSchedule(format!(
                 "timestep {bad} falls outside the training range 0..{train} \
                  (steps_offset {} with {num_steps} steps)",
                 self.steps_offset
@@ -297,7 +297,7 @@ impl DdimSchedule {
     pub fn step(&self, index: usize) -> Result<&StepConstants> {
         self.steps
             .get(index)
-            .ok_or_else(|| D3poError::InvalidArgument {
+            .ok_or_else(|| SamplerError::InvalidArgument {
                 name: "step_index",
                 reason: format!("must be below {}, got {index}", self.steps.len()),
             })

@@ -15,7 +15,7 @@ use pb::image_generator_client::ImageGeneratorClient;
 use tonic::Request;
 use tonic::transport::Channel;
 
-use crate::shapes::{self, Colour};
+use imagegen_shapes::{self as shapes, Colour};
 
 /// What the scripted user likes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -540,7 +540,7 @@ fn draw_text(img: &mut RgbImage, text: &str, x: u32, y: u32, scale: u32, colour:
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapes::{Scene, Shape, Size};
+    use imagegen_shapes::{Scene, Shape, Size};
 
     fn scene(colour: Colour, radius: f64) -> Vec<u8> {
         Scene {

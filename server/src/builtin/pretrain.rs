@@ -1,6 +1,6 @@
 //! Pretraining the embedded model: a small text-conditioned UNet and CLIP text encoder learn
-//! the procedural shapes dataset ([`crate::shapes`]) with the standard noise-prediction loss,
-//! in the reduced-resolution pixel space of [`crate::model::pixel_vae`] (1 / `pixel_factor`).
+//! the procedural shapes dataset ([`imagegen_shapes`]) with the standard noise-prediction loss,
+//! in the reduced-resolution pixel space of [`crate::builtin::pixel_vae`] (1 / `pixel_factor`).
 //!
 //! The whole run is defined by a [`Recipe`] (committed beside the weights as `recipe.json`) and
 //! reproducible from it: scenes, captions, timesteps and noise all come from its seed.
@@ -8,27 +8,27 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use crate::sampler::{PredictionType, SchedulerConfig};
 use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
-use plugin_d3po::{PredictionType, SchedulerConfig};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::error::ModelError;
+use crate::builtin::pixel_vae::{pixel_vae_config, pixel_vae_weights};
+use crate::model::ModelError;
 use crate::model::clip::{ClipConfig, ClipTextModel};
-use crate::model::loader::DiffusionModel;
-use crate::model::pixel_vae::{pixel_vae_config, pixel_vae_weights};
 use crate::model::seeded::SeededWeights;
-use crate::model::tiny::{
+use crate::model::tokenizer::ClipTokenizer;
+use crate::model::{AdapterBatch, Mode, UNet2DConditionModel, UNetConfig};
+use crate::pipeline::DiffusionModel;
+use crate::pipeline::save::{
     config_err, write_json, write_model_index, write_text_encoder, write_tokenizer, write_unet,
     write_vae,
 };
-use crate::model::tokenizer::ClipTokenizer;
-use crate::model::{AdapterBatch, Mode, UNet2DConditionModel, UNetConfig};
-use crate::sampler::{AdapterChoice, SampleRequest};
-use crate::shapes::{self, Scene};
+use crate::pipeline::{AdapterChoice, SampleRequest};
+use imagegen_shapes::{self as shapes, Scene};
 
 /// Everything that defines a pretraining run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -573,7 +573,7 @@ pub fn held_out_prompts(seed: u64, n: usize, image_size: usize) -> Vec<String> {
 mod tests {
     use super::*;
     use crate::model::vae::VaeDecoder;
-    use crate::shapes::{Colour, Shape, Size};
+    use imagegen_shapes::{Colour, Shape, Size};
 
     fn small_recipe() -> Recipe {
         let mut recipe =

@@ -1,0 +1,51 @@
+//! The D3PO plugin's Prometheus metrics.
+
+use prometheus::{Gauge, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts};
+
+/// The plugin's metrics.
+#[derive(Debug, Clone)]
+pub(super) struct D3poMetrics {
+    pub(super) rounds: IntCounterVec,
+    pub(super) round_duration: Histogram,
+    pub(super) loss: Gauge,
+    pub(super) pairs_used: IntCounter,
+    pub(super) heldout_accuracy: Gauge,
+}
+
+impl D3poMetrics {
+    pub(super) fn register(registry: &prometheus::Registry) -> prometheus::Result<Self> {
+        let m = Self {
+            rounds: IntCounterVec::new(
+                Opts::new(
+                    "imagegen_d3po_rounds_total",
+                    "D3PO training rounds, by result.",
+                ),
+                &["result"],
+            )?,
+            round_duration: Histogram::with_opts(
+                HistogramOpts::new(
+                    "imagegen_d3po_round_duration_seconds",
+                    "Wall time of a D3PO round.",
+                )
+                .buckets(vec![
+                    1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+                ]),
+            )?,
+            loss: Gauge::new("imagegen_d3po_loss", "Mean D3PO loss of the last round.")?,
+            pairs_used: IntCounter::new(
+                "imagegen_d3po_pairs_used_total",
+                "Preference pairs trained on.",
+            )?,
+            heldout_accuracy: Gauge::new(
+                "imagegen_d3po_heldout_accuracy",
+                "Held-out ranking accuracy of the last trained adapter.",
+            )?,
+        };
+        registry.register(Box::new(m.rounds.clone()))?;
+        registry.register(Box::new(m.round_duration.clone()))?;
+        registry.register(Box::new(m.loss.clone()))?;
+        registry.register(Box::new(m.pairs_used.clone()))?;
+        registry.register(Box::new(m.heldout_accuracy.clone()))?;
+        Ok(m)
+    }
+}

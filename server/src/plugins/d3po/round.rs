@@ -1,0 +1,263 @@
+//! One training round: pick fresh pairs, train an adapter from the live one, gate it on the
+//! held-out pairs, publish it and make it live.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use candle_core::Device;
+use plugin_d3po::D3poTrainer;
+use rand::{SeedableRng, rngs::StdRng};
+use rand_distr::{Distribution, StandardNormal};
+
+use super::D3poPlugin;
+use super::metrics::D3poMetrics;
+use super::pairs::{TrainingPair, collect_pairs};
+use super::policy::{ServerPolicy, all_finite, heldout_accuracy};
+use crate::adapters::{AdapterGeneration, TrainingStats};
+use crate::model::{LoraPair, LoraTarget, LoraWeights, TrainableLora};
+use crate::plugins::PluginHost;
+
+/// What one round ended with.
+pub(super) enum RoundResult {
+    /// A new generation went live: its id and how it was trained.
+    Published(String, TrainingStats),
+    /// The gate (or the live alias's CAS) refused the trained adapter.
+    Rejected(String),
+    /// Nothing was trained: too few pairs, shutdown, or a failure on the way.
+    Skipped(String),
+}
+
+/// `(train, held out)`: every k-th pair is held out for the gate, none when there are too few.
+fn split_heldout<T: Copy>(pairs: &[T], heldout_fraction: f64) -> (Vec<T>, Vec<T>) {
+    if !(heldout_fraction > 0.0 && pairs.len() >= 3) {
+        return (pairs.to_vec(), Vec::new());
+    }
+    let every = (1.0 / heldout_fraction).round().max(2.0) as usize;
+    let (mut train, mut heldout) = (Vec::new(), Vec::new());
+    for (i, p) in pairs.iter().enumerate() {
+        if i % every == every - 1 {
+            heldout.push(*p);
+        } else {
+            train.push(*p);
+        }
+    }
+    (train, heldout)
+}
+
+impl D3poPlugin {
+    /// Runs one round; `trained` is the ledger of pairs already used (by image ids).
+    pub(super) fn round(
+        &self,
+        host: &PluginHost,
+        trained: &mut HashSet<(String, String)>,
+        triggered: bool,
+        metrics: &D3poMetrics,
+    ) -> RoundResult {
+        match self.try_round(host, trained, triggered, metrics) {
+            Ok(result) | Err(result) => result,
+        }
+    }
+
+    fn try_round(
+        &self,
+        host: &PluginHost,
+        trained: &mut HashSet<(String, String)>,
+        triggered: bool,
+        metrics: &D3poMetrics,
+    ) -> Result<RoundResult, RoundResult> {
+        let started = Instant::now();
+        let skipped = |what: &str| {
+            let what = what.to_string();
+            move |e: &dyn std::fmt::Display| RoundResult::Skipped(format!("{what}: {e}"))
+        };
+        let groups = host.labelled_groups();
+        let fresh: Vec<TrainingPair> = collect_pairs(&groups)
+            .into_iter()
+            .filter(|p| !trained.contains(&p.key))
+            .collect();
+        self.control.update(|s| s.pending_pairs = fresh.len());
+        let needed = if triggered { 1 } else { self.config.min_pairs };
+        if fresh.len() < needed {
+            return Err(RoundResult::Skipped(format!(
+                "{} new preference pairs, {needed} needed",
+                fresh.len()
+            )));
+        }
+        let pairs: Vec<&TrainingPair> = fresh.iter().take(self.config.pairs_per_round).collect();
+        let (train, heldout) = split_heldout(&pairs, self.config.heldout_fraction);
+
+        let live = host
+            .adapters()
+            .live()
+            .map_err(|e| RoundResult::Skipped(e.to_string()))?;
+        self.control.update(|s| s.state = "training".into());
+        let seed = self.config.seed ^ trained.len() as u64;
+        let trainable = self
+            .starting_adapter(host, live.as_deref(), seed)
+            .map_err(|e| skipped("initialising the adapter")(&e))?;
+        let reference = live.as_ref().map(|g| &g.weights);
+        let mean_loss = self.train(host, &trainable, reference, &train, seed)?;
+        metrics.pairs_used.inc_by(train.len() as u64);
+        metrics.loss.set(mean_loss);
+
+        self.control.update(|s| s.state = "gating".into());
+        let candidate = trainable
+            .weights
+            .detached()
+            .map_err(|e| skipped("copying the trained weights")(&e))?;
+        if !all_finite(&candidate) {
+            return Ok(RoundResult::Rejected(
+                "the trained weights are not finite".into(),
+            ));
+        }
+        let new_acc = heldout_accuracy(host, &heldout, Some(&candidate))
+            .map_err(|e| skipped("evaluating held-out pairs")(&e))?;
+        let live_acc = heldout_accuracy(host, &heldout, reference)
+            .map_err(|e| skipped("evaluating held-out pairs")(&e))?;
+        metrics.heldout_accuracy.set(new_acc);
+        for p in &pairs {
+            trained.insert(p.key.clone());
+        }
+        if new_acc < live_acc + self.config.gate_margin {
+            return Ok(RoundResult::Rejected(format!(
+                "held-out accuracy {new_acc:.3} does not reach the live adapter's {live_acc:.3} + margin {}",
+                self.config.gate_margin
+            )));
+        }
+        let stats = TrainingStats {
+            pairs: train.len(),
+            mean_loss,
+            heldout_accuracy: new_acc,
+            parent_heldout_accuracy: live_acc,
+            seconds: started.elapsed().as_secs_f64(),
+        };
+        let mut learned_from: Vec<String> = pairs.iter().map(|p| p.group_id.clone()).collect();
+        learned_from.sort();
+        learned_from.dedup();
+        let parent = live.as_ref().map(|g| g.meta.id.clone());
+        let generation: Arc<AdapterGeneration> = host
+            .adapters()
+            .publish(
+                candidate,
+                parent.clone(),
+                "trained",
+                Some(stats.clone()),
+                learned_from,
+            )
+            .map_err(|e| skipped("publishing")(&e))?;
+        Ok(
+            match host
+                .adapters()
+                .activate(Some(&generation.meta.id), parent.as_deref(), "trained")
+            {
+                Ok(()) => RoundResult::Published(generation.meta.id.clone(), stats),
+                Err(e) => RoundResult::Rejected(format!("not made live: {e}")),
+            },
+        )
+    }
+
+    /// The adapter a round trains: a copy of the live one, or a fresh one (B = 0) over the
+    /// configured modules, on the model's device.
+    fn starting_adapter(
+        &self,
+        host: &PluginHost,
+        live: Option<&AdapterGeneration>,
+        seed: u64,
+    ) -> candle_core::Result<TrainableLora> {
+        let targets = host.lora_targets();
+        let trainable = match live {
+            Some(g) => TrainableLora::from_weights(&g.weights, targets)?,
+            None => {
+                let mut rng = StdRng::seed_from_u64(seed);
+                let modules: Vec<&str> = self.config.targets.iter().map(String::as_str).collect();
+                TrainableLora::init(
+                    targets,
+                    self.config.rank,
+                    self.config.alpha,
+                    &modules,
+                    &Device::Cpu,
+                    || StandardNormal.sample(&mut rng),
+                )?
+            }
+        };
+        if host.device().is_cpu() {
+            Ok(trainable)
+        } else {
+            to_device(trainable, targets, host.device())
+        }
+    }
+
+    /// One pass of D3PO over `train`; returns the mean loss.
+    fn train(
+        &self,
+        host: &PluginHost,
+        trainable: &TrainableLora,
+        reference: Option<&LoraWeights>,
+        train: &[&TrainingPair],
+        seed: u64,
+    ) -> Result<f64, RoundResult> {
+        let mut trainer =
+            D3poTrainer::new(trainable.vars.clone(), self.config.train_config(), seed)
+                .map_err(|e| RoundResult::Skipped(e.to_string()))?;
+        let policy = ServerPolicy {
+            host,
+            policy: &trainable.weights,
+            reference,
+        };
+        let mut loss_sum = 0.0;
+        for pair in train {
+            if host.stopping() {
+                return Err(RoundResult::Skipped("shutting down".into()));
+            }
+            let mut pause = || host.yield_to_serving(Duration::from_secs(60));
+            let outcome = trainer
+                .train_pair(&policy, &pair.winner, &pair.loser, &mut pause)
+                .map_err(|e| RoundResult::Skipped(format!("training step failed: {e}")))?;
+            loss_sum += outcome.loss;
+        }
+        Ok(loss_sum / train.len().max(1) as f64)
+    }
+}
+
+fn to_device(
+    t: TrainableLora,
+    targets: &[LoraTarget],
+    device: &Device,
+) -> candle_core::Result<TrainableLora> {
+    let layers = t
+        .weights
+        .layers()
+        .iter()
+        .map(|l| {
+            l.as_ref()
+                .map(|p| {
+                    Ok::<_, candle_core::Error>(LoraPair {
+                        down: p.down.to_device(device)?,
+                        up: p.up.to_device(device)?,
+                    })
+                })
+                .transpose()
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let moved = LoraWeights::new(t.weights.rank(), t.weights.alpha(), targets, layers)?;
+    TrainableLora::from_weights(&moved, targets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_fifth_pair_is_held_out_and_small_rounds_hold_none_out() {
+        let pairs: Vec<usize> = (0..10).collect();
+        assert_eq!(
+            split_heldout(&pairs, 0.2),
+            (vec![0, 1, 2, 3, 5, 6, 7, 8], vec![4, 9])
+        );
+        assert_eq!(split_heldout(&pairs[..2], 0.2), (vec![0, 1], vec![]));
+        assert_eq!(split_heldout(&pairs, 0.0), (pairs.clone(), vec![]));
+        // A fraction above one half still holds out every second pair at most.
+        assert_eq!(split_heldout(&pairs[..4], 0.9), (vec![0, 2], vec![1, 3]));
+    }
+}

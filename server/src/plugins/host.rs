@@ -1,0 +1,150 @@
+//! [`PluginHost`]: everything a plugin may touch, as methods.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use candle_core::{Device, Tensor};
+
+use crate::adapters::AdapterRegistry;
+use crate::buffer::{GroupSnapshot, TrajectoryBuffer};
+use crate::model::{AdapterBatch, LoraTarget, LoraWeights, Mode, ModelError};
+use crate::pipeline::DiffusionModel;
+use crate::sampler::{Trajectory, TransitionBatch, log_ratio};
+
+/// What the host gives a plugin.
+#[derive(Clone)]
+pub struct PluginHost {
+    buffer: Arc<Mutex<TrajectoryBuffer>>,
+    model: Arc<DiffusionModel>,
+    adapters: Arc<AdapterRegistry>,
+    metrics: prometheus::Registry,
+    queue_depth: prometheus::IntGauge,
+    stop: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("model", &self.model.id)
+            .finish()
+    }
+}
+
+impl PluginHost {
+    /// A host over the server's parts.
+    pub(crate) fn new(
+        buffer: Arc<Mutex<TrajectoryBuffer>>,
+        model: Arc<DiffusionModel>,
+        adapters: Arc<AdapterRegistry>,
+        metrics: prometheus::Registry,
+        queue_depth: prometheus::IntGauge,
+        stop: Arc<AtomicBool>,
+    ) -> Self {
+        Self {
+            buffer,
+            model,
+            adapters,
+            metrics,
+            queue_depth,
+            stop,
+        }
+    }
+
+    /// The buffer's groups that carry feedback (a consistent copy; the lock is held briefly).
+    pub fn labelled_groups(&self) -> Vec<GroupSnapshot> {
+        match self.buffer.lock() {
+            Ok(buffer) => buffer.snapshot(false),
+            Err(_) => Vec::new(),
+        }
+    }
+
+    /// Stored steps of recorded chains gathered for evaluation under adapters; every chain must
+    /// come from the served model.
+    pub fn transitions(
+        &self,
+        items: &[(&Trajectory, usize)],
+    ) -> Result<Transitions<'_>, ModelError> {
+        Ok(Transitions {
+            batch: TransitionBatch::new(self.model.denoiser(), items)?,
+            model: &self.model,
+        })
+    }
+
+    /// Adapter generations and the live alias.
+    pub fn adapters(&self) -> &AdapterRegistry {
+        &self.adapters
+    }
+
+    /// The projections an adapter of the served model covers, in the registry's order.
+    pub fn lora_targets(&self) -> &[LoraTarget] {
+        self.adapters.targets()
+    }
+
+    /// Where the served model runs (adapters to train must live there too).
+    pub fn device(&self) -> &Device {
+        self.model.unet.device()
+    }
+
+    /// Where plugin metrics are registered.
+    pub fn metrics(&self) -> &prometheus::Registry {
+        &self.metrics
+    }
+
+    /// Requests admitted and not finished: the plugin should wait while this is non-zero.
+    pub fn serving_load(&self) -> i64 {
+        self.queue_depth.get()
+    }
+
+    /// Blocks while requests are in flight (serving has priority), at most `max`.
+    pub fn yield_to_serving(&self, max: Duration) {
+        let start = Instant::now();
+        while self.serving_load() > 0 && !self.stopping() && start.elapsed() < max {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The flag set when the server shuts down.
+    pub fn stop_flag(&self) -> &AtomicBool {
+        &self.stop
+    }
+
+    /// Whether the server is shutting down.
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::Acquire)
+    }
+}
+
+/// Stored transitions `(x_t, x_{t-1})` of recorded chains, evaluated with the sampler's step math.
+#[derive(Debug)]
+pub struct Transitions<'a> {
+    batch: TransitionBatch,
+    model: &'a DiffusionModel,
+}
+
+impl Transitions<'_> {
+    /// `delta = log pi_policy(x_{t-1} | x_t) - log pi_reference(x_{t-1} | x_t)` of every stored
+    /// step, `[n]` (`None` = the base model). In [`Mode::Training`] it is differentiable with
+    /// respect to the policy adapter's variables; the reference is held fixed. Both run the same
+    /// kernels, so delta is exactly 0 while the two adapters are equal.
+    pub fn log_ratios(
+        &self,
+        policy: Option<&LoraWeights>,
+        reference: Option<&LoraWeights>,
+        mode: Mode,
+    ) -> Result<Tensor, ModelError> {
+        let denoiser = self.model.denoiser();
+        let (mu, sigmas) =
+            self.batch
+                .policy_mean(denoiser, &AdapterBatch::Uniform(policy), mode)?;
+        let (mu_ref, _) =
+            self.batch
+                .policy_mean(denoiser, &AdapterBatch::Uniform(reference), mode)?;
+        Ok(log_ratio(
+            &self.batch.x_prev,
+            &mu,
+            &mu_ref.detach(),
+            &sigmas,
+        )?)
+    }
+}

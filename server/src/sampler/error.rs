@@ -1,0 +1,23 @@
+//! Errors of the diffusion-step math (schedule, step mean, log-probabilities).
+
+/// A scheduler setting or a step argument outside what the DDIM sampler supports.
+#[derive(Debug, thiserror::Error)]
+pub enum SamplerError {
+    /// A scheduler setting is outside what the DDIM sampler supports.
+    #[error("invalid scheduler configuration: {0}")]
+    InvalidSchedule(String),
+    /// A sampling argument is out of range (eta, steps, per-item constants).
+    #[error("invalid argument `{name}`: {reason}")]
+    InvalidArgument {
+        /// The argument's name, as the caller spells it.
+        name: &'static str,
+        /// What is wrong and what is allowed.
+        reason: String,
+    },
+    /// A tensor operation failed (shape or dtype mismatch, device error).
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+/// Shorthand for results of the step math.
+pub type Result<T> = std::result::Result<T, SamplerError>;
