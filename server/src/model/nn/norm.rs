@@ -1,0 +1,444 @@
+//! Normalisation layers: group norm over channels-last activations (a fused kernel with a
+//! closed-form backward) and layer norm over the last dimension.
+
+use candle_core::{CpuStorage, D, DType, Layout, Module, Result, Shape, Tensor};
+use candle_nn::VarBuilder;
+
+use super::{Mode, contiguous_slice, upcast};
+
+/// Group normalisation over **channels-last** `[B, ..., C]`: channels split into groups along
+/// the last dimension, statistics over every position and the group's channels (in f32 for
+/// half-precision inputs). Equal to `nn.GroupNorm` on the NCHW view.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupNorm {
+    weight: Tensor,
+    bias: Tensor,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNorm {
+    pub(crate) fn new(groups: usize, channels: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        if groups == 0 || !channels.is_multiple_of(groups) {
+            candle_core::bail!("{channels} channels cannot be split into {groups} norm groups");
+        }
+        let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self {
+            weight,
+            bias,
+            groups,
+            eps,
+        })
+    }
+}
+
+impl Module for GroupNorm {
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (batch, channels) = (dims[0], dims[dims.len() - 1]);
+        if x.track_op() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+            // Training: one kernel with a hand-written backward. The composite below is
+            // differentiated by candle as a dozen broadcasts whose backward reductions over
+            // positions dominated a pretraining step.
+            let rows = x.elem_count() / channels;
+            return x
+                .contiguous()?
+                .reshape((rows, channels))?
+                .apply_op3(
+                    &self.weight.to_dtype(x.dtype())?,
+                    &self.bias.to_dtype(x.dtype())?,
+                    GroupNormOp {
+                        batch,
+                        groups: self.groups,
+                        eps: self.eps,
+                    },
+                )?
+                .reshape(dims.as_slice());
+        }
+        let dtype = x.dtype();
+        let per_group = channels / self.groups;
+        let positions = x.elem_count() / (batch * channels);
+        let count = (positions * per_group) as f64;
+        let g = x
+            .reshape((batch, positions, self.groups, per_group))?
+            .to_dtype(upcast(dtype))?;
+        // Sum over the group's channels (contiguous) first, then over positions.
+        let mean = (g.sum_keepdim(3)?.sum_keepdim(1)? / count)?;
+        let centred = g.broadcast_sub(&mean)?;
+        let var = (centred.sqr()?.sum_keepdim(3)?.sum_keepdim(1)? / count)?;
+        centred
+            .broadcast_div(&(var + self.eps)?.sqrt()?)?
+            .to_dtype(dtype)?
+            .reshape(dims.as_slice())?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// Group norm with affine over `[rows, C]` (rows = batch x positions), CPU, f32/f64.
+#[derive(Debug, Clone, Copy)]
+struct GroupNormOp {
+    batch: usize,
+    groups: usize,
+    eps: f64,
+}
+
+impl GroupNormOp {
+    /// Mean and reciprocal standard deviation of every (item, group).
+    fn stats<T: candle_core::WithDType>(&self, x: &[T], channels: usize) -> Vec<(f64, f64)> {
+        let per_item = x.len() / self.batch;
+        let per_group = channels / self.groups;
+        let count = (per_item / channels * per_group) as f64;
+        let mut out = Vec::with_capacity(self.batch * self.groups);
+        for item in x.chunks(per_item) {
+            let mut sums = vec![(0.0f64, 0.0f64); self.groups];
+            for row in item.chunks(channels) {
+                for (g, sum) in sums.iter_mut().enumerate() {
+                    for v in &row[g * per_group..(g + 1) * per_group] {
+                        let v = v.to_f64();
+                        sum.0 += v;
+                        sum.1 += v * v;
+                    }
+                }
+            }
+            for (s, sq) in sums {
+                let mean = s / count;
+                let var = (sq / count - mean * mean).max(0.0);
+                out.push((mean, 1.0 / (var + self.eps).sqrt()));
+            }
+        }
+        out
+    }
+
+    fn forward<T: candle_core::WithDType>(&self, x: &[T], w: &[T], b: &[T]) -> Vec<T> {
+        let channels = w.len();
+        let per_item = x.len() / self.batch;
+        let per_group = channels / self.groups;
+        let stats = self.stats(x, channels);
+        let mut y = Vec::with_capacity(x.len());
+        for (i, v) in x.iter().enumerate() {
+            let c = i % channels;
+            let (mean, rstd) = stats[(i / per_item) * self.groups + c / per_group];
+            y.push(T::from_f64(
+                (v.to_f64() - mean) * rstd * w[c].to_f64() + b[c].to_f64(),
+            ));
+        }
+        y
+    }
+
+    /// `dx`, then `dweight`, then `dbias`, in one buffer.
+    fn backward<T: candle_core::WithDType>(&self, x: &[T], w: &[T], dy: &[T]) -> Vec<T> {
+        let channels = w.len();
+        let per_item = x.len() / self.batch;
+        let per_group = channels / self.groups;
+        let count = (per_item / channels * per_group) as f64;
+        let stats = self.stats(x, channels);
+        let (mut dw, mut db) = (vec![0.0f64; channels], vec![0.0f64; channels]);
+        // Per (item, group): mean of dxhat and of dxhat * xhat.
+        let mut sums = vec![(0.0f64, 0.0f64); self.batch * self.groups];
+        for (i, (v, g)) in x.iter().zip(dy).enumerate() {
+            let c = i % channels;
+            let k = (i / per_item) * self.groups + c / per_group;
+            let (mean, rstd) = stats[k];
+            let xhat = (v.to_f64() - mean) * rstd;
+            let g = g.to_f64();
+            dw[c] += g * xhat;
+            db[c] += g;
+            let dxhat = g * w[c].to_f64();
+            sums[k].0 += dxhat;
+            sums[k].1 += dxhat * xhat;
+        }
+        let mut out = Vec::with_capacity(x.len() + 2 * channels);
+        for (i, (v, g)) in x.iter().zip(dy).enumerate() {
+            let c = i % channels;
+            let k = (i / per_item) * self.groups + c / per_group;
+            let (mean, rstd) = stats[k];
+            let xhat = (v.to_f64() - mean) * rstd;
+            let dxhat = g.to_f64() * w[c].to_f64();
+            out.push(T::from_f64(
+                rstd * (dxhat - sums[k].0 / count - xhat * sums[k].1 / count),
+            ));
+        }
+        out.extend(dw.into_iter().map(T::from_f64));
+        out.extend(db.into_iter().map(T::from_f64));
+        out
+    }
+}
+
+impl candle_core::CustomOp3 for GroupNormOp {
+    fn name(&self) -> &'static str {
+        "group-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (x, w, b) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                CpuStorage::F32(self.forward(
+                    contiguous_slice(x, lx)?,
+                    contiguous_slice(w, lw)?,
+                    contiguous_slice(b, lb)?,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                CpuStorage::F64(self.forward(
+                    contiguous_slice(x, lx)?,
+                    contiguous_slice(w, lw)?,
+                    contiguous_slice(b, lb)?,
+                ))
+            }
+            _ => candle_core::bail!("group-norm: f32 or f64 tensors of one dtype expected"),
+        };
+        Ok((out, lx.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        w: &Tensor,
+        _b: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (n, c) = (x.elem_count(), w.elem_count());
+        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &GroupNormBackward(*self))?;
+        Ok((
+            Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
+            Some(packed.narrow(0, n, c)?),
+            Some(packed.narrow(0, n + c, c)?),
+        ))
+    }
+}
+
+/// The backward of [`GroupNormOp`] as a kernel over `(x, weight, dy)`.
+#[derive(Debug, Clone, Copy)]
+struct GroupNormBackward(GroupNormOp);
+
+impl candle_core::CustomOp3 for GroupNormBackward {
+    fn name(&self) -> &'static str {
+        "group-norm-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        w: &CpuStorage,
+        lw: &Layout,
+        dy: &CpuStorage,
+        ldy: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let out = match (x, w, dy) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
+                CpuStorage::F32(self.0.backward(
+                    contiguous_slice(x, lx)?,
+                    contiguous_slice(w, lw)?,
+                    contiguous_slice(dy, ldy)?,
+                ))
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
+                CpuStorage::F64(self.0.backward(
+                    contiguous_slice(x, lx)?,
+                    contiguous_slice(w, lw)?,
+                    contiguous_slice(dy, ldy)?,
+                ))
+            }
+            _ => {
+                candle_core::bail!("group-norm backward: f32 or f64 tensors of one dtype expected")
+            }
+        };
+        let len = lx.shape().elem_count() + 2 * lw.shape().elem_count();
+        Ok((out, Shape::from(len)))
+    }
+}
+
+/// Layer normalisation over the last dimension.
+#[derive(Debug, Clone)]
+pub(crate) struct LayerNorm {
+    weight: Tensor,
+    bias: Tensor,
+    eps: f64,
+}
+
+impl LayerNorm {
+    pub(crate) fn new(dim: usize, eps: f64, vb: VarBuilder) -> Result<Self> {
+        let weight = vb.get_with_hints(dim, "weight", candle_nn::Init::Const(1.0))?;
+        let bias = vb.get_with_hints(dim, "bias", candle_nn::Init::Const(0.0))?;
+        Ok(Self { weight, bias, eps })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
+        // The fused kernel has no backward and no f64 variant.
+        if mode == Mode::Inference && x.is_contiguous() && x.dtype() != DType::F64 {
+            return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
+        }
+        let dtype = x.dtype();
+        normalize_last_dim(&x.to_dtype(upcast(dtype))?, self.eps)?
+            .to_dtype(dtype)?
+            .broadcast_mul(&self.weight)?
+            .broadcast_add(&self.bias)
+    }
+}
+
+/// `(x - mean) / sqrt(var + eps)` over the last dimension, from differentiable ops.
+fn normalize_last_dim(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let centred = x.broadcast_sub(&x.mean_keepdim(D::Minus1)?)?;
+    let var = centred.sqr()?.mean_keepdim(D::Minus1)?;
+    centred.broadcast_div(&(var + eps)?.sqrt()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Module, Tensor};
+
+    use super::*;
+    use crate::model::nn::{Mode, input, max_abs_diff, softmax_last_dim};
+    use crate::model::seeded::SeededWeights;
+
+    /// The training kernel's values and gradients (input, weight, bias) equal those candle
+    /// derives from the composite, in f64.
+    #[test]
+    fn group_norm_kernel_matches_the_composite_and_its_gradients() {
+        let seeded = SeededWeights::new(21);
+        let norm = GroupNorm::new(
+            2,
+            6,
+            1e-5,
+            seeded.var_builder(DType::F64, &Device::Cpu).pp("n"),
+        )
+        .unwrap();
+        let weights = seeded.tensors();
+        // A non-trivial scale, so the weight gradient is tested too.
+        let w = candle_core::Var::from_tensor(
+            &(weights["n.weight"].to_dtype(DType::F64).unwrap()
+                + (input((1, 1, 1, 6))
+                    .flatten_all()
+                    .unwrap()
+                    .to_dtype(DType::F64)
+                    .unwrap()
+                    * 0.3)
+                    .unwrap())
+            .unwrap(),
+        )
+        .unwrap();
+        let b = candle_core::Var::from_tensor(&weights["n.bias"].to_dtype(DType::F64).unwrap())
+            .unwrap();
+        let w = w.as_tensor().clone();
+        let trainable = GroupNorm {
+            weight: w.clone(),
+            bias: b.as_tensor().clone(),
+            ..norm
+        };
+        let x = candle_core::Var::from_tensor(
+            &(input((3, 4, 5, 6)).to_dtype(DType::F64).unwrap() * 2.0).unwrap(),
+        )
+        .unwrap();
+        let r = input((3, 4, 5, 6))
+            .to_dtype(DType::F64)
+            .unwrap()
+            .cos()
+            .unwrap();
+        let kernel = trainable.forward(x.as_tensor()).unwrap();
+        // The composite: the same layer on an untracked input, plus the tracked input's
+        // contribution through a differentiable copy of the formula.
+        let g = x.reshape((3, 20, 2, 3)).unwrap();
+        let mean = (g.sum_keepdim(3).unwrap().sum_keepdim(1).unwrap() / 60.0).unwrap();
+        let centred = g.broadcast_sub(&mean).unwrap();
+        let var = (centred
+            .sqr()
+            .unwrap()
+            .sum_keepdim(3)
+            .unwrap()
+            .sum_keepdim(1)
+            .unwrap()
+            / 60.0)
+            .unwrap();
+        let composite = centred
+            .broadcast_div(&(var + 1e-5).unwrap().sqrt().unwrap())
+            .unwrap()
+            .reshape((3, 4, 5, 6))
+            .unwrap()
+            .broadcast_mul(&w)
+            .unwrap()
+            .broadcast_add(b.as_tensor())
+            .unwrap();
+        assert!(max_abs_diff(&kernel, &composite) < 1e-10);
+        let grads = |y: &Tensor| {
+            let g = (y * &r).unwrap().sum_all().unwrap().backward().unwrap();
+            [
+                g.get(x.as_tensor()).unwrap().clone(),
+                g.get(&w).unwrap().clone(),
+                g.get(b.as_tensor()).unwrap().clone(),
+            ]
+        };
+        for (a, c) in grads(&kernel).iter().zip(grads(&composite).iter()) {
+            assert!(max_abs_diff(a, c) < 1e-9, "{}", max_abs_diff(a, c));
+        }
+    }
+
+    #[test]
+    fn group_norm_matches_candle_group_norm_on_nchw() {
+        let seeded = SeededWeights::new(3);
+        let vb = seeded.var_builder(DType::F32, &Device::Cpu);
+        let ours = GroupNorm::new(4, 8, 1e-5, vb.pp("n")).unwrap();
+        // Non-trivial affine parameters.
+        let w = Tensor::arange(0f32, 8., &Device::Cpu)
+            .unwrap()
+            .affine(0.1, 0.5)
+            .unwrap();
+        let b = Tensor::arange(0f32, 8., &Device::Cpu)
+            .unwrap()
+            .affine(-0.2, 0.3)
+            .unwrap();
+        let ours = GroupNorm {
+            weight: w.clone(),
+            bias: b.clone(),
+            ..ours
+        };
+        let reference = candle_nn::GroupNorm::new(w, b, 8, 4, 1e-5).unwrap();
+        let x = input((2, 8, 3, 5));
+        let want = reference.forward(&x).unwrap();
+        let got = ours
+            .forward(&x.permute((0, 2, 3, 1)).unwrap().contiguous().unwrap())
+            .unwrap()
+            .permute((0, 3, 1, 2))
+            .unwrap();
+        assert!(
+            max_abs_diff(&got, &want) < 1e-5,
+            "{}",
+            max_abs_diff(&got, &want)
+        );
+    }
+
+    #[test]
+    fn layer_norm_modes_agree_and_softmax_modes_agree() {
+        let seeded = SeededWeights::new(4);
+        let ln = LayerNorm::new(
+            6,
+            1e-5,
+            seeded.var_builder(DType::F32, &Device::Cpu).pp("ln"),
+        )
+        .unwrap();
+        let x = input((1, 2, 3, 6));
+        let fused = ln.forward(&x, Mode::Inference).unwrap();
+        let composed = ln.forward(&x, Mode::Training).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-5);
+        // Hand check: softmax of [0, ln 3] is [1/4, 3/4].
+        let t = Tensor::new(&[[0f32, 3f32.ln()]], &Device::Cpu).unwrap();
+        for mode in [Mode::Inference, Mode::Training] {
+            let p: Vec<Vec<f32>> = softmax_last_dim(&t, mode).unwrap().to_vec2().unwrap();
+            assert!(
+                (p[0][0] - 0.25).abs() < 1e-6 && (p[0][1] - 0.75).abs() < 1e-6,
+                "{mode:?}"
+            );
+        }
+    }
+}
