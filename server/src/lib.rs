@@ -13,4 +13,5 @@ pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
 pub mod server;
+pub mod tiny;
 pub mod tokens;

@@ -94,7 +94,7 @@ fn main() -> anyhow::Result<()> {
 
     // Direct, in-process pipeline calls: the floor the server adds to.
     let dir = tempfile::tempdir()?;
-    imagegen_server::pipeline::save::write_tiny_model(dir.path(), 0)?;
+    imagegen_server::tiny::write_tiny_model(dir.path(), 0)?;
     let model =
         imagegen_server::pipeline::DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
     let cond = model.conditioning("a small red circle on a blue background", "")?;

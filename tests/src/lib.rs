@@ -26,7 +26,7 @@ impl TestServer {
     pub async fn start(configure: impl FnOnce(&mut ServeConfig)) -> anyhow::Result<Self> {
         let dir = tempfile::tempdir()?;
         let model = dir.path().join("tiny");
-        imagegen_server::pipeline::save::write_tiny_model(&model, 0)?;
+        imagegen_server::tiny::write_tiny_model(&model, 0)?;
         Self::start_with(Some(dir), |c| {
             c.model = Some(model);
             configure(c);

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use imagegen_client::demo::{DemoConfig, Taste, run, write_figures};
 use imagegen_proto::v1 as pb;
-use imagegen_server::builtin::pretrain::held_out_prompts;
+use imagegen_server::builtin::held_out_prompts;
 use imagegen_shapes::{evaluate, parse_prompt};
 use imagegen_tests::TestServer;
 

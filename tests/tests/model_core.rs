@@ -10,8 +10,8 @@ use candle_core::{DType, Device, Tensor};
 use imagegen_server::model::ModelError;
 use imagegen_server::model::{LoraPair, LoraWeights, Mode};
 use imagegen_server::pipeline::DiffusionModel;
-use imagegen_server::pipeline::save::write_tiny_model;
 use imagegen_server::pipeline::{AdapterChoice, Generation, SampleRequest};
+use imagegen_server::tiny::write_tiny_model;
 
 fn tiny_dir() -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("tempdir");

@@ -131,7 +131,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::MakeTinyModel { dir, seed }) => {
-            imagegen_server::pipeline::save::write_tiny_model(&dir, seed)
+            imagegen_server::tiny::write_tiny_model(&dir, seed)
                 .with_context(|| format!("writing the tiny model to {}", dir.display()))?;
             tracing::info!(dir = %dir.display(), seed, "wrote the tiny model");
             Ok(())
@@ -144,75 +144,23 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn pretrain(args: &PretrainArgs) -> anyhow::Result<()> {
-    use imagegen_server::builtin::pretrain::{Pretrainer, Recipe, evaluate, held_out_prompts};
+    use imagegen_server::builtin::Recipe;
+    use imagegen_server::builtin::pretrain::{PretrainRun, pretrain};
     let mut recipe = Recipe::from_file(&args.recipe)?;
     if let Some(steps) = args.steps {
         recipe.steps = steps;
     }
-    std::fs::create_dir_all(&args.out)
-        .with_context(|| format!("creating {}", args.out.display()))?;
-    let mut trainer = Pretrainer::new(recipe.clone(), &args.out)?;
-    tracing::info!(
-        parameters = trainer.parameter_count(),
-        steps = recipe.steps,
-        batch = recipe.batch_size,
-        "pretraining"
-    );
-    let prompts = held_out_prompts(1000, args.eval_prompts, recipe.image_size);
-    let started = std::time::Instant::now();
-    let mut smoothed = None;
-    for _ in 0..recipe.steps {
-        let report = trainer.step()?;
-        let s = smoothed.map_or(report.loss, |s: f64| 0.98 * s + 0.02 * report.loss);
-        smoothed = Some(s);
-        let done = report.step == recipe.steps;
-        if report.step % 25 == 0 || done {
-            let per_step = started.elapsed().as_secs_f64() / report.step as f64;
-            tracing::info!(
-                step = report.step,
-                loss = format!("{s:.4}"),
-                grad_norm = format!("{:.3}", report.grad_norm),
-                lr = format!("{:.2e}", report.learning_rate),
-                s_per_step = format!("{per_step:.2}"),
-                eta_min = format!(
-                    "{:.0}",
-                    per_step * (recipe.steps - report.step) as f64 / 60.0
-                ),
-                "step"
-            );
-        }
-        if report.step % args.checkpoint_every == 0 || done {
-            trainer.write_model(&args.out)?;
-            if !prompts.is_empty() {
-                let model = imagegen_server::pipeline::DiffusionModel::load(
-                    &args.out,
-                    candle_core::DType::F32,
-                    &candle_core::Device::Cpu,
-                )?;
-                let guidance = f64::from(imagegen_server::builtin::GUIDANCE_SCALE);
-                let eval = evaluate(&model, &prompts, 20, guidance, 1000, recipe.image_size)?;
-                tracing::info!(
-                    step = report.step,
-                    accuracy = format!("{:.3}", eval.accuracy()),
-                    shape = eval.shape_correct,
-                    colour = eval.colour_correct,
-                    background = eval.background_correct,
-                    of = eval.prompts,
-                    "held-out evaluation"
-                );
-            }
-        }
-    }
-    tracing::info!(
-        minutes = format!("{:.1}", started.elapsed().as_secs_f64() / 60.0),
-        out = %args.out.display(),
-        "pretraining done"
-    );
-    Ok(())
+    let run = PretrainRun {
+        recipe,
+        out: args.out.clone(),
+        checkpoint_every: args.checkpoint_every,
+        eval_prompts: args.eval_prompts,
+    };
+    pretrain(&run).with_context(|| format!("pretraining into {}", args.out.display()))
 }
 
 fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
-    use imagegen_server::builtin::pretrain::{evaluate_with_eta as evaluate, held_out_prompts};
+    use imagegen_server::builtin::{evaluate_with_eta as evaluate, held_out_prompts};
     let device = candle_core::Device::Cpu;
     let model = match &args.model {
         Some(dir) => {

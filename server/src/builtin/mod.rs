@@ -6,8 +6,13 @@
 //! The files are a complete diffusers pipeline; they are written to a temporary directory and
 //! read back by the same loader as any `--model` directory.
 
+mod evaluate;
 pub mod pixel_vae;
 pub mod pretrain;
+mod recipe;
+
+pub use evaluate::{EvalReport, evaluate, evaluate_with_eta, held_out_prompts};
+pub use recipe::Recipe;
 
 use candle_core::{DType, Device};
 
@@ -91,16 +96,9 @@ mod tests {
         assert!(bytes <= 25 << 20, "the embedded model is {bytes} bytes");
         let model = load(DType::F32, &Device::Cpu).unwrap();
         assert_eq!(model.id, BUILTIN_ID);
-        let prompts = crate::builtin::pretrain::held_out_prompts(77, 16, 64);
-        let report = crate::builtin::pretrain::evaluate(
-            &model,
-            &prompts,
-            20,
-            f64::from(GUIDANCE_SCALE),
-            77,
-            64,
-        )
-        .unwrap();
+        let prompts = super::held_out_prompts(77, 16, 64);
+        let report =
+            super::evaluate(&model, &prompts, 20, f64::from(GUIDANCE_SCALE), 77, 64).unwrap();
         eprintln!("built-in model: {report:?}");
         assert!(
             report.correct >= 9,

@@ -13,134 +13,21 @@ use candle_core::{DType, Device, Tensor, Var};
 use candle_nn::{AdamW, Optimizer, ParamsAdamW, VarBuilder, VarMap};
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use rand_distr::StandardNormal;
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+use super::{Recipe, evaluate, held_out_prompts};
 use crate::builtin::pixel_vae::{pixel_vae_config, pixel_vae_weights};
 use crate::model::ModelError;
-use crate::model::clip::{ClipConfig, ClipTextModel};
+use crate::model::clip::ClipTextModel;
 use crate::model::seeded::SeededWeights;
 use crate::model::tokenizer::ClipTokenizer;
-use crate::model::{AdapterBatch, Mode, UNet2DConditionModel, UNetConfig};
+use crate::model::{AdapterBatch, Mode, UNet2DConditionModel};
 use crate::pipeline::DiffusionModel;
 use crate::pipeline::save::{
     config_err, write_json, write_model_index, write_text_encoder, write_tokenizer, write_unet,
     write_vae,
 };
-use crate::pipeline::{AdapterChoice, SampleRequest};
 use imagegen_shapes::{self as shapes, Scene};
-
-/// Everything that defines a pretraining run.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct Recipe {
-    /// Seed of the initial weights, the scenes, timesteps and noise.
-    pub seed: u64,
-    /// Optimizer steps.
-    pub steps: usize,
-    /// Images per step.
-    pub batch_size: usize,
-    /// Peak AdamW learning rate.
-    pub learning_rate: f64,
-    /// Linear warm-up from 0 to the peak, in steps.
-    pub warmup_steps: usize,
-    /// The cosine decay ends at this learning rate.
-    pub final_learning_rate: f64,
-    /// AdamW decoupled weight decay.
-    pub weight_decay: f64,
-    /// Global gradient-norm clip.
-    pub max_grad_norm: f64,
-    /// Decay of the exponential moving average of the weights that is written out.
-    pub ema_decay: f64,
-    /// Share of captions replaced by the empty prompt (what classifier-free guidance needs).
-    pub caption_dropout: f64,
-    /// With noise prediction, the x0 error joins the loss, weighted at most this much:
-    /// `|eps err|^2 (1 + min(1/SNR, cap))`, as `|x0 err|^2 = |eps err|^2 / SNR`. Plain noise MSE
-    /// (cap 0) barely trains the high-noise steps where the layout and colours are decided.
-    #[serde(default)]
-    pub x0_weight_cap: f64,
-    /// Side of the generated images in pixels.
-    pub image_size: usize,
-    /// The pixel VAE's factor (2, 4 or 8): the UNet works on the image at `1 / pixel_factor`
-    /// resolution (`unet.sample_size` = `image_size / pixel_factor`).
-    #[serde(default = "default_pixel_factor")]
-    pub pixel_factor: usize,
-    /// The denoiser.
-    pub unet: UNetConfig,
-    /// The text encoder.
-    pub text_encoder: ClipConfig,
-    /// `scheduler/scheduler_config.json`: the noise schedule of training and sampling.
-    pub scheduler: serde_json::Value,
-}
-
-impl Recipe {
-    /// Reads a recipe file; the error names the file and what is wrong.
-    pub fn from_file(path: &Path) -> Result<Self, ModelError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ModelError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        let recipe: Self = serde_json::from_str(&text).map_err(|e| config_err(path, e))?;
-        recipe.validate().map_err(|reason| ModelError::Config {
-            path: path.to_path_buf(),
-            reason,
-        })?;
-        Ok(recipe)
-    }
-
-    fn validate(&self) -> Result<(), String> {
-        self.unet.validate()?;
-        self.text_encoder.validate()?;
-        SchedulerConfig::from_json(&self.scheduler.to_string()).map_err(|e| e.to_string())?;
-        if self.steps == 0 || self.batch_size == 0 {
-            return Err("steps and batch_size must be positive".into());
-        }
-        if self.unet.in_channels != 3 || self.unet.out_channels != 3 {
-            return Err("the UNet must have 3 input and output channels (RGB pixel space)".into());
-        }
-        if self.unet.cross_attention_dim != self.text_encoder.hidden_size {
-            return Err(format!(
-                "the UNet's cross_attention_dim {} differs from the encoder's hidden_size {}",
-                self.unet.cross_attention_dim, self.text_encoder.hidden_size
-            ));
-        }
-        if ![2, 4, 8].contains(&self.pixel_factor) {
-            return Err("pixel_factor must be 2, 4 or 8".into());
-        }
-        let multiple = self.pixel_factor << self.unet.downsample_levels();
-        if self.image_size == 0 || !self.image_size.is_multiple_of(multiple) {
-            return Err(format!("image_size must be a multiple of {multiple}"));
-        }
-        if self.unet.sample_size * self.pixel_factor != self.image_size {
-            return Err(format!(
-                "unet.sample_size must be image_size / pixel_factor = {}",
-                self.image_size / self.pixel_factor
-            ));
-        }
-        if !(self.x0_weight_cap >= 0.0 && self.x0_weight_cap.is_finite()) {
-            return Err("x0_weight_cap must be finite and >= 0".into());
-        }
-        if !(0.0..1.0).contains(&self.caption_dropout) || !(0.0..1.0).contains(&self.ema_decay) {
-            return Err("caption_dropout and ema_decay must lie in [0, 1)".into());
-        }
-        Ok(())
-    }
-
-    /// The learning rate at `step`: linear warm-up, then cosine decay to the final rate.
-    pub fn learning_rate_at(&self, step: usize) -> f64 {
-        if step < self.warmup_steps {
-            return self.learning_rate * (step + 1) as f64 / self.warmup_steps as f64;
-        }
-        let span = self.steps.saturating_sub(self.warmup_steps).max(1);
-        let progress = ((step - self.warmup_steps) as f64 / span as f64).min(1.0);
-        let cosine = 0.5 * (1.0 + (std::f64::consts::PI * progress).cos());
-        self.final_learning_rate + (self.learning_rate - self.final_learning_rate) * cosine
-    }
-}
-
-fn default_pixel_factor() -> usize {
-    2
-}
 
 /// What one optimizer step did.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -466,107 +353,81 @@ pub fn pooled_planes(scene: &Scene, image_size: usize, factor: usize) -> Vec<f32
     planes
 }
 
-/// How well a model draws what held-out captions ask for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct EvalReport {
-    /// Prompts generated.
-    pub prompts: usize,
-    /// Images whose largest blob has the asked shape and colour (the prompt accuracy;
-    /// the background is reported on its own).
-    pub correct: usize,
-    /// Images with the right shape.
-    pub shape_correct: usize,
-    /// Images with the right shape colour.
-    pub colour_correct: usize,
-    /// Images with the right background, among prompts that name one.
-    pub background_correct: usize,
-    /// Prompts that name a background.
-    pub with_background: usize,
+/// A pretraining run as `imagegen-server pretrain` starts it.
+#[derive(Debug, Clone)]
+pub struct PretrainRun {
+    /// The recipe (its `steps` possibly overridden for a quick trial).
+    pub recipe: Recipe,
+    /// Output directory: a diffusers pipeline, rewritten at every checkpoint.
+    pub out: std::path::PathBuf,
+    /// Write the model every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Held-out prompts scored at every checkpoint (0 = none).
+    pub eval_prompts: usize,
 }
 
-impl EvalReport {
-    /// Share of images that match their prompt.
-    pub fn accuracy(&self) -> f64 {
-        self.correct as f64 / self.prompts.max(1) as f64
-    }
-}
-
-/// Generates one image for each of `prompts` (`steps`-step sampling at the given guidance, eta 1,
-/// seeded by `seed` and the prompt's index) and scores it with the evaluator.
-pub fn evaluate(
-    model: &DiffusionModel,
-    prompts: &[String],
-    steps: usize,
-    guidance_scale: f64,
-    seed: u64,
-    image_size: usize,
-) -> Result<EvalReport, ModelError> {
-    evaluate_with_eta(model, prompts, steps, guidance_scale, 1.0, seed, image_size)
-}
-
-/// [`evaluate`] with another DDIM eta (in (0, 1]).
-pub fn evaluate_with_eta(
-    model: &DiffusionModel,
-    prompts: &[String],
-    steps: usize,
-    guidance_scale: f64,
-    eta: f64,
-    seed: u64,
-    image_size: usize,
-) -> Result<EvalReport, ModelError> {
-    let mut report = EvalReport::default();
-    let batch = 4;
-    for (chunk_index, chunk) in prompts.chunks(batch).enumerate() {
-        let requests: Vec<SampleRequest> = (0..chunk.len())
-            .map(|i| SampleRequest {
-                num_images: 1,
-                seed: seed.wrapping_add((chunk_index * batch + i) as u64),
-                steps,
-                guidance_scale,
-                eta,
-                width: image_size,
-                height: image_size,
-            })
-            .collect();
-        let conditioning = chunk
-            .iter()
-            .map(|p| model.conditioning(p, ""))
-            .collect::<Result<Vec<_>, _>>()?;
-        let generations = model.generate(
-            &requests,
-            &conditioning,
-            AdapterChoice::default(),
-            &mut |_, _| true,
-        )?;
-        for (prompt, generation) in chunk.iter().zip(generations) {
-            let Some(image) = generation.images.first() else {
-                continue;
-            };
-            report.prompts += 1;
-            let spec = shapes::parse_prompt(prompt);
-            let seen = shapes::evaluate(&image.data, image_size);
-            let shape_ok = seen.is_some_and(|s| Some(s.shape) == spec.shape);
-            let colour_ok = seen.is_some_and(|s| Some(s.colour) == spec.colour);
-            let background_ok =
-                seen.is_some_and(|s| spec.background.is_none_or(|b| b == s.background));
-            report.shape_correct += usize::from(shape_ok);
-            report.colour_correct += usize::from(colour_ok);
-            if spec.background.is_some() {
-                report.with_background += 1;
-                report.background_correct += usize::from(background_ok);
+/// Runs a whole pretraining: steps with progress logs, a checkpoint and a held-out evaluation
+/// every `checkpoint_every` steps and at the end.
+pub fn pretrain(run: &PretrainRun) -> Result<(), ModelError> {
+    let recipe = &run.recipe;
+    std::fs::create_dir_all(&run.out).map_err(|source| ModelError::Io {
+        path: run.out.clone(),
+        source,
+    })?;
+    let mut trainer = Pretrainer::new(recipe.clone(), &run.out)?;
+    tracing::info!(
+        parameters = trainer.parameter_count(),
+        steps = recipe.steps,
+        batch = recipe.batch_size,
+        "pretraining"
+    );
+    let prompts = held_out_prompts(1000, run.eval_prompts, recipe.image_size);
+    let started = std::time::Instant::now();
+    let mut smoothed = None;
+    for _ in 0..recipe.steps {
+        let report = trainer.step()?;
+        let s = smoothed.map_or(report.loss, |s: f64| 0.98 * s + 0.02 * report.loss);
+        smoothed = Some(s);
+        let done = report.step == recipe.steps;
+        if report.step % 25 == 0 || done {
+            let per_step = started.elapsed().as_secs_f64() / report.step as f64;
+            tracing::info!(
+                step = report.step,
+                loss = format!("{s:.4}"),
+                grad_norm = format!("{:.3}", report.grad_norm),
+                lr = format!("{:.2e}", report.learning_rate),
+                s_per_step = format!("{per_step:.2}"),
+                eta_min = format!(
+                    "{:.0}",
+                    per_step * (recipe.steps - report.step) as f64 / 60.0
+                ),
+                "step"
+            );
+        }
+        if report.step % run.checkpoint_every.max(1) == 0 || done {
+            trainer.write_model(&run.out)?;
+            if !prompts.is_empty() {
+                let model = DiffusionModel::load(&run.out, DType::F32, &Device::Cpu)?;
+                let guidance = f64::from(super::GUIDANCE_SCALE);
+                let eval = evaluate(&model, &prompts, 20, guidance, 1000, recipe.image_size)?;
+                tracing::info!(
+                    step = report.step,
+                    accuracy = format!("{:.3}", eval.accuracy()),
+                    shape = eval.shape_correct,
+                    colour = eval.colour_correct,
+                    background = eval.background_correct,
+                    of = eval.prompts,
+                    "held-out evaluation"
+                );
             }
-            report.correct += usize::from(shape_ok && colour_ok);
         }
     }
-    Ok(report)
-}
-
-/// `n` captions of held-out combinations (never seen in training), reproducible from `seed`.
-pub fn held_out_prompts(seed: u64, n: usize, image_size: usize) -> Vec<String> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|i| shapes::random_scene(&mut rng, image_size, true).caption(i))
-        .collect()
+    tracing::info!(
+        minutes = format!("{:.1}", started.elapsed().as_secs_f64() / 60.0),
+        out = %run.out.display(),
+        "pretraining done"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -599,14 +460,6 @@ mod tests {
         recipe.text_encoder.hidden_size = 32;
         recipe.text_encoder.intermediate_size = 64;
         recipe
-    }
-
-    #[test]
-    fn the_committed_recipe_is_the_one_the_weights_record() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("embedded");
-        let recipe = Recipe::from_file(&dir.join("recipe.json")).unwrap();
-        let recorded = Recipe::from_file(&dir.join("model/recipe.json")).unwrap();
-        assert_eq!(recipe, recorded);
     }
 
     #[test]

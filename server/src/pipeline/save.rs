@@ -1,20 +1,18 @@
-//! A tiny Stable Diffusion pipeline built from code with deterministic random weights, written in
-//! the diffusers layout so that tests exercise the real loading code. The sizes are diffusers'
-//! own test configuration (`tests/pipelines/stable_diffusion/test_stable_diffusion.py`), so
-//! timings compare directly with diffusers on the same shapes.
+//! Writing a Stable Diffusion pipeline in the diffusers layout: each component's config and
+//! safetensors, the model index, and a byte-level BPE tokenizer over the built-in vocabulary.
+//! Pretraining writes the built-in model with these; [`crate::tiny`] writes the test model.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::Path;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::Tensor;
 use serde_json::json;
 
 use crate::model::ModelError;
-use crate::model::clip::{ClipConfig, ClipTextModel};
-use crate::model::seeded::SeededWeights;
+use crate::model::clip::ClipConfig;
 use crate::model::tokenizer::{BOS, EOS, byte_alphabet};
-use crate::model::unet::{UNet2DConditionModel, UNetConfig};
-use crate::model::vae::{VaeConfig, VaeDecoder};
+use crate::model::unet::UNetConfig;
+use crate::model::vae::VaeConfig;
 
 /// Words the tiny vocabulary learns whole (the procedural captions of the embedded model).
 const WORDS: &[&str] = &[
@@ -57,45 +55,6 @@ const WORDS: &[&str] = &[
     "bright",
     "dark",
 ];
-
-/// Writes the tiny pipeline into `dir` (created if needed). The same `seed` writes the same bytes.
-pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
-    let device = Device::Cpu;
-    let unet_weights = SeededWeights::new(seed);
-    let unet_config = UNetConfig::tiny();
-    UNet2DConditionModel::new(&unet_config, unet_weights.var_builder(DType::F32, &device))?;
-    write_unet(dir, &unet_config, unet_weights.tensors())?;
-
-    let vae_weights = SeededWeights::new(seed.wrapping_add(1));
-    let vae_config = VaeConfig::tiny();
-    // The whole autoencoder (encoder too), so the folder is a complete diffusers checkpoint.
-    full_autoencoder(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
-    VaeDecoder::new(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
-    write_vae(dir, &vae_config, vae_weights.tensors())?;
-
-    let clip_weights = SeededWeights::new(seed.wrapping_add(2));
-    let clip_config = ClipConfig::tiny();
-    ClipTextModel::new(&clip_config, clip_weights.var_builder(DType::F32, &device))?;
-    write_text_encoder(dir, &clip_config, clip_weights.tensors())?;
-
-    write_tokenizer(&dir.join("tokenizer"), clip_config.vocab_size)?;
-    write_json(
-        &dir.join("scheduler/scheduler_config.json"),
-        &json!({
-            "_class_name": "DDIMScheduler",
-            "num_train_timesteps": 1000,
-            "beta_start": 0.00085,
-            "beta_end": 0.012,
-            "beta_schedule": "scaled_linear",
-            "clip_sample": false,
-            "set_alpha_to_one": false,
-            "steps_offset": 1,
-            "prediction_type": "epsilon",
-            "timestep_spacing": "leading"
-        }),
-    )?;
-    write_model_index(dir)
-}
 
 /// `unet/` of a diffusers pipeline.
 pub(crate) fn write_unet(
