@@ -4,6 +4,7 @@ pub mod adapters;
 pub mod auth;
 pub mod buffer;
 pub mod builtin;
+mod clock;
 pub mod config;
 pub mod engine;
 pub mod grpc;

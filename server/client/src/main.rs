@@ -4,13 +4,12 @@ use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand, ValueEnum};
+use imagegen_client::with_key;
 use imagegen_proto::v1 as pb;
 use indicatif::{ProgressBar, ProgressStyle};
 use pb::adapters_client::AdaptersClient;
 use pb::admin_client::AdminClient;
 use pb::image_generator_client::ImageGeneratorClient;
-use tonic::Request;
-use tonic::metadata::MetadataValue;
 use tonic::transport::Channel;
 
 #[derive(Debug, Parser)]
@@ -340,17 +339,6 @@ async fn save_files(
         println!("{} ({} bytes)", path.display(), bytes.len());
     }
     Ok(())
-}
-
-fn with_key<T>(message: T, key: &Option<String>) -> anyhow::Result<Request<T>> {
-    let mut request = Request::new(message);
-    if let Some(key) = key {
-        let value: MetadataValue<_> = format!("Bearer {key}")
-            .parse()
-            .context("the API key is not a valid header value")?;
-        request.metadata_mut().insert("authorization", value);
-    }
-    Ok(request)
 }
 
 fn main() -> std::process::ExitCode {

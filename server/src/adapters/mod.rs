@@ -8,10 +8,10 @@
 
 mod store;
 
+use crate::clock::now_seconds;
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 use std::sync::{Arc, RwLock, Weak};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
@@ -135,13 +135,6 @@ pub fn content_id(weights: &LoraWeights, targets: &[LoraTarget]) -> Result<Strin
         }
     }
     Ok(hex::encode(&hash.finalize()[..8]))
-}
-
-fn now() -> f64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 struct RegistryState {
@@ -309,7 +302,7 @@ impl AdapterRegistry {
         let meta = AdapterMeta {
             id: id.clone(),
             parent,
-            created_at: now(),
+            created_at: now_seconds(),
             rank: weights.rank(),
             alpha: weights.alpha(),
             origin: origin.to_string(),
@@ -351,7 +344,7 @@ impl AdapterRegistry {
         let change = LiveChange {
             from: actual,
             to: id.map(String::from),
-            at: now(),
+            at: now_seconds(),
             reason: reason.to_string(),
         };
         let mut history = state.history.clone();

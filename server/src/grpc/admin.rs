@@ -2,7 +2,9 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
+
+use crate::clock::unix_seconds;
 
 use candle_core::{DType, Device, Tensor};
 use imagegen_proto::v1 as pb;
@@ -26,12 +28,6 @@ impl AdminService {
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
     }
-}
-
-fn seconds(t: SystemTime) -> f64 {
-    t.duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or_default()
 }
 
 /// Builds `trajectories.safetensors` and `metadata.json` (layout in the README, "Dataset export").
@@ -88,7 +84,7 @@ pub fn build_export(
             image_docs.push(json!({
                 "image_id": image.image_id,
                 "index": t.image_index,
-                "created_at": seconds(image.created_at),
+                "created_at": unix_seconds(image.created_at),
                 "seed": t.seed,
                 "guidance_scale": t.guidance_scale,
                 "eta": t.eta,
@@ -120,7 +116,7 @@ pub fn build_export(
     let metadata = json!({
         "format": "imagegen.trajectories.v1",
         "model_id": model_id,
-        "exported_at": seconds(SystemTime::now()),
+        "exported_at": crate::clock::now_seconds(),
         "groups": group_docs,
     });
     let bytes = safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), None)

@@ -275,7 +275,7 @@ impl DiffusionModel {
                 }
             }
             let noise = Tensor::from_vec(noise, (n, channels, h, w), &device)?;
-            let x_prev = (&mu + noise.broadcast_mul(&per_item(&sigmas, &device)?)?)?;
+            let x_prev = (&mu + noise.broadcast_mul(&per_item(&sigmas, &noise)?)?)?;
             let lp: Vec<f32> = log_prob(&x_prev, &mu, &sigmas)?
                 .to_dtype(DType::F32)?
                 .to_vec1()?;

@@ -2,8 +2,9 @@
 //! mean. Sampling and training both call [`guided_mean`], so a recomputed log-probability
 //! reproduces the recorded one.
 
-use candle_core::{Device, Tensor};
+use candle_core::Tensor;
 
+use super::step::per_item;
 use super::{PredictionType, StepConstants, step_mean};
 use crate::model::{AdapterBatch, Mode, ModelError, UNet2DConditionModel};
 
@@ -60,7 +61,7 @@ pub fn guided_mean(
     };
     let uncond = out.narrow(0, 0, n)?;
     let cond = out.narrow(0, n, n)?;
-    let g = per_item(guidance, x_t.device())?.to_dtype(x_t.dtype())?;
+    let g = per_item(guidance, x_t)?;
     let guided = (&uncond + (cond - &uncond)?.broadcast_mul(&g)?)?;
     let coefficients: Vec<(f64, f64)> = steps
         .iter()
@@ -69,10 +70,4 @@ pub fn guided_mean(
         .collect();
     let sigmas = steps.iter().zip(etas).map(|(s, &e)| s.sigma(e)).collect();
     Ok((step_mean(x_t, &guided, &coefficients)?, sigmas))
-}
-
-/// `[n, 1, 1, 1]` f32 tensor of per-item values.
-pub(crate) fn per_item(values: &[f64], device: &Device) -> Result<Tensor, ModelError> {
-    let v: Vec<f32> = values.iter().map(|&x| x as f32).collect();
-    Ok(Tensor::from_vec(v, (values.len(), 1, 1, 1), device)?)
 }

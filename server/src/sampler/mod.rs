@@ -14,10 +14,10 @@ mod transitions;
 
 pub use error::SamplerError;
 pub use guidance::guided_mean;
-pub(crate) use guidance::per_item;
 pub use schedule::{
     BetaSchedule, DdimSchedule, PredictionType, SchedulerConfig, StepConstants, TimestepSpacing,
 };
+pub(crate) use step::per_item;
 pub use step::{log_prob, log_ratio, step_mean};
 pub use trajectory::{Conditioning, Trajectory};
 pub use transitions::TransitionBatch;

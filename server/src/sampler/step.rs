@@ -10,7 +10,7 @@ use super::error::{Result, SamplerError};
 const LN_SQRT_2PI: f64 = 0.918_938_533_204_672_8;
 
 /// A `[B, 1, 1, ...]` tensor of per-item values, to broadcast against a `[B, ...]` batch.
-fn per_item(values: &[f64], like: &Tensor) -> Result<Tensor> {
+pub(crate) fn per_item(values: &[f64], like: &Tensor) -> Result<Tensor> {
     let batch = like.dim(0)?;
     if values.len() != batch {
         return Err(SamplerError::InvalidArgument {
