@@ -325,6 +325,7 @@ pub async fn train_round(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use image::Rgb;
     use imagegen_shapes::{Scene, Shape, Size};
 
     fn scene(colour: Colour, radius: f64) -> Vec<u8> {
