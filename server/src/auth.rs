@@ -6,7 +6,7 @@ use subtle::ConstantTimeEq;
 
 /// What a key may do.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Role {
+pub(crate) enum Role {
     /// Generate images, read server info.
     Generate,
     /// Submit feedback.
@@ -26,7 +26,7 @@ impl Role {
     }
 
     /// The role's name as keys files spell it.
-    pub fn name(self) -> &'static str {
+    pub(crate) fn name(self) -> &'static str {
         match self {
             Self::Generate => "generate",
             Self::Feedback => "feedback",
@@ -42,7 +42,7 @@ struct ApiKey {
 
 /// The configured keys (empty = authentication off).
 #[derive(Default)]
-pub struct ApiKeys {
+pub(crate) struct ApiKeys {
     keys: Vec<ApiKey>,
 }
 
@@ -65,7 +65,7 @@ pub enum AuthError {
 
 impl ApiKeys {
     /// Parses `ROLES KEY` entries separated by newlines or `;` (`#` starts a comment).
-    pub fn parse(text: &str) -> Result<Self, String> {
+    pub(crate) fn parse(text: &str) -> Result<Self, String> {
         let mut keys = Vec::new();
         for (n, entry) in text.split(['\n', ';']).enumerate() {
             let entry = entry.split('#').next().unwrap_or("").trim();
@@ -102,34 +102,29 @@ impl ApiKeys {
     }
 
     /// Reads a keys file.
-    pub fn from_file(path: &Path) -> Result<Self, String> {
+    pub(crate) fn from_file(path: &Path) -> Result<Self, String> {
         let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
         Self::parse(&text).map_err(|e| format!("{}: {e}", path.display()))
     }
 
     /// Merges another set of keys into this one.
-    pub fn extend(&mut self, other: ApiKeys) {
+    pub(crate) fn extend(&mut self, other: ApiKeys) {
         self.keys.extend(other.keys);
     }
 
     /// Whether authentication is on.
-    pub fn enabled(&self) -> bool {
+    pub(crate) fn enabled(&self) -> bool {
         !self.keys.is_empty()
     }
 
     /// Number of keys.
-    pub fn len(&self) -> usize {
+    pub(crate) fn len(&self) -> usize {
         self.keys.len()
-    }
-
-    /// Whether there are no keys.
-    pub fn is_empty(&self) -> bool {
-        self.keys.is_empty()
     }
 
     /// Checks an `authorization` header value for `role`. Every key is compared, in constant
     /// time, so timing reveals neither which key matched nor how much of it.
-    pub fn check(&self, authorization: Option<&str>, role: Role) -> Result<(), AuthError> {
+    pub(crate) fn check(&self, authorization: Option<&str>, role: Role) -> Result<(), AuthError> {
         if !self.enabled() {
             return Ok(());
         }

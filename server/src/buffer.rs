@@ -93,7 +93,7 @@ pub enum BufferError {
 
 /// Counters the buffer reports after each change.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BufferStats {
+pub(crate) struct BufferStats {
     /// Bytes held.
     pub bytes: usize,
     /// Images held.
@@ -104,7 +104,7 @@ pub struct BufferStats {
 
 /// The ring buffer.
 #[derive(Debug)]
-pub struct TrajectoryBuffer {
+pub(crate) struct TrajectoryBuffer {
     max_bytes: usize,
     bytes: usize,
     evictions: u64,
@@ -115,7 +115,7 @@ pub struct TrajectoryBuffer {
 
 impl TrajectoryBuffer {
     /// An empty buffer holding at most `max_bytes` of trajectories.
-    pub fn new(max_bytes: usize) -> Self {
+    pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             max_bytes,
             bytes: 0,
@@ -127,7 +127,7 @@ impl TrajectoryBuffer {
     }
 
     /// Current counters.
-    pub fn stats(&self) -> BufferStats {
+    pub(crate) fn stats(&self) -> BufferStats {
         BufferStats {
             bytes: self.bytes,
             entries: self.images.len(),
@@ -137,7 +137,7 @@ impl TrajectoryBuffer {
 
     /// Adds the images of one request; evicts the oldest images while over budget. Returns how
     /// many images were evicted.
-    pub fn insert_group(
+    pub(crate) fn insert_group(
         &mut self,
         group_id: &str,
         images: Vec<(String, Arc<Trajectory>)>,
@@ -183,14 +183,19 @@ impl TrajectoryBuffer {
     }
 
     /// The buffered image `image_id`.
-    pub fn image(&self, image_id: &str) -> Result<&StoredImage, BufferError> {
+    pub(crate) fn image(&self, image_id: &str) -> Result<&StoredImage, BufferError> {
         self.images
             .get(image_id)
             .ok_or_else(|| BufferError::UnknownImage(image_id.to_string()))
     }
 
     /// Records `rater`'s vote on an image; returns its group id.
-    pub fn vote(&mut self, image_id: &str, rater: &str, vote: Vote) -> Result<String, BufferError> {
+    pub(crate) fn vote(
+        &mut self,
+        image_id: &str,
+        rater: &str,
+        vote: Vote,
+    ) -> Result<String, BufferError> {
         let image = self
             .images
             .get_mut(image_id)
@@ -200,7 +205,7 @@ impl TrajectoryBuffer {
     }
 
     /// Records "`winner` is better than `loser`"; both must be images of one group.
-    pub fn prefer(
+    pub(crate) fn prefer(
         &mut self,
         winner: &str,
         loser: &str,
@@ -228,7 +233,7 @@ impl TrajectoryBuffer {
     }
 
     /// Records `image_id` as `rater`'s pick of its group.
-    pub fn best_of(&mut self, image_id: &str, rater: &str) -> Result<String, BufferError> {
+    pub(crate) fn best_of(&mut self, image_id: &str, rater: &str) -> Result<String, BufferError> {
         let group_id = self.image(image_id)?.group_id.clone();
         if let Some(group) = self.groups.get_mut(&group_id) {
             group
@@ -239,7 +244,7 @@ impl TrajectoryBuffer {
     }
 
     /// A consistent copy of the groups (and their images) for export or training, oldest first.
-    pub fn snapshot(&self, include_unlabelled: bool) -> Vec<GroupSnapshot> {
+    pub(crate) fn snapshot(&self, include_unlabelled: bool) -> Vec<GroupSnapshot> {
         let mut seen = std::collections::HashSet::new();
         let mut out = Vec::new();
         for image_id in &self.order {

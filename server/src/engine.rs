@@ -40,7 +40,7 @@ pub enum EngineError {
 
 /// What a request asks the model for (validated by the API layer).
 #[derive(Debug, Clone)]
-pub struct JobSpec {
+pub(crate) struct JobSpec {
     /// Prompt text.
     pub prompt: String,
     /// Negative prompt text.
@@ -53,7 +53,7 @@ pub struct JobSpec {
 
 /// A finished job.
 #[derive(Debug)]
-pub struct JobOutput {
+pub(crate) struct JobOutput {
     /// Images and trajectories.
     pub generation: Generation,
     /// Time between admission and the batch starting.
@@ -66,7 +66,7 @@ pub struct JobOutput {
 
 /// A request travelling to the model thread; its admission permit travels with it.
 #[derive(Debug)]
-pub struct Job {
+pub(crate) struct Job {
     spec: JobSpec,
     progress: Option<mpsc::Sender<(u32, u32)>>,
     reply: oneshot::Sender<Result<JobOutput, EngineError>>,
@@ -94,7 +94,7 @@ impl Job {
 
 /// An admission permit; keeps `imagegen_queue_depth` in step with the requests it admits.
 #[derive(Debug)]
-pub struct Admission {
+pub(crate) struct Admission {
     _permit: OwnedSemaphorePermit,
     depth: prometheus::IntGauge,
 }
@@ -107,7 +107,7 @@ impl Drop for Admission {
 
 /// Engine settings.
 #[derive(Debug, Clone, Copy)]
-pub struct EngineConfig {
+pub(crate) struct EngineConfig {
     /// Most images per model batch.
     pub max_batch: usize,
     /// How long to wait for more compatible requests.
@@ -120,7 +120,7 @@ pub struct EngineConfig {
 
 /// Handle to the model thread.
 #[derive(Debug)]
-pub struct Engine {
+pub(crate) struct Engine {
     queue: Option<SyncSender<Job>>,
     admission: Arc<Semaphore>,
     max_queue: usize,
@@ -130,7 +130,7 @@ pub struct Engine {
 
 impl Engine {
     /// Moves `model` onto its own thread and starts serving jobs.
-    pub fn start(
+    pub(crate) fn start(
         model: Arc<DiffusionModel>,
         config: EngineConfig,
         metrics: Metrics,
@@ -150,7 +150,7 @@ impl Engine {
     }
 
     /// Takes an admission permit, or fails at once when the server is full.
-    pub fn admit(&self) -> Result<Admission, EngineError> {
+    pub(crate) fn admit(&self) -> Result<Admission, EngineError> {
         let permit = self
             .admission
             .clone()
@@ -165,7 +165,7 @@ impl Engine {
 
     /// Queues an admitted job; the answer arrives on the returned receiver, progress (step,
     /// total) on `progress` when given.
-    pub fn submit(
+    pub(crate) fn submit(
         &self,
         spec: JobSpec,
         admission: Admission,
@@ -189,7 +189,7 @@ impl Engine {
     }
 
     /// Stops taking jobs, lets the model thread finish what is queued, and waits for it.
-    pub fn shutdown(&mut self) {
+    pub(crate) fn shutdown(&mut self) {
         self.queue = None;
         if let Some(worker) = self.worker.take()
             && worker.join().is_err()

@@ -1,18 +1,25 @@
-//! The image-generation server: model, sampler, trajectories, engine, gRPC API, metrics.
+//! The image-generation server: model, sampler, pipeline, engine, trajectory buffer, adapter
+//! registry, plugin host, gRPC API and metrics (see the README's Architecture section).
+//!
+//! The library's public face is what binaries, benches and end-to-end tests use: the
+//! configuration and start of a server, the model and its pipeline, the sampler's step math,
+//! the adapter registry and the built-in model. Everything else is crate-private.
+
+#![warn(unreachable_pub)]
 
 pub mod adapters;
-pub mod auth;
-pub mod buffer;
+mod auth;
+mod buffer;
 pub mod builtin;
 mod clock;
 pub mod config;
-pub mod engine;
-pub mod grpc;
-pub mod metrics;
+mod engine;
+mod grpc;
+mod metrics;
 pub mod model;
 pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
 pub mod server;
 pub mod tiny;
-pub mod tokens;
+mod tokens;

@@ -199,7 +199,7 @@ impl Metrics {
 }
 
 /// Serves `GET /metrics` on `listener` until `shutdown` resolves.
-pub async fn serve(
+pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     metrics: Metrics,
     mut shutdown: tokio::sync::watch::Receiver<bool>,

@@ -10,7 +10,7 @@ type HmacSha256 = Hmac<Sha256>;
 
 /// Why a token was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum TokenError {
+pub(crate) enum TokenError {
     /// Not of the form `EXPIRY.MAC`.
     #[error("the feedback token is malformed")]
     Malformed,
@@ -24,7 +24,7 @@ pub enum TokenError {
 
 /// Signs and checks feedback tokens.
 #[derive(Clone)]
-pub struct TokenSigner {
+pub(crate) struct TokenSigner {
     secret: Vec<u8>,
     ttl: Duration,
 }
@@ -40,7 +40,7 @@ impl std::fmt::Debug for TokenSigner {
 
 impl TokenSigner {
     /// A signer with `secret` whose tokens live `ttl`.
-    pub fn new(secret: &[u8], ttl: Duration) -> Self {
+    pub(crate) fn new(secret: &[u8], ttl: Duration) -> Self {
         Self {
             secret: secret.to_vec(),
             ttl,
@@ -58,7 +58,7 @@ impl TokenSigner {
     }
 
     /// A token for `image_id`, valid from `now` for the signer's ttl.
-    pub fn sign(&self, image_id: &str, now: SystemTime) -> String {
+    pub(crate) fn sign(&self, image_id: &str, now: SystemTime) -> String {
         let expiry = now
             .checked_add(self.ttl)
             .unwrap_or(now)
@@ -70,7 +70,12 @@ impl TokenSigner {
     }
 
     /// Checks `token` for `image_id` at `now` (the MAC is compared in constant time).
-    pub fn verify(&self, image_id: &str, token: &str, now: SystemTime) -> Result<(), TokenError> {
+    pub(crate) fn verify(
+        &self,
+        image_id: &str,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<(), TokenError> {
         let (expiry, tag) = token.split_once('.').ok_or(TokenError::Malformed)?;
         let expiry: u64 = expiry.parse().map_err(|_| TokenError::Malformed)?;
         let tag = hex::decode(tag).map_err(|_| TokenError::Malformed)?;

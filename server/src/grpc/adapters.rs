@@ -14,13 +14,13 @@ use crate::grpc::status::ServerError;
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
-pub struct AdaptersService {
+pub(crate) struct AdaptersService {
     state: Arc<AppState>,
 }
 
 impl AdaptersService {
     /// A service over `state`.
-    pub fn new(state: Arc<AppState>) -> Self {
+    pub(crate) fn new(state: Arc<AppState>) -> Self {
         Self { state }
     }
 

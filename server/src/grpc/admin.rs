@@ -19,19 +19,19 @@ use crate::grpc::status::ServerError;
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
-pub struct AdminService {
+pub(crate) struct AdminService {
     state: Arc<AppState>,
 }
 
 impl AdminService {
     /// A service over `state`.
-    pub fn new(state: Arc<AppState>) -> Self {
+    pub(crate) fn new(state: Arc<AppState>) -> Self {
         Self { state }
     }
 }
 
 /// Builds `trajectories.safetensors` and `metadata.json` (layout in the README, "Dataset export").
-pub fn build_export(
+pub(super) fn build_export(
     model_id: &str,
     groups: Vec<GroupSnapshot>,
 ) -> Result<(Vec<u8>, Vec<u8>), ServerError> {

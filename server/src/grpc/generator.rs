@@ -21,13 +21,13 @@ use crate::pipeline::{RgbImage, SampleRequest};
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
-pub struct GeneratorService {
+pub(crate) struct GeneratorService {
     state: Arc<AppState>,
 }
 
 impl GeneratorService {
     /// A service over `state`.
-    pub fn new(state: Arc<AppState>) -> Self {
+    pub(crate) fn new(state: Arc<AppState>) -> Self {
         Self { state }
     }
 }

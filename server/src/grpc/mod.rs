@@ -14,9 +14,9 @@ use imagegen_proto::v1 as pb;
 use lru::LruCache;
 use tonic::{Request, Status};
 
-pub use adapters::AdaptersService;
-pub use admin::AdminService;
-pub use generator::GeneratorService;
+pub(crate) use adapters::AdaptersService;
+pub(crate) use admin::AdminService;
+pub(crate) use generator::GeneratorService;
 
 use crate::adapters::AdapterRegistry;
 use crate::auth::{ApiKeys, Role};
@@ -30,7 +30,7 @@ use crate::tokens::TokenSigner;
 
 /// Defaults applied to unset request fields (reported by `GetInfo`).
 #[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Defaults {
+pub(crate) struct Defaults {
     /// Images per request.
     pub num_images: u32,
     /// Denoising steps.
@@ -45,7 +45,7 @@ pub struct Defaults {
 
 /// What requests may ask for (reported by `GetInfo`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Limits {
+pub(crate) struct Limits {
     /// Images, steps and sizes of one request.
     pub sample: SampleLimits,
     /// Prompt length in characters.
@@ -94,7 +94,7 @@ impl AppState {
     }
 
     /// Checks the caller's API key for `role` (always passes when no keys are configured).
-    pub fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), ServerError> {
+    pub(crate) fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), ServerError> {
         let header = request
             .metadata()
             .get("authorization")
@@ -103,12 +103,12 @@ impl AppState {
     }
 
     /// Whether the caller presented an `authorization` header at all.
-    pub fn presents_key<T>(&self, request: &Request<T>) -> bool {
+    pub(crate) fn presents_key<T>(&self, request: &Request<T>) -> bool {
         request.metadata().get("authorization").is_some()
     }
 
     /// Refuses new work while draining.
-    pub fn accepting(&self) -> Result<(), ServerError> {
+    pub(crate) fn accepting(&self) -> Result<(), ServerError> {
         if self.draining.load(Ordering::Acquire) {
             return Err(ServerError::Unavailable(
                 "the server is shutting down; retry on another replica".into(),
@@ -118,14 +118,16 @@ impl AppState {
     }
 
     /// Publishes the buffer's counters.
-    pub fn publish_buffer_stats(&self, stats: crate::buffer::BufferStats, evicted: usize) {
+    pub(crate) fn publish_buffer_stats(&self, stats: crate::buffer::BufferStats, evicted: usize) {
         self.metrics.buffer_bytes.set(stats.bytes as i64);
         self.metrics.buffer_entries.set(stats.entries as i64);
         self.metrics.evictions.inc_by(evicted as u64);
     }
 
     /// Locks the buffer (a poisoned lock means a panic mid-update: report, don't propagate).
-    pub fn buffer(&self) -> Result<std::sync::MutexGuard<'_, TrajectoryBuffer>, ServerError> {
+    pub(crate) fn buffer(
+        &self,
+    ) -> Result<std::sync::MutexGuard<'_, TrajectoryBuffer>, ServerError> {
         self.buffer
             .lock()
             .map_err(|_| ServerError::Internal("trajectory buffer lock poisoned".into()))

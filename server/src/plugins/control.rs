@@ -54,6 +54,7 @@ impl TrainingControl {
     }
 
     /// Changes the status (the plugin's side).
+    #[cfg_attr(not(feature = "d3po"), allow(dead_code))] // only plugins call it
     pub(crate) fn update(&self, f: impl FnOnce(&mut TrainingStatus)) {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);
@@ -61,6 +62,7 @@ impl TrainingControl {
     }
 
     /// Waits for a trigger or the interval; returns whether a trigger arrived (the plugin's side).
+    #[cfg_attr(not(feature = "d3po"), allow(dead_code))] // only plugins call it
     pub(crate) fn wait(&self, interval: Duration, stop: &AtomicBool) -> bool {
         let Ok(mut triggered) = self.triggered.lock() else {
             return false;

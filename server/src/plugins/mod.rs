@@ -20,6 +20,8 @@ mod host;
 use std::sync::Arc;
 
 pub use control::{TrainingControl, TrainingStatus};
+#[cfg(feature = "d3po")]
+pub use d3po::D3poConfig;
 pub use host::{PluginHost, Transitions};
 
 /// A learning plugin.

@@ -20,4 +20,4 @@ pub enum SamplerError {
 }
 
 /// Shorthand for results of the step math.
-pub type Result<T> = std::result::Result<T, SamplerError>;
+pub(super) type Result<T> = std::result::Result<T, SamplerError>;

@@ -25,14 +25,14 @@ use super::{Plugin, PluginHost, TrainingControl};
 
 /// The D3PO plugin.
 #[derive(Debug)]
-pub struct D3poPlugin {
+pub(super) struct D3poPlugin {
     config: D3poConfig,
     control: Arc<TrainingControl>,
 }
 
 impl D3poPlugin {
     /// A plugin with `config`, reporting through `control`.
-    pub fn new(config: D3poConfig, control: Arc<TrainingControl>) -> Self {
+    pub(super) fn new(config: D3poConfig, control: Arc<TrainingControl>) -> Self {
         control.update(|s| {
             s.enabled = config.enabled;
             s.state = "idle".into();
