@@ -91,3 +91,50 @@ async fn sigterm_drains_the_in_flight_request_and_exits_zero() {
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// The server answers Generate whichever learning plugins are compiled in, and its training
+/// surface says whether one runs: with the default `d3po` feature training is on; built with
+/// `--no-default-features` it is off and `TriggerTraining` says so (FAILED_PRECONDITION).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_is_served_and_training_follows_the_compiled_plugins() {
+    let (mut child, addr) = spawn_server();
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut generator = pb::image_generator_client::ImageGeneratorClient::new(channel.clone());
+    let response = generator
+        .generate(pb::GenerateRequest {
+            prompt: "a red circle".into(),
+            steps: Some(2),
+            seed: Some(3),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(response.images.len(), 1);
+    assert!(!response.images[0].data.is_empty());
+
+    let mut adapters = pb::adapters_client::AdaptersClient::new(channel);
+    let status = adapters
+        .get_training_status(pb::GetTrainingStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let trigger = adapters
+        .trigger_training(pb::TriggerTrainingRequest {})
+        .await;
+    if cfg!(feature = "d3po") {
+        assert!(status.enabled, "{status:?}");
+        assert!(trigger.is_ok(), "{trigger:?}");
+    } else {
+        assert!(!status.enabled, "{status:?}");
+        let err = trigger.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("no learning plugin"), "{err:?}");
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

@@ -56,9 +56,9 @@ pub enum ModelError {
     /// The caller asked the sampler to stop (client gone, deadline passed).
     #[error("generation cancelled")]
     Cancelled,
-    /// The sampler or its schedule rejected an argument.
-    #[error(transparent)]
-    Sampler(#[from] crate::sampler::SamplerError),
+    /// The scheduler configuration is outside what the DDIM sampler supports.
+    #[error("invalid scheduler configuration: {0}")]
+    Schedule(String),
     /// A tensor operation failed.
     #[error("tensor operation failed: {0}")]
     Tensor(#[from] candle_core::Error),

@@ -21,3 +21,17 @@ pub enum SamplerError {
 
 /// Shorthand for results of the step math.
 pub(super) type Result<T> = std::result::Result<T, SamplerError>;
+
+/// The model layer's view: a bad argument is a bad request, a bad schedule a bad model.
+impl From<SamplerError> for crate::model::ModelError {
+    fn from(e: SamplerError) -> Self {
+        match e {
+            SamplerError::InvalidSchedule(reason) => Self::Schedule(reason),
+            SamplerError::InvalidArgument { name, reason } => Self::InvalidRequest {
+                field: name,
+                reason,
+            },
+            SamplerError::Tensor(t) => Self::Tensor(t),
+        }
+    }
+}
