@@ -44,6 +44,30 @@ impl Linear {
     pub(crate) fn in_dim(&self) -> usize {
         self.weight.dims()[1]
     }
+
+    /// A 1x1 convolution's weights `[out, in, 1, 1]` used as a dense layer over channels.
+    pub(crate) fn from_conv1x1(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let weight = vb
+            .get_with_hints(
+                (out_dim, in_dim, 1, 1),
+                "weight",
+                candle_nn::init::DEFAULT_KAIMING_NORMAL,
+            )?
+            .reshape((out_dim, in_dim))?;
+        let bound = 1.0 / (in_dim as f64).sqrt();
+        let bias = vb.get_with_hints(
+            out_dim,
+            "bias",
+            candle_nn::Init::Uniform {
+                lo: -bound,
+                up: bound,
+            },
+        )?;
+        Ok(Self {
+            weight,
+            bias: Some(bias),
+        })
+    }
 }
 
 impl Module for Linear {
@@ -200,32 +224,6 @@ impl CustomOp2 for FrozenWeightGrad {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         Ok((Some(grad.matmul(&self.weight)?), None))
-    }
-}
-
-impl Linear {
-    /// A 1x1 convolution's weights `[out, in, 1, 1]` used as a dense layer over channels.
-    pub(crate) fn from_conv1x1(in_dim: usize, out_dim: usize, vb: VarBuilder) -> Result<Self> {
-        let weight = vb
-            .get_with_hints(
-                (out_dim, in_dim, 1, 1),
-                "weight",
-                candle_nn::init::DEFAULT_KAIMING_NORMAL,
-            )?
-            .reshape((out_dim, in_dim))?;
-        let bound = 1.0 / (in_dim as f64).sqrt();
-        let bias = vb.get_with_hints(
-            out_dim,
-            "bias",
-            candle_nn::Init::Uniform {
-                lo: -bound,
-                up: bound,
-            },
-        )?;
-        Ok(Self {
-            weight,
-            bias: Some(bias),
-        })
     }
 }
 
