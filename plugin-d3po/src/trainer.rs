@@ -110,6 +110,11 @@ pub struct PairOutcome {
     pub steps: usize,
     /// Mean log-ratio of the winner's and of the loser's transitions (before the update).
     pub mean_delta: (f64, f64),
+    /// Time indices left out because their loss or log-ratios were not finite.
+    pub skipped_steps: usize,
+    /// Whether the optimizer stepped: false when no time index was finite, or the accumulated
+    /// gradient was not (the variables are then untouched).
+    pub applied: bool,
 }
 
 /// Trains a set of variables with D3PO, one pair at a time.
@@ -181,17 +186,24 @@ impl D3poTrainer {
         let mut grads = None;
         let mut sums: Vec<Option<Tensor>> = vec![None; self.vars.len()];
         let (mut loss_sum, mut dw, mut dl) = (0.0, 0.0, 0.0);
+        let mut skipped_steps = 0;
         for &j in &order[..k] {
             between_steps();
             let delta = policy.log_ratios(&[(winner, j), (loser, j)])?;
+            let d: Vec<f64> = delta.to_dtype(candle_core::DType::F64)?.to_vec1()?;
             let loss = d3po_loss(
                 &delta.narrow(0, 0, 1)?,
                 &delta.narrow(0, 1, 1)?,
                 &self.config.loss,
             )?;
             let loss = (loss.sum_all()? / k as f64)?;
-            loss_sum += loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
-            let d: Vec<f64> = delta.to_dtype(candle_core::DType::F64)?.to_vec1()?;
+            let loss_value = loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?;
+            // A non-finite step (a damaged chain) would turn every weight into NaN: leave it out.
+            if !(loss_value.is_finite() && d.iter().all(|v| v.is_finite())) {
+                skipped_steps += 1;
+                continue;
+            }
+            loss_sum += loss_value;
             dw += d[0] / k as f64;
             dl += d[1] / k as f64;
             let store = loss.backward()?;
@@ -205,11 +217,16 @@ impl D3poTrainer {
             }
             grads = Some(store);
         }
+        let untouched = PairOutcome {
+            loss: loss_sum,
+            grad_norm: f64::NAN,
+            steps: k - skipped_steps,
+            mean_delta: (dw, dl),
+            skipped_steps,
+            applied: false,
+        };
         let Some(mut store) = grads else {
-            return Err(D3poError::InvalidArgument {
-                name: "pair",
-                reason: "no time index trained".into(),
-            });
+            return Ok(untouched);
         };
         let mut norm_sq = 0.0;
         for g in sums.iter().flatten() {
@@ -220,6 +237,12 @@ impl D3poTrainer {
                 .to_scalar::<f64>()?;
         }
         let grad_norm = norm_sq.sqrt();
+        if !grad_norm.is_finite() {
+            return Ok(PairOutcome {
+                grad_norm,
+                ..untouched
+            });
+        }
         let scale = if grad_norm > self.config.max_grad_norm {
             self.config.max_grad_norm / (grad_norm + 1e-6)
         } else {
@@ -237,10 +260,9 @@ impl D3poTrainer {
         }
         self.optimizer.step(&store)?;
         Ok(PairOutcome {
-            loss: loss_sum,
             grad_norm,
-            steps: k,
-            mean_delta: (dw, dl),
+            applied: true,
+            ..untouched
         })
     }
 }
@@ -269,6 +291,7 @@ pub fn ranking_accuracy(rewards: &[(f64, f64)]) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use candle_core::{Tensor, Var};
 
     #[test]
     fn ranking_accuracy_counts_ties_as_half() {
@@ -277,6 +300,68 @@ mod tests {
             ranking_accuracy(&[(1.0, 0.0), (0.0, 1.0), (0.5, 0.5), (2.0, 1.0)]),
             0.625
         );
+    }
+
+    /// A one-parameter policy whose log-ratio is `theta * x` per stored step; a chain is its
+    /// per-step `x` values, and a NaN stands for a damaged step.
+    struct Scalar {
+        theta: Var,
+    }
+
+    impl StepPolicy for Scalar {
+        type Item = [f64];
+
+        fn steps(&self, item: &[f64]) -> usize {
+            item.len()
+        }
+
+        fn log_ratios(&self, batch: &[(&[f64], usize)]) -> Result<Tensor> {
+            let x: Vec<f64> = batch.iter().map(|(c, j)| c[*j]).collect();
+            let x = Tensor::new(x.as_slice(), self.theta.device())?;
+            Ok(x.broadcast_mul(self.theta.as_tensor())?)
+        }
+    }
+
+    fn scalar_trainer() -> (Scalar, D3poTrainer) {
+        let theta = Var::new(&[0.0f64], &candle_core::Device::Cpu).unwrap();
+        let config = TrainConfig {
+            lr: 0.1,
+            ..TrainConfig::default()
+        };
+        let trainer = D3poTrainer::new(vec![theta.clone()], config, 1).unwrap();
+        (Scalar { theta }, trainer)
+    }
+
+    fn theta(policy: &Scalar) -> f64 {
+        policy.theta.as_tensor().to_vec1::<f64>().unwrap()[0]
+    }
+
+    #[test]
+    fn non_finite_steps_are_left_out_and_never_reach_the_weights() {
+        let (policy, mut trainer) = scalar_trainer();
+        let winner = [1.0, f64::NAN, 1.0, 1.0];
+        let loser = [-1.0, -1.0, -1.0, -1.0];
+        let outcome = trainer
+            .train_pair(&policy, &winner, &loser, &mut || {})
+            .unwrap();
+        assert_eq!((outcome.skipped_steps, outcome.steps), (1, 3));
+        assert!(outcome.applied && outcome.loss.is_finite() && outcome.grad_norm.is_finite());
+        // The winner's steps pull theta up (x = +1), and the NaN did not touch it.
+        assert!(theta(&policy) > 0.0 && theta(&policy).is_finite());
+
+        let before = theta(&policy);
+        let poisoned = [f64::NAN; 4];
+        let outcome = trainer
+            .train_pair(&policy, &poisoned, &loser, &mut || {})
+            .unwrap();
+        assert_eq!((outcome.skipped_steps, outcome.applied), (4, false));
+        assert_eq!(theta(&policy), before);
+        let infinite = [f64::INFINITY; 4];
+        let outcome = trainer
+            .train_pair(&policy, &infinite, &loser, &mut || {})
+            .unwrap();
+        assert!(!outcome.applied);
+        assert_eq!(theta(&policy), before);
     }
 
     #[test]

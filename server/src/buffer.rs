@@ -227,6 +227,12 @@ impl TrajectoryBuffer {
             rater: rater.to_string(),
         };
         if let Some(group) = self.groups.get_mut(&group_id) {
+            // A rater's later statement about the same two images replaces the earlier one.
+            group.comparisons.retain(|c| {
+                c.rater != comparison.rater
+                    || !((c.winner == winner && c.loser == loser)
+                        || (c.winner == loser && c.loser == winner))
+            });
             group.comparisons.push(comparison);
         }
         Ok(group_id)

@@ -17,6 +17,9 @@ const DEFAULT_ETA: f32 = 1.0;
 /// Guidance of a request to a `--model` that leaves it unset (diffusers' usual 5 to 7.5).
 const DEFAULT_GUIDANCE: f32 = 5.0;
 
+/// Longest feedback-token lifetime: ten years (beyond it token expiry times overflow).
+const MAX_TOKEN_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
+
 /// Weight precision (`--dtype`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum Precision {
@@ -158,6 +161,12 @@ impl ServeConfig {
         {
             return Err("--default-guidance must be finite and >= 0".into());
         }
+        if !(1..=MAX_TOKEN_TTL_SECS).contains(&self.feedback_token_ttl_secs) {
+            return Err(format!(
+                "--feedback-token-ttl-secs must be in 1..={MAX_TOKEN_TTL_SECS} (ten years), got {}",
+                self.feedback_token_ttl_secs
+            ));
+        }
         if self.max_batch == 0 {
             return Err("--max-batch must be at least 1".into());
         }
@@ -247,4 +256,22 @@ impl std::fmt::Debug for ServeConfig {
 /// The model's native image side in pixels.
 fn native_size(model: &DiffusionModel) -> u32 {
     (model.vae_scale_factor() * model.unet.config().sample_size) as u32
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_overflowing_token_lifetime_is_refused_by_name() {
+        let mut config = ServeConfig::defaults().unwrap();
+        assert!(config.validate().is_ok());
+        config.feedback_token_ttl_secs = u64::MAX;
+        let err = config.validate().unwrap_err();
+        assert!(err.contains("--feedback-token-ttl-secs"), "{err}");
+        config.feedback_token_ttl_secs = 0;
+        assert!(config.validate().is_err());
+        config.feedback_token_ttl_secs = 3600;
+        assert!(config.validate().is_ok());
+    }
 }

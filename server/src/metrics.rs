@@ -44,6 +44,8 @@ pub struct Metrics {
     pub buffer_entries: IntGauge,
     /// `imagegen_trajectory_evictions_total`.
     pub evictions: IntCounter,
+    /// `imagegen_trajectories_untrainable_total`: chains not stored because they are not finite.
+    pub untrainable: IntCounter,
     /// `imagegen_feedback_total{kind}`.
     pub feedback: IntCounterVec,
     /// `imagegen_requests_cancelled_total`: work dropped because its client left.
@@ -106,6 +108,10 @@ impl Metrics {
             "imagegen_trajectory_evictions_total",
             "Trajectories evicted from the buffer to stay within its budget.",
         )?;
+        let untrainable = IntCounter::new(
+            "imagegen_trajectories_untrainable_total",
+            "Generated chains not stored for training because a latent or log-prob is not finite.",
+        )?;
         let feedback = IntCounterVec::new(
             Opts::new("imagegen_feedback_total", "Feedback accepted, by kind."),
             &["kind"],
@@ -155,6 +161,7 @@ impl Metrics {
         registry.register(Box::new(buffer_bytes.clone()))?;
         registry.register(Box::new(buffer_entries.clone()))?;
         registry.register(Box::new(evictions.clone()))?;
+        registry.register(Box::new(untrainable.clone()))?;
         registry.register(Box::new(feedback.clone()))?;
         registry.register(Box::new(cancelled.clone()))?;
         Ok(Self {
@@ -168,6 +175,7 @@ impl Metrics {
             buffer_bytes,
             buffer_entries,
             evictions,
+            untrainable,
             feedback,
             cancelled,
             feedback_by_adapter,

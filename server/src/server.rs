@@ -190,7 +190,8 @@ pub async fn start(
     };
     let router = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(reflection()?)
+        .add_service(reflection_v1()?)
+        .add_service(reflection_v1alpha()?)
         .add_service(
             ImageGeneratorServer::new(GeneratorService::new(state.clone()))
                 .max_decoding_message_size(1 << 20),
@@ -270,17 +271,34 @@ fn feedback_secret(config: &ServeConfig) -> Result<Vec<u8>, StartError> {
     }
 }
 
-/// Server reflection over the API's and health's descriptors.
-fn reflection() -> Result<
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(imagegen_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Server reflection (`grpc.reflection.v1`) over the API's and health's descriptors.
+fn reflection_v1() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
     StartError,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(imagegen_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    reflection_builder()
         .build_v1()
+        .map_err(|e| StartError::Setup(e.to_string()))
+}
+
+/// The same as `grpc.reflection.v1alpha`: what grpcio-reflection, older grpcurl and several GUI
+/// clients speak.
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    StartError,
+> {
+    reflection_builder()
+        .build_v1alpha()
         .map_err(|e| StartError::Setup(e.to_string()))
 }
 

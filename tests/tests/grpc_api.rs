@@ -17,6 +17,17 @@ fn request(prompt: &str, seed: u64, steps: u32, num_images: u32) -> pb::Generate
     }
 }
 
+/// The API key of the tests that run with authentication on.
+const KEY: &str = "rater-key-0123456789";
+
+/// `message` with `KEY` as its bearer token.
+fn keyed<T>(message: T) -> tonic::Request<T> {
+    let mut request = tonic::Request::new(message);
+    let value = format!("Bearer {KEY}").parse().unwrap();
+    request.metadata_mut().insert("authorization", value);
+    request
+}
+
 fn feedback(
     image: &pb::GeneratedImage,
     kind: Feedback,
@@ -129,27 +140,31 @@ async fn the_stream_yields_one_progress_event_per_step_then_the_result() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn feedback_reaches_the_buffer_and_the_export() {
-    let t = TestServer::start(|_| {}).await.unwrap();
+    // Named raters are trusted from a caller with the feedback role (an API key), not from
+    // feedback-token holders.
+    let t = TestServer::start(|c| c.api_keys = Some(format!("generate,feedback,admin {KEY}")))
+        .await
+        .unwrap();
     let mut client = t.generator();
     let group = client
-        .generate(request(
+        .generate(keyed(request(
             "a small blue square on a white background",
             5,
             2,
             3,
-        ))
+        )))
         .await
         .unwrap()
         .into_inner();
     let [a, b, c] = [&group.images[0], &group.images[1], &group.images[2]];
 
     let up = client
-        .submit_feedback(feedback(
+        .submit_feedback(keyed(feedback(
             a,
             Feedback::Vote(pb::Vote::Up as i32),
             "alice",
             "k1",
-        ))
+        )))
         .await
         .unwrap()
         .into_inner();
@@ -157,37 +172,42 @@ async fn feedback_reaches_the_buffer_and_the_export() {
     assert!(!up.duplicate);
     // A retry with the same idempotency key returns the first answer and counts once.
     let again = client
-        .submit_feedback(feedback(
+        .submit_feedback(keyed(feedback(
             a,
             Feedback::Vote(pb::Vote::Up as i32),
             "alice",
             "k1",
-        ))
+        )))
         .await
         .unwrap()
         .into_inner();
     assert!(again.duplicate);
     assert_eq!(again.feedback_id, up.feedback_id);
     client
-        .submit_feedback(feedback(
+        .submit_feedback(keyed(feedback(
             b,
             Feedback::Vote(pb::Vote::Down as i32),
             "alice",
             "",
-        ))
+        )))
         .await
         .unwrap();
     client
-        .submit_feedback(feedback(
+        .submit_feedback(keyed(feedback(
             c,
             Feedback::PreferredOver(b.image_id.clone()),
             "bob",
             "",
-        ))
+        )))
         .await
         .unwrap();
     client
-        .submit_feedback(feedback(a, Feedback::BestOf(pb::BestOf {}), "carol", ""))
+        .submit_feedback(keyed(feedback(
+            a,
+            Feedback::BestOf(pb::BestOf {}),
+            "carol",
+            "",
+        )))
         .await
         .unwrap();
     assert_eq!(
@@ -205,15 +225,15 @@ async fn feedback_reaches_the_buffer_and_the_export() {
 
     // An unlabelled group stays out of the default export.
     client
-        .generate(request("nobody rates this", 6, 2, 1))
+        .generate(keyed(request("nobody rates this", 6, 2, 1)))
         .await
         .unwrap();
 
     let mut stream = t
         .admin()
-        .export_trajectories(pb::ExportRequest {
+        .export_trajectories(keyed(pb::ExportRequest {
             include_unlabelled: false,
-        })
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -481,6 +501,22 @@ async fn every_bad_input_is_invalid_argument_naming_the_field() {
             },
             "eta",
         ),
+        // Finite but poisonous: the chain's latents or log-probs would not be finite, and a
+        // preference on it would turn a training round's weights into NaN.
+        (
+            pb::GenerateRequest {
+                guidance_scale: Some(3e38),
+                ..base()
+            },
+            "guidance_scale",
+        ),
+        (
+            pb::GenerateRequest {
+                eta: Some(1e-30),
+                ..base()
+            },
+            "eta",
+        ),
         (
             pb::GenerateRequest {
                 adapter: "no-such-adapter".into(),
@@ -509,8 +545,16 @@ async fn every_bad_input_is_invalid_argument_naming_the_field() {
         t.metric("imagegen_requests_total{code=\"INVALID_ARGUMENT\",rpc=\"Generate\"}")
             .await
             .unwrap(),
-        Some(15.0)
+        Some(17.0)
     );
+    let limits = client
+        .get_info(pb::GetInfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .limits
+        .unwrap();
+    assert_eq!((limits.max_guidance_scale, limits.min_eta), (50.0, 0.01));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -814,4 +858,176 @@ async fn a_passed_deadline_cancels_the_work() {
         t.metric("imagegen_images_generated_total").await.unwrap(),
         Some(0.0)
     );
+}
+
+/// The whole export of a server's labelled groups, as its metadata document.
+async fn exported_groups(t: &TestServer) -> Vec<serde_json::Value> {
+    let mut stream = t
+        .admin()
+        .export_trajectories(pb::ExportRequest {
+            include_unlabelled: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut metadata = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        if chunk.file == "metadata.json" {
+            metadata.extend(chunk.data);
+        }
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&metadata).unwrap();
+    doc["groups"].as_array().unwrap().clone()
+}
+
+/// One token holder is one rater: replaying an image's token with made-up rater ids does not
+/// add voters (before, 400 replays counted as 400 raters and outvoted everybody).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replaying_a_feedback_token_counts_as_one_rater() {
+    let t = TestServer::start(|_| {}).await.unwrap();
+    let mut client = t.generator();
+    let group = client
+        .generate(request("replayed", 8, 2, 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let (a, b) = (&group.images[0], &group.images[1]);
+    for i in 0..20 {
+        let rater = format!("sock-puppet-{i}");
+        client
+            .submit_feedback(feedback(a, Feedback::Vote(pb::Vote::Up as i32), &rater, ""))
+            .await
+            .unwrap();
+    }
+    client
+        .submit_feedback(feedback(
+            a,
+            Feedback::PreferredOver(b.image_id.clone()),
+            "x",
+            "",
+        ))
+        .await
+        .unwrap();
+    client
+        .submit_feedback(feedback(
+            b,
+            Feedback::PreferredOver(a.image_id.clone()),
+            "y",
+            "",
+        ))
+        .await
+        .unwrap();
+    let groups = exported_groups(&t).await;
+    let g = &groups[0];
+    let image_a = g["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["image_id"] == a.image_id.as_str())
+        .unwrap();
+    let votes = image_a["feedback"]["votes"].as_object().unwrap();
+    assert_eq!(votes.len(), 1, "{votes:?}");
+    let rater = format!("token:{}", group.group_id);
+    assert_eq!(votes[&rater], "up");
+    // The token holder changed their mind: the later comparison replaced the earlier one.
+    let comparisons = g["comparisons"].as_array().unwrap();
+    assert_eq!(comparisons.len(), 1, "{comparisons:?}");
+    assert_eq!(comparisons[0]["winner"], b.image_id.as_str());
+}
+
+/// Idempotency keys are scoped to the caller and image, bound to the request, and atomic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_keys_are_scoped_bound_and_atomic() {
+    let t = TestServer::start(|_| {}).await.unwrap();
+    let mut client = t.generator();
+    let first = client
+        .generate(request("first", 9, 2, 2))
+        .await
+        .unwrap()
+        .into_inner();
+    let second = client
+        .generate(request("second", 10, 2, 1))
+        .await
+        .unwrap()
+        .into_inner();
+    let up = |image| feedback(image, Feedback::Vote(pb::Vote::Up as i32), "", "shared-key");
+    let on_first = client
+        .submit_feedback(up(&first.images[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    // The same key on another image is another request (before: `duplicate` with the first
+    // image's group id, and the vote silently dropped).
+    let on_second = client
+        .submit_feedback(up(&second.images[0]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!on_second.duplicate);
+    assert_eq!(on_second.group_id, second.group_id);
+    assert_ne!(on_second.feedback_id, on_first.feedback_id);
+    // The same key and image with a different body is refused, as payment APIs do.
+    let down = feedback(
+        &first.images[0],
+        Feedback::Vote(pb::Vote::Down as i32),
+        "",
+        "shared-key",
+    );
+    let err = client.submit_feedback(down).await.unwrap_err();
+    assert_eq!(err.code(), Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("idempotency_key"), "{err:?}");
+
+    // Concurrent retries of one new request apply once.
+    let image = first.images[1].clone();
+    let retries: Vec<_> = (0..8)
+        .map(|_| {
+            let mut c = t.generator();
+            let r = feedback(&image, Feedback::Vote(pb::Vote::Up as i32), "", "retried");
+            tokio::spawn(async move { c.submit_feedback(r).await.unwrap().into_inner() })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for r in retries {
+        answers.push(r.await.unwrap());
+    }
+    assert_eq!(answers.iter().filter(|a| !a.duplicate).count(), 1);
+    assert!(
+        answers
+            .iter()
+            .all(|a| a.feedback_id == answers[0].feedback_id)
+    );
+    assert_eq!(
+        t.metric("imagegen_feedback_total{kind=\"vote_up\"}")
+            .await
+            .unwrap(),
+        Some(3.0)
+    );
+}
+
+/// Both reflection versions are served: grpcio-reflection, older grpcurl and several GUI clients
+/// speak only `v1alpha`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reflection_answers_in_v1_and_v1alpha() {
+    use tonic_reflection::pb::v1alpha::ServerReflectionRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_client::ServerReflectionClient;
+    use tonic_reflection::pb::v1alpha::server_reflection_request::MessageRequest;
+    use tonic_reflection::pb::v1alpha::server_reflection_response::MessageResponse;
+    let t = TestServer::start(|_| {}).await.unwrap();
+    let mut client = ServerReflectionClient::new(t.channel.clone());
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut responses = client
+        .server_reflection_info(tokio_stream::iter([request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = responses.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected answer {response:?}");
+    };
+    let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
+    assert!(names.contains(&"imagegen.v1.ImageGenerator"), "{names:?}");
+    assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
 }

@@ -19,6 +19,7 @@ use candle_core::{DType, Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{AdapterError, AdapterMeta, LiveState};
+use crate::model::lora::all_finite;
 use crate::model::{LoraPair, LoraTarget, LoraWeights};
 
 /// PEFT's `adapter_config.json` (the fields diffusers and PEFT read).
@@ -86,6 +87,12 @@ pub fn to_peft(
     Ok((bytes, config_json))
 }
 
+/// Highest LoRA rank accepted.
+const MAX_RANK: usize = 1024;
+/// Highest scale `lora_alpha / r` accepted: published SD LoRAs use at most a few; 1e300 made
+/// every image black.
+const MAX_SCALE: f64 = 64.0;
+
 /// Reads PEFT files back into weights for `targets`; every key, shape and setting is checked.
 pub fn from_peft(
     safetensors_bytes: &[u8],
@@ -101,10 +108,18 @@ pub fn from_peft(
             config.peft_type
         )));
     }
-    if config.r == 0 || config.r > 1024 || !config.lora_alpha.is_finite() {
+    if config.r == 0 || config.r > MAX_RANK {
         return Err(AdapterError::Format(format!(
-            "rank {} / alpha {} out of range",
-            config.r, config.lora_alpha
+            "adapter_config.json: r = {} is out of range; use 1..={MAX_RANK}",
+            config.r
+        )));
+    }
+    let max_alpha = MAX_SCALE * config.r as f64;
+    if !(config.lora_alpha > 0.0 && config.lora_alpha <= max_alpha) {
+        return Err(AdapterError::Format(format!(
+            "adapter_config.json: lora_alpha = {} is out of range; use (0, {max_alpha}] \
+             (a scale lora_alpha / r of at most {MAX_SCALE})",
+            config.lora_alpha
         )));
     }
     let tensors = candle_core::safetensors::load_buffer(safetensors_bytes, device)
@@ -117,12 +132,24 @@ pub fn from_peft(
         layers.push(match (a, b) {
             (Some(a), Some(b)) => {
                 used += 2;
-                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
-                for t in [&a, &b] {
-                    let finite = t.abs()?.max_all()?.to_scalar::<f32>()?.is_finite();
-                    if !finite {
+                // Shapes first: an empty or mis-sized tensor is named before its values are read.
+                let want_a = [config.r, target.in_features];
+                let want_b = [target.out_features, config.r];
+                for (name, t, want) in [("lora_A", a, want_a), ("lora_B", b, want_b)] {
+                    if t.dims() != want {
                         return Err(AdapterError::Format(format!(
-                            "non-finite weights in `{}`",
+                            "unet.{}.{name}.weight has shape {:?}; this model and r = {} need {want:?}",
+                            target.path,
+                            t.dims(),
+                            config.r
+                        )));
+                    }
+                }
+                let (a, b) = (a.to_dtype(DType::F32)?, b.to_dtype(DType::F32)?);
+                for (name, t) in [("lora_A", &a), ("lora_B", &b)] {
+                    if !all_finite(t)? {
+                        return Err(AdapterError::Format(format!(
+                            "unet.{}.{name}.weight holds NaN or infinite values",
                             target.path
                         )));
                     }

@@ -181,3 +181,74 @@ fn peft_files_round_trip_and_bad_ones_are_refused_with_the_reason() {
         br#"{"peft_type": "LORA", "r": 8, "lora_alpha": 8, "target_modules": ["to_q"]}"#;
     assert!(other.import(&tensors, wrong_rank).is_err());
 }
+
+/// The tensors of an export with `edit` applied to one of them, as safetensors bytes.
+fn edited_export(
+    registry: &AdapterRegistry,
+    id: &str,
+    key: &str,
+    edit: impl Fn(&Tensor) -> Tensor,
+) -> Vec<u8> {
+    let (bytes, _) = registry.export(id).unwrap();
+    let mut tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    let edited = edit(&tensors[key]);
+    tensors.insert(key.to_string(), edited);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("a.safetensors");
+    candle_core::safetensors::save(&tensors, &path).unwrap();
+    std::fs::read(path).unwrap()
+}
+
+/// Hostile adapter files are refused as format errors (INVALID_ARGUMENT at the API) naming the
+/// tensor or setting: a NaN past the first element, infinities, an empty tensor, an absurd
+/// alpha. The old check (`max(|t|)` finite) let the NaN through; the empty tensor was INTERNAL.
+#[test]
+fn poisoned_or_malformed_adapter_files_are_refused_by_name() {
+    let targets = targets();
+    let registry = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
+    let a = registry
+        .publish(weights(&targets, 0.3), None, "trained", None, vec![])
+        .unwrap();
+    let (_, config) = registry.export(&a.meta.id).unwrap();
+    let key = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight";
+    let fresh = || AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
+    let refused = |bytes: &[u8], config: &[u8]| match fresh().import(bytes, config) {
+        Err(e @ AdapterError::Format(_)) => e.to_string(),
+        other => panic!("expected a format error, got {other:?}"),
+    };
+
+    let nan_later = edited_export(&registry, &a.meta.id, key, |t| {
+        let mut v: Vec<f32> = t.flatten_all().unwrap().to_vec1().unwrap();
+        v[5] = f32::NAN;
+        Tensor::from_vec(v, t.dims(), &Device::Cpu).unwrap()
+    });
+    let message = refused(&nan_later, &config);
+    assert!(
+        message.contains("NaN or infinite") && message.contains("to_q.lora_B"),
+        "{message}"
+    );
+
+    let infinite = edited_export(&registry, &a.meta.id, key, |t| {
+        (t.ones_like().unwrap() * f64::INFINITY).unwrap()
+    });
+    assert!(refused(&infinite, &config).contains("NaN or infinite"));
+
+    let empty = edited_export(&registry, &a.meta.id, key, |_| {
+        Tensor::zeros((0, 4), DType::F32, &Device::Cpu).unwrap()
+    });
+    let message = refused(&empty, &config);
+    assert!(
+        message.contains("shape [0, 4]") && message.contains("to_q.lora_B"),
+        "{message}"
+    );
+
+    let (good, _) = registry.export(&a.meta.id).unwrap();
+    let huge_alpha =
+        br#"{"peft_type": "LORA", "r": 4, "lora_alpha": 1e300, "target_modules": ["to_q"]}"#;
+    assert!(refused(&good, huge_alpha).contains("lora_alpha"));
+    let zero_alpha =
+        br#"{"peft_type": "LORA", "r": 4, "lora_alpha": 0, "target_modules": ["to_q"]}"#;
+    assert!(refused(&good, zero_alpha).contains("lora_alpha"));
+    // The same files, undamaged, still import.
+    assert!(fresh().import(&good, &config).is_ok());
+}

@@ -17,7 +17,8 @@ use crate::auth::Role;
 use crate::buffer::Vote;
 use crate::engine::{JobOutput, JobSpec};
 use crate::grpc::status::ServerError;
-use crate::pipeline::{RgbImage, SampleRequest};
+use crate::pipeline::{MAX_GUIDANCE_SCALE, MIN_ETA, RgbImage, SampleRequest};
+use crate::sampler::Trajectory;
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
@@ -173,7 +174,13 @@ impl GeneratorService {
             .and_then(|t| t.adapter_generation.clone())
             .unwrap_or_default();
         let now = SystemTime::now();
-        {
+        // A chain that is not finite is no training data: one preference on it would poison a
+        // round. The images still go out; feedback on them answers NOT_FOUND.
+        let finite = generation.trajectories.iter().all(Trajectory::is_finite);
+        if !finite {
+            state.metrics.untrainable.inc();
+            tracing::warn!(%group_id, "generated chain is not finite: not stored for training");
+        } else {
             let entries = image_ids
                 .iter()
                 .cloned()
@@ -232,16 +239,18 @@ impl GeneratorService {
         })
     }
 
+    /// Applies one feedback. `caller` is who sent it: `Some(key fingerprint)` for a caller
+    /// authorized by an API key with the `feedback` role, `None` for a feedback-token holder.
     fn feedback(
         &self,
         req: &pb::FeedbackRequest,
-        authorized_by_key: bool,
+        caller: Option<&str>,
     ) -> Result<pb::FeedbackResponse, ServerError> {
         let state = &self.state;
         if req.image_id.is_empty() {
             return Err(ServerError::invalid("image_id", "must not be empty"));
         }
-        if !authorized_by_key {
+        if caller.is_none() {
             state
                 .signer
                 .verify(&req.image_id, &req.feedback_token, SystemTime::now())
@@ -258,28 +267,49 @@ impl GeneratorService {
                 "idempotency_key and rater_id are at most 256 bytes",
             ));
         }
-        if !req.idempotency_key.is_empty() {
-            let mut cache = state
-                .idempotency
-                .lock()
-                .map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?;
-            if let Some(first) = cache.get(&req.idempotency_key) {
-                return Ok(pb::FeedbackResponse {
-                    duplicate: true,
-                    ..first.clone()
-                });
-            }
-        }
-        let rater = if req.rater_id.is_empty() {
-            "anonymous"
-        } else {
-            req.rater_id.as_str()
-        };
         let feedback = req.feedback.as_ref().ok_or_else(|| {
             ServerError::invalid("feedback", "set one of vote, preferred_over or best_of")
         })?;
+        // The idempotency lock is held from the lookup to the insert, so two concurrent retries
+        // cannot both apply. A key is scoped to its caller and image, and bound to its body.
+        let mut cache = if req.idempotency_key.is_empty() {
+            None
+        } else {
+            Some(
+                state
+                    .idempotency
+                    .lock()
+                    .map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?,
+            )
+        };
+        let scope = idempotency_scope(caller, req);
+        let fingerprint = body_fingerprint(req);
+        if let Some(cache) = cache.as_mut()
+            && let Some((first_body, first)) = cache.get(&scope)
+        {
+            if *first_body != fingerprint {
+                return Err(ServerError::FailedPrecondition(format!(
+                    "idempotency_key `{}` was already used for different feedback on this image; \
+                     use a new key for new feedback",
+                    req.idempotency_key
+                )));
+            }
+            return Ok(pb::FeedbackResponse {
+                duplicate: true,
+                ..first.clone()
+            });
+        }
         let (kind, group_id, generation) = {
             let mut buffer = state.buffer()?;
+            let image_group = buffer.image(&req.image_id)?.group_id.clone();
+            // Free-form rater ids are trusted only from callers with the feedback role. A token
+            // is a capability for one request's images: whoever holds it counts as one rater
+            // of that group, and a repeat replaces their earlier vote.
+            let rater = match caller {
+                Some(_) if !req.rater_id.is_empty() => req.rater_id.clone(),
+                Some(_) => "anonymous".to_string(),
+                None => format!("token:{image_group}"),
+            };
             let (kind, group_id) = match feedback {
                 pb::feedback_request::Feedback::Vote(v) => {
                     let vote = match pb::Vote::try_from(*v) {
@@ -297,13 +327,13 @@ impl GeneratorService {
                     } else {
                         "vote_down"
                     };
-                    (kind, buffer.vote(&req.image_id, rater, vote)?)
+                    (kind, buffer.vote(&req.image_id, &rater, vote)?)
                 }
                 pb::feedback_request::Feedback::PreferredOver(loser) => {
-                    ("preference", buffer.prefer(&req.image_id, loser, rater)?)
+                    ("preference", buffer.prefer(&req.image_id, loser, &rater)?)
                 }
                 pb::feedback_request::Feedback::BestOf(_) => {
-                    ("best_of", buffer.best_of(&req.image_id, rater)?)
+                    ("best_of", buffer.best_of(&req.image_id, &rater)?)
                 }
             };
             // The adapter that drew the image, read under the same lock.
@@ -325,12 +355,8 @@ impl GeneratorService {
             group_id,
             duplicate: false,
         };
-        if !req.idempotency_key.is_empty() {
-            let mut cache = state
-                .idempotency
-                .lock()
-                .map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?;
-            cache.put(req.idempotency_key.clone(), response.clone());
+        if let Some(cache) = cache.as_mut() {
+            cache.put(scope, (fingerprint, response.clone()));
         }
         Ok(response)
     }
@@ -433,10 +459,13 @@ impl ImageGenerator for GeneratorService {
         // presented key must be valid and carry the `feedback` role.
         let by_key = self.state.keys.enabled() && self.state.presents_key(&request);
         let result = (|| {
-            if by_key {
+            let caller = if by_key {
                 self.state.authorize(&request, Role::Feedback)?;
-            }
-            self.feedback(request.get_ref(), by_key)
+                Some(self.state.caller_fingerprint(&request))
+            } else {
+                None
+            };
+            self.feedback(request.get_ref(), caller.as_deref())
         })()
         .map(Response::new)
         .map_err(Status::from);
@@ -475,6 +504,8 @@ impl ImageGenerator for GeneratorService {
                         max_prompt_chars: wire_u32(l.max_prompt_chars),
                         max_batch: wire_u32(l.max_batch),
                         max_queue: wire_u32(l.max_queue),
+                        max_guidance_scale: MAX_GUIDANCE_SCALE as f32,
+                        min_eta: MIN_ETA as f32,
                     }),
                     live_adapter: state
                         .adapters
@@ -495,4 +526,28 @@ impl ImageGenerator for GeneratorService {
 /// A count as the API's `uint32` (saturating: a limit beyond it is "no limit" to a client).
 fn wire_u32(v: usize) -> u32 {
     u32::try_from(v).unwrap_or(u32::MAX)
+}
+
+/// The idempotency cache key: the caller (an API key's fingerprint, or the token holder), the
+/// image and the client's key. A key reused on another image or by another caller is new.
+fn idempotency_scope(caller: Option<&str>, req: &pb::FeedbackRequest) -> String {
+    format!(
+        "{}\u{0}{}\u{0}{}",
+        caller.unwrap_or("token"),
+        req.image_id,
+        req.idempotency_key
+    )
+}
+
+/// What a retry must repeat exactly: the feedback and the rater (not the token, which a client
+/// may refresh, nor the key itself).
+fn body_fingerprint(req: &pb::FeedbackRequest) -> [u8; 32] {
+    use prost::Message;
+    use sha2::Digest;
+    let body = pb::FeedbackRequest {
+        feedback_token: String::new(),
+        idempotency_key: String::new(),
+        ..req.clone()
+    };
+    sha2::Sha256::digest(body.encode_to_vec()).into()
 }

@@ -80,14 +80,15 @@ pub(crate) struct AppState {
     /// Request limits.
     pub(crate) limits: Limits,
     /// Answers by idempotency key, so a retried feedback counts once.
-    pub(crate) idempotency: Mutex<LruCache<String, pb::FeedbackResponse>>,
+    pub(crate) idempotency: Mutex<LruCache<String, ([u8; 32], pb::FeedbackResponse)>>,
     /// Set on SIGTERM: new generation requests are refused while in-flight ones finish.
     pub(crate) draining: AtomicBool,
 }
 
 impl AppState {
     /// An empty idempotency cache of the size the server keeps.
-    pub(crate) fn idempotency_cache() -> Mutex<LruCache<String, pb::FeedbackResponse>> {
+    #[allow(clippy::type_complexity)] // scope -> (body fingerprint, first answer)
+    pub(crate) fn idempotency_cache() -> Mutex<LruCache<String, ([u8; 32], pb::FeedbackResponse)>> {
         Mutex::new(LruCache::new(
             NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
         ))
@@ -100,6 +101,17 @@ impl AppState {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         Ok(self.keys.check(header, role)?)
+    }
+
+    /// A stable, non-secret name of the caller's API key (a prefix of its SHA-256).
+    pub(crate) fn caller_fingerprint<T>(&self, request: &Request<T>) -> String {
+        use sha2::Digest;
+        let header = request
+            .metadata()
+            .get("authorization")
+            .map(|v| v.as_bytes().to_vec())
+            .unwrap_or_default();
+        hex::encode(&sha2::Sha256::digest(header)[..8])
     }
 
     /// Whether the caller presented an `authorization` header at all.

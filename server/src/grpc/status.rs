@@ -119,7 +119,46 @@ impl From<ServerError> for tonic::Status {
             ServerError::Unavailable(_) => tonic::Status::unavailable(message),
             ServerError::Aborted(_) => tonic::Status::aborted(message),
             ServerError::FailedPrecondition(_) => tonic::Status::failed_precondition(message),
-            ServerError::Internal(_) => tonic::Status::internal(message),
+            ServerError::Internal(detail) => {
+                // The detail (file paths, backtraces, tensor shapes) is for operators, not
+                // clients; it can also outgrow gRPC's metadata limit. Clients get an id to quote.
+                let id = format!("{:016x}", rand::random::<u64>());
+                tracing::error!(error_id = %id, %detail, "internal error");
+                tonic::Status::internal(format!(
+                    "internal error {id}; the server log has the details under error_id={id}"
+                ))
+            }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Internal details stay in the log: the client sees a short message with an id.
+    #[test]
+    fn internal_errors_reach_clients_short_and_generic() {
+        let detail = format!(
+            "/build/path/src/lib.rs: {}",
+            "backtrace frame\n".repeat(2000)
+        );
+        let status = tonic::Status::from(ServerError::Internal(detail));
+        assert_eq!(status.code(), tonic::Code::Internal);
+        assert!(status.message().len() < 120, "{}", status.message());
+        assert!(
+            !status.message().contains("/build/path"),
+            "{}",
+            status.message()
+        );
+        let id = status.message().split_whitespace().nth(2).unwrap_or("");
+        assert_eq!(id.trim_end_matches(';').len(), 16, "{}", status.message());
+    }
+
+    #[test]
+    fn client_errors_keep_their_message() {
+        let status = tonic::Status::from(ServerError::invalid("eta", "must be in (0, 1]"));
+        assert_eq!(status.code(), tonic::Code::InvalidArgument);
+        assert_eq!(status.message(), "invalid eta: must be in (0, 1]");
     }
 }

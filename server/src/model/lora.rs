@@ -12,6 +12,14 @@ use super::nn::{Linear, upcast};
 /// The attention projections LoRA can target (diffusers / PEFT module names).
 pub const TARGET_MODULES: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
 
+/// Whether every element of `t` is finite. `max(|t|)` would not do: comparisons with NaN are
+/// false, so a NaN anywhere but the first element slips through. `0 * x` is NaN exactly for NaN
+/// and infinite `x`, and one NaN makes the sum NaN.
+pub fn all_finite(t: &Tensor) -> Result<bool> {
+    let zeroed = (t.to_dtype(DType::F32)? * 0.0)?;
+    Ok(zeroed.sum_all()?.to_scalar::<f32>()? == 0.0)
+}
+
 /// One projection of the UNet an adapter may modify.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoraTarget {
@@ -132,6 +140,16 @@ impl LoraWeights {
             .flatten()
             .map(|p| p.down.elem_count() + p.up.elem_count())
             .sum()
+    }
+
+    /// Whether every factor is finite (NaN and infinities anywhere are found).
+    pub fn all_finite(&self) -> Result<bool> {
+        for pair in self.layers().iter().flatten() {
+            if !(all_finite(&pair.down)? && all_finite(&pair.up)?) {
+                return Ok(false);
+            }
+        }
+        Ok(true)
     }
 
     /// A copy whose factors are detached from any autograd graph (a frozen reference policy).
@@ -354,4 +372,31 @@ pub fn slots_by_path(targets: &[LoraTarget]) -> HashMap<&str, usize> {
         .enumerate()
         .map(|(i, t)| (t.path.as_str(), i))
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_nan_or_infinity_anywhere_is_found() {
+        let dev = Device::Cpu;
+        assert!(all_finite(&Tensor::new(&[1f32, -2.0, 3.0], &dev).unwrap()).unwrap());
+        // The old check (`max(|t|)` finite) passed this one: NaN is not the first element.
+        let nan_second = Tensor::new(&[1f32, f32::NAN, 3.0], &dev).unwrap();
+        assert!(
+            nan_second
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap()
+                .is_finite()
+        );
+        assert!(!all_finite(&nan_second).unwrap());
+        assert!(!all_finite(&Tensor::new(&[f32::INFINITY, 0.0], &dev).unwrap()).unwrap());
+        assert!(!all_finite(&Tensor::new(&[0.0f64, f64::NEG_INFINITY], &dev).unwrap()).unwrap());
+        assert!(all_finite(&Tensor::zeros((0, 4), DType::F32, &dev).unwrap()).unwrap());
+    }
 }

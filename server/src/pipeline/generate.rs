@@ -33,6 +33,15 @@ pub struct SampleRequest {
     pub height: usize,
 }
 
+/// Largest guidance scale a request may use: beyond it the guided prediction overflows f32 and
+/// the recorded chain is not finite (3e38 did). Diffusers' users stay below 30.
+pub const MAX_GUIDANCE_SCALE: f64 = 50.0;
+
+/// Smallest DDIM eta a recorded chain may use: the step variance scales with eta squared, and
+/// below this the last steps' log-probabilities are no longer finite in f32 (1e-30 made them
+/// inf). Reproducing deterministic DDIM (eta 0) is not a recordable policy anyway.
+pub const MIN_ETA: f64 = 0.01;
+
 /// The bounds a [`SampleRequest`] is checked against: the model's own
 /// ([`DiffusionModel::sample_limits`]) or the server's tighter ones. One check serves both.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -66,16 +75,22 @@ impl SampleRequest {
             let range = at_most(limits.max_steps);
             return invalid("steps", format!("{range}, got {}", self.steps));
         }
-        if !(self.guidance_scale.is_finite() && self.guidance_scale >= 0.0) {
+        if !(self.guidance_scale >= 0.0 && self.guidance_scale <= MAX_GUIDANCE_SCALE) {
             return invalid(
                 "guidance_scale",
-                format!("must be finite and >= 0, got {}", self.guidance_scale),
+                format!(
+                    "must be in [0, {MAX_GUIDANCE_SCALE}], got {}",
+                    self.guidance_scale
+                ),
             );
         }
-        if !(self.eta > 0.0 && self.eta <= 1.0) {
+        if !(self.eta >= MIN_ETA && self.eta <= 1.0) {
             return invalid(
                 "eta",
-                format!("must be in (0, 1] for a recorded chain, got {}", self.eta),
+                format!(
+                    "must be in [{MIN_ETA}, 1] for a recorded chain, got {}",
+                    self.eta
+                ),
             );
         }
         let multiple = limits.size_multiple.max(1);

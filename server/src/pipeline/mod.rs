@@ -15,7 +15,8 @@ mod generate;
 pub mod save;
 
 pub use generate::{
-    AdapterChoice, BatchTimings, Generation, RgbImage, SampleLimits, SampleRequest,
+    AdapterChoice, BatchTimings, Generation, MAX_GUIDANCE_SCALE, MIN_ETA, RgbImage, SampleLimits,
+    SampleRequest,
 };
 
 use std::collections::HashMap;

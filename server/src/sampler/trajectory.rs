@@ -36,6 +36,12 @@ impl Trajectory {
         self.timesteps.len()
     }
 
+    /// Whether every latent and log-probability is finite (only such a chain can be trained on).
+    pub fn is_finite(&self) -> bool {
+        self.log_probs.iter().all(|v| v.is_finite())
+            && crate::model::lora::all_finite(&self.latents).unwrap_or(false)
+    }
+
     /// Bytes this trajectory holds (latents and its share of the embeddings), for buffer budgets.
     pub fn size_bytes(&self) -> usize {
         let dtype_bytes = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();

@@ -10,6 +10,8 @@ pub(super) struct D3poMetrics {
     pub(super) loss: Gauge,
     pub(super) pairs_used: IntCounter,
     pub(super) heldout_accuracy: Gauge,
+    pub(super) skipped_steps: IntCounter,
+    pub(super) skipped_updates: IntCounter,
 }
 
 impl D3poMetrics {
@@ -40,7 +42,17 @@ impl D3poMetrics {
                 "imagegen_d3po_heldout_accuracy",
                 "Held-out ranking accuracy of the last trained adapter.",
             )?,
+            skipped_steps: IntCounter::new(
+                "imagegen_d3po_skipped_steps_total",
+                "Time indices left out of training because their loss or log-ratios were not finite.",
+            )?,
+            skipped_updates: IntCounter::new(
+                "imagegen_d3po_skipped_updates_total",
+                "Pair updates not applied because no time index or the gradient was finite.",
+            )?,
         };
+        registry.register(Box::new(m.skipped_steps.clone()))?;
+        registry.register(Box::new(m.skipped_updates.clone()))?;
         registry.register(Box::new(m.rounds.clone()))?;
         registry.register(Box::new(m.round_duration.clone()))?;
         registry.register(Box::new(m.loss.clone()))?;

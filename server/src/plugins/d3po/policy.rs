@@ -71,15 +71,3 @@ pub(super) fn heldout_accuracy(
     }
     Ok(ranking_accuracy(&rewards))
 }
-
-/// Whether every weight of `weights` is finite.
-pub(super) fn all_finite(weights: &LoraWeights) -> bool {
-    weights.layers().iter().flatten().all(|p| {
-        [&p.down, &p.up].iter().all(|t| {
-            t.abs()
-                .and_then(|a| a.max_all())
-                .and_then(|m| m.to_scalar::<f32>())
-                .is_ok_and(f32::is_finite)
-        })
-    })
-}

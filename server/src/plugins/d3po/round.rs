@@ -13,7 +13,7 @@ use rand_distr::{Distribution, StandardNormal};
 use super::D3poPlugin;
 use super::metrics::D3poMetrics;
 use super::pairs::{TrainingPair, collect_pairs};
-use super::policy::{ServerPolicy, all_finite, heldout_accuracy};
+use super::policy::{ServerPolicy, heldout_accuracy};
 use crate::adapters::{AdapterGeneration, TrainingStats};
 use crate::model::{LoraPair, LoraTarget, LoraWeights, TrainableLora};
 use crate::plugins::PluginHost;
@@ -97,16 +97,23 @@ impl D3poPlugin {
             .starting_adapter(host, live.as_deref(), seed)
             .map_err(|e| skipped("initialising the adapter")(&e))?;
         let reference = live.as_ref().map(|g| &g.weights);
-        let mean_loss = self.train(host, &trainable, reference, &train, seed)?;
+        let mean_loss = self.train(host, &trainable, reference, &train, seed, metrics)?;
         metrics.pairs_used.inc_by(train.len() as u64);
         metrics.loss.set(mean_loss);
+        // The round has used these pairs whatever the gate decides: a rejected round must never
+        // pick the same (possibly damaged) pairs again ahead of fresh ones.
+        for p in &pairs {
+            trained.insert(p.key.clone());
+        }
+        let pending = fresh.len() - pairs.len();
+        self.control.update(|s| s.pending_pairs = pending);
 
         self.control.update(|s| s.state = "gating".into());
         let candidate = trainable
             .weights
             .detached()
             .map_err(|e| skipped("copying the trained weights")(&e))?;
-        if !all_finite(&candidate) {
+        if !candidate.all_finite().unwrap_or(false) {
             return Ok(RoundResult::Rejected(
                 "the trained weights are not finite".into(),
             ));
@@ -116,9 +123,6 @@ impl D3poPlugin {
         let live_acc = heldout_accuracy(host, &heldout, reference)
             .map_err(|e| skipped("evaluating held-out pairs")(&e))?;
         metrics.heldout_accuracy.set(new_acc);
-        for p in &pairs {
-            trained.insert(p.key.clone());
-        }
         if new_acc < live_acc + self.config.gate_margin {
             return Ok(RoundResult::Rejected(format!(
                 "held-out accuracy {new_acc:.3} does not reach the live adapter's {live_acc:.3} + margin {}",
@@ -188,7 +192,7 @@ impl D3poPlugin {
         }
     }
 
-    /// One pass of D3PO over `train`; returns the mean loss.
+    /// One pass of D3PO over `train`; returns the mean loss of the updates applied.
     fn train(
         &self,
         host: &PluginHost,
@@ -196,6 +200,7 @@ impl D3poPlugin {
         reference: Option<&LoraWeights>,
         train: &[&TrainingPair],
         seed: u64,
+        metrics: &D3poMetrics,
     ) -> Result<f64, RoundResult> {
         let mut trainer =
             D3poTrainer::new(trainable.vars.clone(), self.config.train_config(), seed)
@@ -205,7 +210,7 @@ impl D3poPlugin {
             policy: &trainable.weights,
             reference,
         };
-        let mut loss_sum = 0.0;
+        let (mut loss_sum, mut applied) = (0.0, 0usize);
         for pair in train {
             if host.stopping() {
                 return Err(RoundResult::Skipped("shutting down".into()));
@@ -214,9 +219,20 @@ impl D3poPlugin {
             let outcome = trainer
                 .train_pair(&policy, &pair.winner, &pair.loser, &mut pause)
                 .map_err(|e| RoundResult::Skipped(format!("training step failed: {e}")))?;
-            loss_sum += outcome.loss;
+            metrics.skipped_steps.inc_by(outcome.skipped_steps as u64);
+            if outcome.applied {
+                loss_sum += outcome.loss;
+                applied += 1;
+            } else {
+                metrics.skipped_updates.inc();
+                tracing::warn!(
+                    group = %pair.group_id,
+                    skipped_steps = outcome.skipped_steps,
+                    "D3PO update skipped: its loss or gradient is not finite"
+                );
+            }
         }
-        Ok(loss_sum / train.len().max(1) as f64)
+        Ok(loss_sum / applied.max(1) as f64)
     }
 }
 
