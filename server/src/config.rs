@@ -102,6 +102,11 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_MAX_IMAGE_SIZE")]
     pub max_image_size: Option<u32>,
 
+    /// Largest ImportAdapter message in bytes (the adapter's files together); larger ones get
+    /// RESOURCE_EXHAUSTED before they are decoded.
+    #[arg(long, env = "IMAGEGEN_MAX_IMPORT_BYTES", default_value_t = 128 << 20)]
+    pub max_import_bytes: usize,
+
     /// Longest prompt, in characters.
     #[arg(long, env = "IMAGEGEN_MAX_PROMPT_CHARS", default_value_t = 2000)]
     pub max_prompt_chars: usize,
@@ -242,6 +247,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("max_images", &self.max_images)
             .field("max_image_size", &self.max_image_size)
             .field("max_prompt_chars", &self.max_prompt_chars)
+            .field("max_import_bytes", &self.max_import_bytes)
             .field("default_guidance", &self.default_guidance)
             .field("api_keys_file", &self.api_keys_file)
             .field("api_keys", &redacted(&self.api_keys))

@@ -20,6 +20,7 @@ use crate::model::ModelError;
 use crate::pipeline::DiffusionModel;
 use crate::pipeline::{AdapterChoice, BatchTimings, Generation, SampleRequest};
 use crate::sampler::Conditioning;
+use crate::supervisor::Supervisor;
 
 /// Errors the engine answers with; the gRPC layer maps them to statuses.
 #[derive(Debug, thiserror::Error)]
@@ -134,12 +135,13 @@ impl Engine {
         model: Arc<DiffusionModel>,
         config: EngineConfig,
         metrics: Metrics,
+        supervisor: &Supervisor,
     ) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::sync_channel(config.max_queue);
         let worker_metrics = metrics.clone();
-        let worker = std::thread::Builder::new()
-            .name("model".into())
-            .spawn(move || Worker::new(model, config, worker_metrics).run(rx))?;
+        let worker = supervisor.spawn("model", move || {
+            Worker::new(model, config, worker_metrics).run(rx)
+        })?;
         Ok(Self {
             queue: Some(tx),
             admission: Arc::new(Semaphore::new(config.max_queue)),

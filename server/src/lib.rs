@@ -21,5 +21,6 @@ pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
 pub mod server;
+mod supervisor;
 pub mod tiny;
 mod tokens;

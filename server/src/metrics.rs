@@ -46,6 +46,10 @@ pub struct Metrics {
     pub evictions: IntCounter,
     /// `imagegen_trajectories_untrainable_total`: chains not stored because they are not finite.
     pub untrainable: IntCounter,
+    /// `imagegen_thread_panics_total{thread}`: panics of supervised threads (each one fatal).
+    pub thread_panics: IntCounterVec,
+    /// `imagegen_adapters_quarantined_total`: damaged adapter files moved aside at start.
+    pub adapters_quarantined: IntCounter,
     /// `imagegen_feedback_total{kind}`.
     pub feedback: IntCounterVec,
     /// `imagegen_requests_cancelled_total`: work dropped because its client left.
@@ -112,6 +116,17 @@ impl Metrics {
             "imagegen_trajectories_untrainable_total",
             "Generated chains not stored for training because a latent or log-prob is not finite.",
         )?;
+        let adapters_quarantined = IntCounter::new(
+            "imagegen_adapters_quarantined_total",
+            "Damaged adapter generations or live-alias files moved aside at start.",
+        )?;
+        let thread_panics = IntCounterVec::new(
+            Opts::new(
+                "imagegen_thread_panics_total",
+                "Panics of the model or plugin thread; each one stops the server.",
+            ),
+            &["thread"],
+        )?;
         let feedback = IntCounterVec::new(
             Opts::new("imagegen_feedback_total", "Feedback accepted, by kind."),
             &["kind"],
@@ -162,6 +177,8 @@ impl Metrics {
         registry.register(Box::new(buffer_entries.clone()))?;
         registry.register(Box::new(evictions.clone()))?;
         registry.register(Box::new(untrainable.clone()))?;
+        registry.register(Box::new(thread_panics.clone()))?;
+        registry.register(Box::new(adapters_quarantined.clone()))?;
         registry.register(Box::new(feedback.clone()))?;
         registry.register(Box::new(cancelled.clone()))?;
         Ok(Self {
@@ -176,6 +193,8 @@ impl Metrics {
             buffer_entries,
             evictions,
             untrainable,
+            thread_panics,
+            adapters_quarantined,
             feedback,
             cancelled,
             feedback_by_adapter,

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::pipeline::DiffusionModel;
 use crate::plugins::{PluginHost, TrainingControl};
+use crate::supervisor::Supervisor;
 use crate::tokens::TokenSigner;
 
 /// Why the server could not start.
@@ -116,7 +117,8 @@ pub async fn start(
         embedding_cache: config.embedding_cache,
     };
     let model = Arc::new(model);
-    let engine = Engine::start(model.clone(), engine_config, metrics.clone())?;
+    let supervisor = Supervisor::new(metrics.thread_panics.clone());
+    let engine = Engine::start(model.clone(), engine_config, metrics.clone(), &supervisor)?;
     let buffer = Arc::new(Mutex::new(TrajectoryBuffer::new(
         config.trajectory_buffer_bytes,
     )));
@@ -132,9 +134,7 @@ pub async fn start(
             plugin_stop.clone(),
         );
         let name = plugin.name();
-        std::thread::Builder::new()
-            .name(format!("plugin-{name}"))
-            .spawn(move || plugin.run(host))?;
+        supervisor.spawn(&format!("plugin-{name}"), move || plugin.run(host))?;
         tracing::info!(plugin = name, "training is on");
     }
     let state = Arc::new(AppState {
@@ -174,9 +174,17 @@ pub async fn start(
 
     let drain_state = state.clone();
     let mut signal_rx = stop_rx.clone();
+    let mut fatal_rx = supervisor.fatal();
+    let mut fatal_for_drain = supervisor.fatal();
     let shutdown_signal = async move {
-        let _ = signal_rx.wait_for(|stop| *stop).await;
-        tracing::info!("shutting down: draining in-flight requests");
+        tokio::select! {
+            _ = signal_rx.wait_for(|stop| *stop) => {
+                tracing::info!("shutting down: draining in-flight requests");
+            }
+            _ = fatal_for_drain.wait_for(Option::is_some) => {
+                tracing::error!("a supervised thread died: NOT_SERVING, shutting down");
+            }
+        }
         drain_state.draining.store(true, Ordering::Release);
         plugin_stop.store(true, Ordering::Release);
         training.wake();
@@ -196,11 +204,15 @@ pub async fn start(
             ImageGeneratorServer::new(GeneratorService::new(state.clone()))
                 .max_decoding_message_size(1 << 20),
         )
-        .add_service(AdminServer::new(AdminService::new(state.clone())))
-        .add_service(
+        .add_service(admin_only(
+            state.clone(),
+            AdminServer::new(AdminService::new(state.clone())).max_decoding_message_size(64 << 10),
+        ))
+        .add_service(admin_only(
+            state.clone(),
             AdaptersServer::new(AdaptersService::new(state.clone()))
-                .max_decoding_message_size(256 << 20),
-        );
+                .max_decoding_message_size(config.max_import_bytes),
+        ));
     let drain_timeout = Duration::from_secs(config.drain_timeout_secs);
     let mut timeout_rx = stop_rx;
     let task = tokio::spawn(async move {
@@ -215,6 +227,11 @@ pub async fn start(
                 tracing::warn!(?drain_timeout, "drain timeout reached; exiting with requests still in flight");
                 Ok(())
             }
+        };
+        // A dead model or plugin thread fails the run, so the process exits non-zero.
+        let result = match fatal_rx.borrow_and_update().clone() {
+            Some(reason) => Err(reason),
+            None => result,
         };
         // The last reference to the state drops the engine, which finishes its queue and joins.
         drop(state);
@@ -300,6 +317,23 @@ fn reflection_v1alpha() -> Result<
     reflection_builder()
         .build_v1alpha()
         .map_err(|e| StartError::Setup(e.to_string()))
+}
+
+/// `service` behind an admin-key check that runs on the headers, before the body is read or
+/// decoded: an unauthenticated 200 MB ImportAdapter is refused without buffering it.
+fn admin_only<S>(
+    state: Arc<AppState>,
+    service: S,
+) -> tonic::service::interceptor::InterceptedService<
+    S,
+    impl FnMut(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> + Clone,
+> {
+    tonic::service::interceptor::InterceptedService::new(service, move |request| {
+        state
+            .authorize(&request, crate::auth::Role::Admin)
+            .map_err(tonic::Status::from)?;
+        Ok(request)
+    })
 }
 
 /// Accepted connections with TCP_NODELAY: without it a response's last frame waits for the

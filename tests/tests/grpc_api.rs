@@ -282,9 +282,9 @@ async fn feedback_reaches_the_buffer_and_the_export() {
     // Including unlabelled groups exports both.
     let mut stream = t
         .admin()
-        .export_trajectories(pb::ExportRequest {
+        .export_trajectories(keyed(pb::ExportRequest {
             include_unlabelled: true,
-        })
+        }))
         .await
         .unwrap()
         .into_inner();
@@ -1030,4 +1030,34 @@ async fn reflection_answers_in_v1_and_v1alpha() {
     let names: Vec<&str> = list.service.iter().map(|s| s.name.as_str()).collect();
     assert!(names.contains(&"imagegen.v1.ImageGenerator"), "{names:?}");
     assert!(names.contains(&"grpc.health.v1.Health"), "{names:?}");
+}
+
+/// The Adapters service checks the admin key on the headers, before it reads the body, and
+/// refuses imports over `--max-import-bytes`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_or_unauthenticated_imports_are_refused_before_decoding() {
+    let t = TestServer::start(|c| {
+        c.api_keys = Some(format!("admin {KEY}"));
+        c.max_import_bytes = 1 << 20;
+    })
+    .await
+    .unwrap();
+    let big = pb::ImportAdapterRequest {
+        adapter_model_safetensors: vec![0u8; 4 << 20],
+        adapter_config_json: b"{}".to_vec(),
+    };
+    let err = t.adapters().import_adapter(big.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::Unauthenticated, "{err:?}");
+    let err = t.adapters().import_adapter(keyed(big)).await.unwrap_err();
+    assert!(
+        matches!(err.code(), Code::ResourceExhausted | Code::OutOfRange),
+        "{err:?}"
+    );
+    // Within the limit, with the key, the body reaches the handler (and is judged on content).
+    let small = pb::ImportAdapterRequest {
+        adapter_model_safetensors: b"not safetensors".to_vec(),
+        adapter_config_json: b"{}".to_vec(),
+    };
+    let err = t.adapters().import_adapter(keyed(small)).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
 }

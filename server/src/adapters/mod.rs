@@ -59,13 +59,22 @@ pub struct TrainingStats {
     /// Preference pairs trained on.
     pub pairs: usize,
     /// Mean D3PO loss over the round.
+    #[serde(deserialize_with = "nan_if_null")]
     pub mean_loss: f64,
     /// Held-out ranking accuracy of this generation's implicit reward.
+    #[serde(deserialize_with = "nan_if_null")]
     pub heldout_accuracy: f64,
     /// The same for the generation it was trained from.
+    #[serde(deserialize_with = "nan_if_null")]
     pub parent_heldout_accuracy: f64,
     /// Wall time of the round in seconds.
+    #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
+}
+
+/// JSON has no NaN: serde_json writes one as `null`, which must read back (as NaN).
+fn nan_if_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(<Option<f64> as serde::Deserialize>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 /// Everything about a generation but its weights.
@@ -145,6 +154,8 @@ struct RegistryState {
     loaded: HashMap<String, Weak<AdapterGeneration>>,
     /// Without a store, the registry itself keeps every generation (nothing to reload from).
     in_memory: HashMap<String, Arc<AdapterGeneration>>,
+    /// Damaged files moved aside at start (reported once metrics are attached).
+    quarantined: usize,
 }
 
 /// Generations, the live alias, and their persistence.
@@ -178,11 +189,22 @@ impl AdapterRegistry {
         let store = store_dir.map(AdapterStore::open).transpose()?;
         let mut metas = BTreeMap::new();
         let mut saved = LiveState::default();
+        let mut quarantined = 0;
         if let Some(store) = &store {
             for meta in store.list() {
                 metas.insert(meta.id.clone(), meta);
             }
-            saved = store.load_state()?.unwrap_or_default();
+            // A torn or unreadable state.json must not keep the server from starting (a crash
+            // loop under Kubernetes): it is moved aside and the base model serves.
+            saved = match store.load_state() {
+                Ok(state) => state.unwrap_or_default(),
+                Err(error) => {
+                    quarantined += 1;
+                    let aside = store.quarantine("state.json");
+                    tracing::error!(%error, ?aside, "live alias unreadable: quarantined; serving the base model");
+                    LiveState::default()
+                }
+            };
         }
         let registry = Self {
             metrics: None,
@@ -196,14 +218,46 @@ impl AdapterRegistry {
                 history: saved.history,
                 loaded: HashMap::new(),
                 in_memory: HashMap::new(),
+                quarantined,
             }),
         };
-        if let Some(id) = saved.live {
-            let generation = registry.load(&id)?;
-            registry.write()?.live = Some(generation);
-            tracing::info!(generation = %id, "restored the live adapter");
-        }
+        registry.restore_live(saved.live)?;
         Ok(registry)
+    }
+
+    /// Makes `saved` live again; a damaged generation is quarantined and the one live before it
+    /// (by the history), or else the base model, takes its place.
+    fn restore_live(&self, saved: Option<String>) -> Result<(), AdapterError> {
+        let mut candidate = saved;
+        let mut tried = std::collections::HashSet::new();
+        while let Some(id) = candidate.take() {
+            if !tried.insert(id.clone()) {
+                break;
+            }
+            match self.load(&id) {
+                Ok(generation) => {
+                    self.write()?.live = Some(generation);
+                    tracing::info!(generation = %id, "restored the live adapter");
+                    return Ok(());
+                }
+                Err(error) => {
+                    let mut state = self.write()?;
+                    state.quarantined += 1;
+                    state.metas.remove(&id);
+                    let aside = self.store.as_ref().map(|s| s.quarantine(&id));
+                    tracing::error!(generation = %id, %error, ?aside, "live adapter damaged: quarantined");
+                    // The generation that was live before this one became live.
+                    candidate = state
+                        .history
+                        .iter()
+                        .rev()
+                        .find(|c| c.to.as_deref() == Some(id.as_str()))
+                        .and_then(|c| c.from.clone());
+                }
+            }
+        }
+        tracing::warn!("no live adapter could be restored: serving the base model");
+        Ok(())
     }
 
     fn read(&self) -> Result<std::sync::RwLockReadGuard<'_, RegistryState>, AdapterError> {
@@ -225,6 +279,8 @@ impl AdapterRegistry {
             .read()
             .ok()
             .and_then(|s| s.live.as_ref().map(|g| g.meta.id.clone()));
+        let quarantined = self.state.read().map(|s| s.quarantined).unwrap_or(0);
+        metrics.adapters_quarantined.inc_by(quarantined as u64);
         metrics.adapter_live.reset();
         metrics
             .adapter_live

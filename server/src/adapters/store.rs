@@ -73,11 +73,22 @@ pub fn to_peft(
     };
     let config_json =
         serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Format(e.to_string()))?;
+    // diffusers' `load_lora_weights` reads the LoRA settings from the header, keyed by the
+    // component they belong to (`unet.r`, `unet.target_modules`, ...) as its own
+    // `save_lora_weights` writes them; unprefixed entries are dropped (KeyError: 'model_type').
+    let prefixed: serde_json::Map<String, serde_json::Value> =
+        match serde_json::to_value(&config).map_err(|e| AdapterError::Format(e.to_string()))? {
+            serde_json::Value::Object(fields) => fields
+                .into_iter()
+                .map(|(k, v)| (format!("unet.{k}"), v))
+                .collect(),
+            _ => serde_json::Map::new(),
+        };
     let metadata: HashMap<String, String> = [
         ("format".to_string(), "pt".to_string()),
         (
             "lora_adapter_metadata".to_string(),
-            String::from_utf8_lossy(&config_json).into_owned(),
+            serde_json::Value::Object(prefixed).to_string(),
         ),
     ]
     .into();
@@ -278,7 +289,7 @@ impl AdapterStore {
         };
         let mut metas: Vec<AdapterMeta> = entries
             .flatten()
-            .filter(|e| e.path().is_dir())
+            .filter(|e| e.path().is_dir() && e.file_name() != "quarantine")
             .filter_map(|e| {
                 let path = e.path().join("meta.json");
                 match std::fs::read(&path).map_err(|e| e.to_string()).and_then(|b| serde_json::from_slice(&b).map_err(|e| e.to_string())) {
@@ -304,6 +315,21 @@ impl AdapterStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(AdapterError::Io(format!("{}: {e}", path.display()))),
         }
+    }
+
+    /// Moves a damaged generation (or `state.json`) aside into `quarantine/`, where an operator
+    /// can inspect it; the server goes on without it. Returns where it went.
+    pub(crate) fn quarantine(&self, name: &str) -> Result<PathBuf, AdapterError> {
+        let from = self.dir.join(name);
+        let aside = self.dir.join("quarantine");
+        std::fs::create_dir_all(&aside)
+            .map_err(|e| AdapterError::Io(format!("{}: {e}", aside.display())))?;
+        let stamp = crate::clock::now_seconds() as u64;
+        let to = aside.join(format!("{name}.{stamp}"));
+        std::fs::rename(&from, &to).map_err(|e| {
+            AdapterError::Io(format!("{} -> {}: {e}", from.display(), to.display()))
+        })?;
+        Ok(to)
     }
 
     /// Saves the live alias and history.

@@ -252,3 +252,112 @@ fn poisoned_or_malformed_adapter_files_are_refused_by_name() {
     // The same files, undamaged, still import.
     assert!(fresh().import(&good, &config).is_ok());
 }
+
+/// The export's header carries the LoRA settings as diffusers' `save_lora_weights` writes
+/// them, keyed by component (`unet.r`, ...): `load_lora_weights` finds no target modules in
+/// unprefixed ones.
+#[test]
+fn exported_header_metadata_is_keyed_by_component_as_diffusers_reads_it() {
+    let targets = targets();
+    let registry = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
+    let a = registry
+        .publish(weights(&targets, 0.3), None, "trained", None, vec![])
+        .unwrap();
+    let (tensors, _) = registry.export(&a.meta.id).unwrap();
+    let (_, header) = safetensors::SafeTensors::read_metadata(&tensors).unwrap();
+    let entries = header.metadata().clone().unwrap();
+    assert_eq!(entries["format"], "pt");
+    let settings: serde_json::Value =
+        serde_json::from_str(&entries["lora_adapter_metadata"]).unwrap();
+    assert_eq!(settings["unet.r"], 4);
+    assert_eq!(settings["unet.lora_alpha"], 4.0);
+    assert_eq!(settings["unet.peft_type"], "LORA");
+    assert_eq!(settings["unet.target_modules"].as_array().unwrap().len(), 4);
+    assert!(settings.get("r").is_none());
+}
+
+/// A data directory with `a` live, then `b` live (trained from `a`); returns their ids.
+fn two_live_generations(targets: &[LoraTarget], dir: &std::path::Path) -> (String, String) {
+    let registry =
+        AdapterRegistry::open(targets.to_vec(), "tiny", &Device::Cpu, Some(dir)).unwrap();
+    let nan_stats = TrainingStats {
+        pairs: 2,
+        mean_loss: f64::NAN,
+        ..Default::default()
+    };
+    let a = registry
+        .publish(weights(targets, 0.1), None, "trained", None, vec![])
+        .unwrap();
+    registry
+        .activate(Some(&a.meta.id), None, "trained")
+        .unwrap();
+    let b = registry
+        .publish(
+            weights(targets, 0.2),
+            Some(a.meta.id.clone()),
+            "trained",
+            Some(nan_stats),
+            vec![],
+        )
+        .unwrap();
+    registry
+        .activate(Some(&b.meta.id), Some(&a.meta.id), "trained")
+        .unwrap();
+    (a.meta.id.clone(), b.meta.id.clone())
+}
+
+/// One damaged file in the data directory must not stop the server (exit 1 is a crash loop
+/// under Kubernetes): the damaged live generation is moved aside and the one live before it
+/// serves; a torn `state.json` is moved aside and the base model serves. A NaN statistic
+/// (written as JSON `null`) reads back.
+#[test]
+fn damaged_files_are_quarantined_and_startup_goes_on() {
+    let targets = targets();
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = two_live_generations(&targets, dir.path());
+    // The NaN loss of b was written as null and reads back as NaN.
+    let reopened =
+        AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, Some(dir.path())).unwrap();
+    let stats = reopened.meta(&b).unwrap().stats.unwrap();
+    assert!(stats.mean_loss.is_nan() && stats.pairs == 2);
+    drop(reopened);
+
+    // A truncated live safetensors file: b is quarantined, a (live before it) serves.
+    let weights_file = dir.path().join(&b).join("adapter_model.safetensors");
+    let bytes = std::fs::read(&weights_file).unwrap();
+    std::fs::write(&weights_file, &bytes[..bytes.len() / 2]).unwrap();
+    let registry =
+        AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, Some(dir.path())).unwrap();
+    assert_eq!(registry.live().unwrap().unwrap().meta.id, a);
+    assert!(!dir.path().join(&b).exists());
+    let aside: Vec<String> = std::fs::read_dir(dir.path().join("quarantine"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(aside.iter().any(|n| n.starts_with(&b)), "{aside:?}");
+    assert!(registry.list().unwrap().iter().all(|m| m.id != b));
+    drop(registry);
+
+    // A missing meta.json of the (now) live generation a: base serves.
+    std::fs::remove_file(dir.path().join(&a).join("meta.json")).unwrap();
+    let registry =
+        AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, Some(dir.path())).unwrap();
+    assert!(registry.live().unwrap().is_none());
+    drop(registry);
+
+    // A truncated state.json: quarantined, base serves, and new generations still persist.
+    let state = dir.path().join("state.json");
+    std::fs::write(&state, b"{\"live\": \"abc").unwrap();
+    let registry =
+        AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, Some(dir.path())).unwrap();
+    assert!(registry.live().unwrap().is_none());
+    let c = registry
+        .publish(weights(&targets, 0.3), None, "trained", None, vec![])
+        .unwrap();
+    registry
+        .activate(Some(&c.meta.id), None, "activated")
+        .unwrap();
+    drop(registry);
+    let registry = AdapterRegistry::open(targets, "tiny", &Device::Cpu, Some(dir.path())).unwrap();
+    assert_eq!(registry.live().unwrap().unwrap().meta.id, c.meta.id);
+}

@@ -121,8 +121,12 @@ fn keep_freed_memory() {
 }
 
 fn main() -> anyhow::Result<()> {
+    // Only pretraining: a server keeps mimalloc's default purging, so the memory of a large
+    // request (an imported adapter, a big batch) goes back to the OS after it.
     #[cfg(unix)]
-    keep_freed_memory();
+    if std::env::args().nth(1).as_deref() == Some("pretrain") {
+        keep_freed_memory();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
