@@ -178,10 +178,16 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
     }
     let config: serde_json::Value = serde_json::from_slice(&files["adapter_config.json"]).unwrap();
     assert_eq!(config["peft_type"], "LORA");
-    let tensors =
-        safetensors::SafeTensors::deserialize(&files["adapter_model.safetensors"]).unwrap();
-    assert!(tensors.names().iter().all(|n| n.starts_with("unet.")
-        && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))));
+    // PEFT's layout for `PeftModel.from_pretrained`, diffusers' for `load_lora_weights`.
+    for (file, prefix) in [
+        ("adapter_model.safetensors", "base_model.model."),
+        ("pytorch_lora_weights.safetensors", "unet."),
+    ] {
+        let tensors = safetensors::SafeTensors::deserialize(&files[file]).unwrap();
+        assert!(!tensors.names().is_empty());
+        assert!(tensors.names().iter().all(|n| n.starts_with(prefix)
+            && (n.ends_with(".lora_A.weight") || n.ends_with(".lora_B.weight"))));
+    }
     let other = TestServer::start(|c| c.plugins.d3po.enabled = false)
         .await
         .unwrap();
@@ -196,6 +202,17 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
         .into_inner();
     assert_eq!(imported.generation, info.generation);
     assert!(!imported.live);
+    // The diffusers file imports as the same generation too.
+    let again = other
+        .adapters()
+        .import_adapter(pb::ImportAdapterRequest {
+            adapter_model_safetensors: files["pytorch_lora_weights.safetensors"].clone(),
+            adapter_config_json: files["adapter_config.json"].clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.generation, info.generation);
     let err = other
         .adapters()
         .import_adapter(pb::ImportAdapterRequest {

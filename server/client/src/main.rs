@@ -187,9 +187,10 @@ enum AdaptersCommand {
         #[arg(long, default_value = "adapter")]
         out: PathBuf,
     },
-    /// Add a generation from a PEFT folder (adapter_model.safetensors, adapter_config.json).
+    /// Add a generation from a PEFT folder (adapter_model.safetensors, adapter_config.json), a
+    /// diffusers folder (pytorch_lora_weights.safetensors) or a single .safetensors file.
     Import {
-        /// The folder.
+        /// The folder or file.
         dir: PathBuf,
     },
 }
@@ -289,14 +290,7 @@ async fn adapters(
             save_files(&mut stream, &out).await?;
         }
         AdaptersCommand::Import { dir } => {
-            let read = |name: &str| {
-                std::fs::read(dir.join(name))
-                    .with_context(|| format!("reading {}", dir.join(name).display()))
-            };
-            let request = pb::ImportAdapterRequest {
-                adapter_model_safetensors: read("adapter_model.safetensors")?,
-                adapter_config_json: read("adapter_config.json")?,
-            };
+            let request = import_request(&dir)?;
             show(
                 &client
                     .import_adapter(with_key(request, key)?)
@@ -560,4 +554,38 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// The files an import sends: a PEFT folder (`adapter_model.safetensors` and
+/// `adapter_config.json`), a diffusers folder (`pytorch_lora_weights.safetensors`, settings in
+/// its header) or a single `.safetensors` file (the server reads its header or its shapes).
+fn import_request(path: &std::path::Path) -> anyhow::Result<pb::ImportAdapterRequest> {
+    let read =
+        |p: &std::path::Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    if path.is_file() {
+        return Ok(pb::ImportAdapterRequest {
+            adapter_model_safetensors: read(path)?,
+            adapter_config_json: Vec::new(),
+        });
+    }
+    let config = path.join("adapter_config.json");
+    let peft = path.join("adapter_model.safetensors");
+    let diffusers = path.join("pytorch_lora_weights.safetensors");
+    if config.is_file() && peft.is_file() {
+        return Ok(pb::ImportAdapterRequest {
+            adapter_model_safetensors: read(&peft)?,
+            adapter_config_json: read(&config)?,
+        });
+    }
+    if diffusers.is_file() {
+        return Ok(pb::ImportAdapterRequest {
+            adapter_model_safetensors: read(&diffusers)?,
+            adapter_config_json: Vec::new(),
+        });
+    }
+    bail!(
+        "{} holds neither adapter_model.safetensors + adapter_config.json (PEFT) nor \
+         pytorch_lora_weights.safetensors (diffusers)",
+        path.display()
+    )
 }

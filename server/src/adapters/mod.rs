@@ -471,6 +471,15 @@ impl AdapterRegistry {
         to_peft(&generation.weights, &self.targets, &self.model_id)
     }
 
+    /// The files an export hands to diffusers and PEFT (see [`store::export_files`]).
+    pub(crate) fn export_files(
+        &self,
+        id: &str,
+    ) -> Result<Vec<(&'static str, Vec<u8>)>, AdapterError> {
+        let generation = self.load(id)?;
+        store::export_files(&generation.weights, &self.targets, &self.model_id)
+    }
+
     /// Imports PEFT files as a new generation (not made live).
     pub fn import(
         &self,

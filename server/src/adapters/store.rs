@@ -39,6 +39,85 @@ pub struct PeftConfig {
     /// The model the adapter was trained on.
     #[serde(default)]
     pub base_model_name_or_path: Option<String>,
+    /// PEFT options this server does not implement; an adapter that sets one is refused by
+    /// name rather than run at the wrong scale or shape.
+    #[serde(flatten, skip_serializing)]
+    pub unsupported: UnsupportedOptions,
+}
+
+/// PEFT `LoraConfig` options outside what the unmerged LoRA here computes.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct UnsupportedOptions {
+    /// DoRA (magnitude-direction decomposition).
+    #[serde(default)]
+    pub use_dora: bool,
+    /// Rank-stabilised scale `alpha / sqrt(r)`.
+    #[serde(default)]
+    pub use_rslora: bool,
+    /// Per-module ranks.
+    #[serde(default)]
+    pub rank_pattern: serde_json::Map<String, serde_json::Value>,
+    /// Per-module alphas.
+    #[serde(default)]
+    pub alpha_pattern: serde_json::Map<String, serde_json::Value>,
+}
+
+impl UnsupportedOptions {
+    /// The name of the first option set, if any.
+    fn first_set(&self) -> Option<&'static str> {
+        [
+            ("use_dora", self.use_dora),
+            ("use_rslora", self.use_rslora),
+            ("rank_pattern", !self.rank_pattern.is_empty()),
+            ("alpha_pattern", !self.alpha_pattern.is_empty()),
+        ]
+        .into_iter()
+        .find(|(_, set)| *set)
+        .map(|(name, _)| name)
+    }
+}
+
+/// The LoRA settings of a diffusers file without `adapter_config.json`: from the header's
+/// `lora_adapter_metadata` (keys `unet.r`, ...) as `save_lora_weights` writes them, else the
+/// rank from the tensors and alpha = rank (diffusers' default scale 1).
+fn config_from_header(safetensors_bytes: &[u8]) -> Result<PeftConfig, AdapterError> {
+    let (_, header) = safetensors::SafeTensors::read_metadata(safetensors_bytes)
+        .map_err(|e| AdapterError::Format(format!("adapter safetensors: {e}")))?;
+    let settings = header
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lora_adapter_metadata"))
+        .and_then(|json| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(json).ok()
+        });
+    if let Some(settings) = settings {
+        let unet: serde_json::Map<String, serde_json::Value> = settings
+            .into_iter()
+            .filter_map(|(k, v)| k.strip_prefix(DIFFUSERS_PREFIX).map(|k| (k.to_string(), v)))
+            .collect();
+        if !unet.is_empty() {
+            let mut unet = unet;
+            unet.entry("peft_type").or_insert_with(|| "LORA".into());
+            return serde_json::from_value(serde_json::Value::Object(unet)).map_err(|e| {
+                AdapterError::Format(format!("the header's lora_adapter_metadata: {e}"))
+            });
+        }
+    }
+    let rank = header
+        .tensors()
+        .iter()
+        .find(|(k, _)| k.ends_with(".lora_A.weight"))
+        .and_then(|(_, info)| info.shape.first().copied())
+        .ok_or_else(|| AdapterError::Format("no lora_A tensors in the file".into()))?;
+    Ok(PeftConfig {
+        peft_type: "LORA".into(),
+        r: rank,
+        lora_alpha: rank as f64,
+        target_modules: Vec::new(),
+        init_lora_weights: serde_json::Value::Null,
+        base_model_name_or_path: None,
+        unsupported: UnsupportedOptions::default(),
+    })
 }
 
 /// The PEFT files of an adapter: safetensors bytes and `adapter_config.json` bytes.
@@ -70,6 +149,7 @@ pub fn to_peft(
         target_modules: modules.into_iter().collect(),
         init_lora_weights: serde_json::json!("gaussian"),
         base_model_name_or_path: Some(model_id.to_string()),
+        unsupported: UnsupportedOptions::default(),
     };
     let config_json =
         serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Format(e.to_string()))?;
@@ -98,6 +178,41 @@ pub fn to_peft(
     Ok((bytes, config_json))
 }
 
+/// Key prefix of the UNet's tensors in diffusers' LoRA files (and this server's store).
+const DIFFUSERS_PREFIX: &str = "unet.";
+/// Key prefix of PEFT's `save_pretrained` of a `PeftModel` wrapping the UNet.
+const PEFT_PREFIX: &str = "base_model.model.";
+
+/// The files of an export: what diffusers' `load_lora_weights(dir)` reads
+/// (`pytorch_lora_weights.safetensors`, `unet.` keys and the settings in its header) and what
+/// PEFT's `PeftModel.from_pretrained(unet, dir)` reads (`adapter_model.safetensors` with
+/// `base_model.model.` keys, and `adapter_config.json`).
+pub(crate) fn export_files(
+    weights: &LoraWeights,
+    targets: &[LoraTarget],
+    model_id: &str,
+) -> Result<Vec<(&'static str, Vec<u8>)>, AdapterError> {
+    let (diffusers, config) = to_peft(weights, targets, model_id)?;
+    let tensors = candle_core::safetensors::load_buffer(&diffusers, &Device::Cpu)?;
+    let peft: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                format!("{PEFT_PREFIX}{}", k.trim_start_matches(DIFFUSERS_PREFIX)),
+                v,
+            )
+        })
+        .collect();
+    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
+    let peft = safetensors::serialize(peft.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| AdapterError::Format(e.to_string()))?;
+    Ok(vec![
+        ("pytorch_lora_weights.safetensors", diffusers),
+        ("adapter_model.safetensors", peft),
+        ("adapter_config.json", config),
+    ])
+}
+
 /// Highest LoRA rank accepted.
 const MAX_RANK: usize = 1024;
 /// Highest scale `lora_alpha / r` accepted: published SD LoRAs use at most a few; 1e300 made
@@ -111,8 +226,18 @@ pub fn from_peft(
     targets: &[LoraTarget],
     device: &Device,
 ) -> Result<LoraWeights, AdapterError> {
-    let config: PeftConfig = serde_json::from_slice(config_json)
-        .map_err(|e| AdapterError::Format(format!("adapter_config.json: {e}")))?;
+    let config: PeftConfig = if config_json.is_empty() {
+        config_from_header(safetensors_bytes)?
+    } else {
+        serde_json::from_slice(config_json)
+            .map_err(|e| AdapterError::Format(format!("adapter_config.json: {e}")))?
+    };
+    if let Some(option) = config.unsupported.first_set() {
+        return Err(AdapterError::Format(format!(
+            "adapter_config.json sets `{option}`, which this server does not implement; \
+             export the adapter without it"
+        )));
+    }
     if config.peft_type != "LORA" {
         return Err(AdapterError::Format(format!(
             "peft_type `{}` is not LORA",
@@ -135,11 +260,18 @@ pub fn from_peft(
     }
     let tensors = candle_core::safetensors::load_buffer(safetensors_bytes, device)
         .map_err(|e| AdapterError::Format(format!("adapter_model.safetensors: {e}")))?;
+    // diffusers names the UNet's tensors `unet.<module>`, PEFT's `save_pretrained` of a wrapped
+    // UNet `base_model.model.<module>`: both are read.
+    let prefix = if tensors.keys().any(|k| k.starts_with(PEFT_PREFIX)) {
+        PEFT_PREFIX
+    } else {
+        DIFFUSERS_PREFIX
+    };
     let mut used = 0;
     let mut layers = Vec::with_capacity(targets.len());
     for target in targets {
-        let a = tensors.get(&format!("unet.{}.lora_A.weight", target.path));
-        let b = tensors.get(&format!("unet.{}.lora_B.weight", target.path));
+        let a = tensors.get(&format!("{prefix}{}.lora_A.weight", target.path));
+        let b = tensors.get(&format!("{prefix}{}.lora_B.weight", target.path));
         layers.push(match (a, b) {
             (Some(a), Some(b)) => {
                 used += 2;
@@ -149,7 +281,7 @@ pub fn from_peft(
                 for (name, t, want) in [("lora_A", a, want_a), ("lora_B", b, want_b)] {
                     if t.dims() != want {
                         return Err(AdapterError::Format(format!(
-                            "unet.{}.{name}.weight has shape {:?}; this model and r = {} need {want:?}",
+                            "{prefix}{}.{name}.weight has shape {:?}; this model and r = {} need {want:?}",
                             target.path,
                             t.dims(),
                             config.r
@@ -160,7 +292,7 @@ pub fn from_peft(
                 for (name, t) in [("lora_A", &a), ("lora_B", &b)] {
                     if !all_finite(t)? {
                         return Err(AdapterError::Format(format!(
-                            "unet.{}.{name}.weight holds NaN or infinite values",
+                            "{prefix}{}.{name}.weight holds NaN or infinite values",
                             target.path
                         )));
                     }
@@ -182,7 +314,7 @@ pub fn from_peft(
             .filter(|k| {
                 !targets
                     .iter()
-                    .any(|t| k.starts_with(&format!("unet.{}.lora_", t.path)))
+                    .any(|t| k.starts_with(&format!("{prefix}{}.lora_", t.path)))
             })
             .take(3)
             .collect();

@@ -361,3 +361,59 @@ fn damaged_files_are_quarantined_and_startup_goes_on() {
     let registry = AdapterRegistry::open(targets, "tiny", &Device::Cpu, Some(dir.path())).unwrap();
     assert_eq!(registry.live().unwrap().unwrap().meta.id, c.meta.id);
 }
+
+/// What diffusers and PEFT write imports: the diffusers file alone (settings from its header,
+/// or from the shapes), PEFT's `base_model.model.` keys; PEFT options this server does not
+/// compute are refused by name instead of running at the wrong scale.
+#[test]
+fn diffusers_and_peft_layouts_import_and_unsupported_options_are_named() {
+    let targets = targets();
+    let registry = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
+    let a = registry
+        .publish(weights(&targets, 0.3), None, "trained", None, vec![])
+        .unwrap();
+    let files: std::collections::HashMap<&str, Vec<u8>> = registry
+        .export_files(&a.meta.id)
+        .unwrap()
+        .into_iter()
+        .collect();
+    let fresh = || AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
+    // diffusers: the file alone, its settings read from the header.
+    let diffusers = &files["pytorch_lora_weights.safetensors"];
+    assert_eq!(fresh().import(diffusers, b"").unwrap().meta.id, a.meta.id);
+    // PEFT: `base_model.model.` keys with the config.
+    let (peft, config) = (
+        &files["adapter_model.safetensors"],
+        &files["adapter_config.json"],
+    );
+    assert_eq!(fresh().import(peft, config).unwrap().meta.id, a.meta.id);
+    // A file without settings: rank from the shapes, alpha = rank (scale 1, diffusers' default).
+    let bare = edited_export(
+        &registry,
+        &a.meta.id,
+        "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight",
+        |t| t.clone(),
+    );
+    let imported = fresh().import(&bare, b"").unwrap();
+    assert_eq!(
+        (imported.weights.rank(), imported.weights.alpha()),
+        (4, 4.0)
+    );
+
+    for option in [
+        r#""use_dora": true"#,
+        r#""use_rslora": true"#,
+        r#""rank_pattern": {"to_q": 8}"#,
+        r#""alpha_pattern": {"to_q": 8}"#,
+    ] {
+        let config = format!(
+            r#"{{"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["to_q"], {option}}}"#
+        );
+        let err = fresh()
+            .import(peft, config.as_bytes())
+            .unwrap_err()
+            .to_string();
+        let name = option.split('"').nth(1).unwrap();
+        assert!(err.contains(name), "{option}: {err}");
+    }
+}

@@ -197,13 +197,9 @@ impl Adapters for AdaptersService {
                     "name the generation to export",
                 ));
             }
-            Ok(state.adapters.export(id)?)
+            Ok(state.adapters.export_files(id)?)
         })?;
-        let (tensors, config) = files.into_inner();
-        Ok(Response::new(stream_files(vec![
-            ("adapter_model.safetensors", tensors),
-            ("adapter_config.json", config),
-        ])))
+        Ok(Response::new(stream_files(files.into_inner())))
     }
 
     async fn import_adapter(
