@@ -6,6 +6,7 @@
 //! request, and a retired generation is freed when its last request lets go. Replacing `live` is
 //! a compare-and-swap on the expected current generation.
 
+mod kohya;
 mod store;
 
 use crate::clock::now_seconds;

@@ -110,14 +110,25 @@ fn config_from_header(safetensors_bytes: &[u8]) -> Result<PeftConfig, AdapterErr
         .and_then(|(_, info)| info.shape.first().copied())
         .ok_or_else(|| AdapterError::Format("no lora_A tensors in the file".into()))?;
     Ok(PeftConfig {
-        peft_type: "LORA".into(),
         r: rank,
         lora_alpha: rank as f64,
-        target_modules: Vec::new(),
-        init_lora_weights: serde_json::Value::Null,
-        base_model_name_or_path: None,
-        unsupported: UnsupportedOptions::default(),
+        ..PeftConfig::lora()
     })
+}
+
+impl PeftConfig {
+    /// A plain LoRA config (rank 1, alpha 1) to fill in.
+    fn lora() -> Self {
+        Self {
+            peft_type: "LORA".into(),
+            r: 1,
+            lora_alpha: 1.0,
+            target_modules: Vec::new(),
+            init_lora_weights: serde_json::Value::Null,
+            base_model_name_or_path: None,
+            unsupported: UnsupportedOptions::default(),
+        }
+    }
 }
 
 /// The PEFT files of an adapter: safetensors bytes and `adapter_config.json` bytes.
@@ -226,11 +237,23 @@ pub fn from_peft(
     targets: &[LoraTarget],
     device: &Device,
 ) -> Result<LoraWeights, AdapterError> {
-    let config: PeftConfig = if config_json.is_empty() {
-        config_from_header(safetensors_bytes)?
+    let tensors = candle_core::safetensors::load_buffer(safetensors_bytes, device)
+        .map_err(|e| AdapterError::Format(format!("adapter_model.safetensors: {e}")))?;
+    let (tensors, kohya) = if super::kohya::is_kohya(&tensors) {
+        let (tensors, r, alpha) = super::kohya::to_server_layout(tensors, targets)?;
+        (tensors, Some((r, alpha)))
     } else {
-        serde_json::from_slice(config_json)
-            .map_err(|e| AdapterError::Format(format!("adapter_config.json: {e}")))?
+        (tensors, None)
+    };
+    let config: PeftConfig = match (config_json.is_empty(), kohya) {
+        (true, Some((r, lora_alpha))) => PeftConfig {
+            r,
+            lora_alpha,
+            ..PeftConfig::lora()
+        },
+        (true, None) => config_from_header(safetensors_bytes)?,
+        (false, _) => serde_json::from_slice(config_json)
+            .map_err(|e| AdapterError::Format(format!("adapter_config.json: {e}")))?,
     };
     if let Some(option) = config.unsupported.first_set() {
         return Err(AdapterError::Format(format!(
@@ -258,8 +281,6 @@ pub fn from_peft(
             config.lora_alpha
         )));
     }
-    let tensors = candle_core::safetensors::load_buffer(safetensors_bytes, device)
-        .map_err(|e| AdapterError::Format(format!("adapter_model.safetensors: {e}")))?;
     // diffusers names the UNet's tensors `unet.<module>`, PEFT's `save_pretrained` of a wrapped
     // UNet `base_model.model.<module>`: both are read.
     let prefix = if tensors.keys().any(|k| k.starts_with(PEFT_PREFIX)) {

@@ -417,3 +417,69 @@ fn diffusers_and_peft_layouts_import_and_unsupported_options_are_named() {
         assert!(err.contains(name), "{option}: {err}");
     }
 }
+
+/// The kohya layout (`lora_unet_*` with lora_down / lora_up / alpha) imports as the same
+/// generation; modules the server does not adapt are refused by name.
+#[test]
+fn kohya_files_import_and_other_modules_are_refused_by_name() {
+    let targets = targets();
+    let registry = AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
+    let a = registry
+        .publish(weights(&targets, 0.3), None, "trained", None, vec![])
+        .unwrap();
+    let (bytes, _) = registry.export(&a.meta.id).unwrap();
+    let tensors = candle_core::safetensors::load_buffer(&bytes, &Device::Cpu).unwrap();
+    let mut kohya = std::collections::HashMap::new();
+    for (key, t) in tensors {
+        let path = key.trim_start_matches("unet.");
+        let (module, part) = if let Some(m) = path.strip_suffix(".lora_A.weight") {
+            (m, "lora_down.weight")
+        } else {
+            (
+                path.strip_suffix(".lora_B.weight").unwrap(),
+                "lora_up.weight",
+            )
+        };
+        let name = format!("lora_unet_{}", module.replace('.', "_"));
+        kohya.insert(
+            format!("{name}.alpha"),
+            Tensor::new(4f32, &Device::Cpu).unwrap(),
+        );
+        kohya.insert(format!("{name}.{part}"), t);
+    }
+    let write = |tensors: &std::collections::HashMap<String, Tensor>| {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k.safetensors");
+        candle_core::safetensors::save(tensors, &path).unwrap();
+        std::fs::read(path).unwrap()
+    };
+    let fresh = || AdapterRegistry::open(targets.clone(), "tiny", &Device::Cpu, None).unwrap();
+    assert_eq!(
+        fresh().import(&write(&kohya), b"").unwrap().meta.id,
+        a.meta.id
+    );
+
+    let down = Tensor::zeros((4, 32), DType::F32, &Device::Cpu).unwrap();
+    for bad in [
+        "lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_ff_net_2.lora_down.weight",
+        "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight",
+    ] {
+        let mut with_bad = kohya.clone();
+        with_bad.insert(bad.to_string(), down.clone());
+        let err = fresh()
+            .import(&write(&with_bad), b"")
+            .unwrap_err()
+            .to_string();
+        let module = bad.split('.').next().unwrap();
+        assert!(err.contains(module), "{err}");
+    }
+    let mut mixed = kohya.clone();
+    let first_alpha = mixed
+        .keys()
+        .find(|k| k.ends_with(".alpha"))
+        .unwrap()
+        .clone();
+    mixed.insert(first_alpha, Tensor::new(8f32, &Device::Cpu).unwrap());
+    let err = fresh().import(&write(&mixed), b"").unwrap_err().to_string();
+    assert!(err.contains("per-module alphas"), "{err}");
+}
