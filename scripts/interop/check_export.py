@@ -2,13 +2,14 @@
 """Loads an adapter exported by imagegen (`imagegen adapters export GEN --out DIR`) into the
 tools people use, and checks that each applies the same update as the server.
 
-    python3 scripts/interop/check_export.py MODEL_DIR EXPORT_DIR
+    python3 scripts/interop/check_export.py MODEL_DIR EXPORT_DIR [SOURCE]
 
 MODEL_DIR is the diffusers pipeline the server served (e.g. `imagegen-server make-tiny-model`),
 EXPORT_DIR the export. Checks, for diffusers' `load_lora_weights` and PEFT's
 `PeftModel.from_pretrained`: every exported tensor is loaded (no missing or unexpected keys, no
 warnings), and every adapted projection's effective update equals `B A * alpha / r` from the
-files. Prints one JSON line and exits non-zero on a mismatch.
+files. With SOURCE (the file or folder the server imported), also that the export applies the
+update diffusers or PEFT compute from SOURCE. Prints one JSON line; exits non-zero on a mismatch.
 """
 import json
 import logging
@@ -57,7 +58,22 @@ class Captured(logging.Handler):
         self.records.append(record.getMessage())
 
 
-def main(model_dir, export_dir):
+def source_unet(model_dir, source):
+    """The tiny UNet with SOURCE loaded the way its own tool loads it."""
+    import os
+    from diffusers import StableDiffusionPipeline
+    from peft import PeftModel
+    pipe = StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None)
+    if os.path.isdir(source) and os.path.exists(os.path.join(source, "adapter_config.json")):
+        return PeftModel.from_pretrained(pipe.unet, source).base_model.model
+    if os.path.isdir(source):
+        pipe.load_lora_weights(source)
+    else:
+        pipe.load_lora_weights(os.path.dirname(source), weight_name=os.path.basename(source))
+    return pipe.unet
+
+
+def main(model_dir, export_dir, source=None):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
     from peft import PeftModel
@@ -88,10 +104,21 @@ def main(model_dir, export_dir):
     worst, seen = compare(peft_unet.base_model.model, updates, "imagegen")
     report["peft"] = {"loaded": seen, "max_abs_diff": worst, "warnings": peft_warnings}
     ok &= seen == len(updates) and worst < 1e-6 and not peft_warnings
+    if source is not None:
+        src = source_unet(model_dir, source)
+        worst, seen = 0.0, 0
+        modules = dict(src.named_modules())
+        for path, want in updates.items():
+            module = modules[path]
+            adapter = next(iter(module.lora_A.keys()))
+            worst = max(worst, (effective_update(module, adapter) - want).abs().max().item())
+            seen += 1
+        report["source"] = {"compared": seen, "max_abs_diff": worst}
+        ok &= seen == len(updates) and worst < 1e-5
     report["ok"] = bool(ok)
     print(json.dumps(report))
     return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1], sys.argv[2]))
+    sys.exit(main(*sys.argv[1:4]))

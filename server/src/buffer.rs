@@ -106,7 +106,10 @@ pub(crate) struct BufferStats {
 #[derive(Debug)]
 pub(crate) struct TrajectoryBuffer {
     max_bytes: usize,
+    /// Bytes of trajectories.
     bytes: usize,
+    /// Bytes of the feedback attached to them (it counts against the same budget).
+    feedback_bytes: usize,
     evictions: u64,
     order: VecDeque<String>,
     images: HashMap<String, StoredImage>,
@@ -114,11 +117,12 @@ pub(crate) struct TrajectoryBuffer {
 }
 
 impl TrajectoryBuffer {
-    /// An empty buffer holding at most `max_bytes` of trajectories.
+    /// An empty buffer holding at most `max_bytes` of trajectories and feedback.
     pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             max_bytes,
             bytes: 0,
+            feedback_bytes: 0,
             evictions: 0,
             order: VecDeque::new(),
             images: HashMap::new(),
@@ -129,7 +133,7 @@ impl TrajectoryBuffer {
     /// Current counters.
     pub(crate) fn stats(&self) -> BufferStats {
         BufferStats {
-            bytes: self.bytes,
+            bytes: self.bytes + self.feedback_bytes,
             entries: self.images.len(),
             evictions: self.evictions,
         }
@@ -158,28 +162,79 @@ impl TrajectoryBuffer {
                 },
             );
         }
+        self.evict_to_budget()
+    }
+
+    /// Evicts the oldest images (and the feedback on them) while trajectories and feedback
+    /// together exceed the budget; returns how many images went.
+    fn evict_to_budget(&mut self) -> usize {
         let mut evicted = 0;
-        while self.bytes > self.max_bytes {
+        while self.bytes + self.feedback_bytes > self.max_bytes {
             let Some(oldest) = self.order.pop_front() else {
                 break;
             };
+            let Some(image) = self.images.get(&oldest) else {
+                continue;
+            };
+            let group_id = image.group_id.clone();
+            let before = self.feedback_size(&group_id);
             if let Some(image) = self.images.remove(&oldest) {
                 self.bytes -= image.trajectory.size_bytes();
                 self.evictions += 1;
                 evicted += 1;
-                if let Some(group) = self.groups.get_mut(&image.group_id) {
+                if let Some(group) = self.groups.get_mut(&group_id) {
                     group.image_ids.retain(|id| id != &oldest);
                     group
                         .comparisons
                         .retain(|c| c.winner != oldest && c.loser != oldest);
                     group.best_of.retain(|_, id| id != &oldest);
                     if group.image_ids.is_empty() {
-                        self.groups.remove(&image.group_id);
+                        self.groups.remove(&group_id);
                     }
                 }
             }
+            self.feedback_bytes = self.feedback_bytes - before + self.feedback_size(&group_id);
         }
         evicted
+    }
+
+    /// What the feedback on one group holds in memory (strings plus a fixed cost per entry).
+    fn feedback_size(&self, group_id: &str) -> usize {
+        const ENTRY: usize = 64;
+        let Some(group) = self.groups.get(group_id) else {
+            return 0;
+        };
+        let votes: usize = group
+            .image_ids
+            .iter()
+            .filter_map(|id| self.images.get(id))
+            .flat_map(|i| i.votes.keys())
+            .map(|rater| ENTRY + rater.len())
+            .sum();
+        let comparisons: usize = group
+            .comparisons
+            .iter()
+            .map(|c| ENTRY + c.rater.len() + c.winner.len() + c.loser.len())
+            .sum();
+        let best_of: usize = group
+            .best_of
+            .iter()
+            .map(|(rater, image)| ENTRY + rater.len() + image.len())
+            .sum();
+        votes + comparisons + best_of
+    }
+
+    /// Runs a feedback change on `group_id`, then accounts for its memory and keeps the budget.
+    fn with_feedback_accounted<T>(
+        &mut self,
+        group_id: &str,
+        change: impl FnOnce(&mut Self) -> T,
+    ) -> T {
+        let before = self.feedback_size(group_id);
+        let out = change(self);
+        self.feedback_bytes = self.feedback_bytes - before + self.feedback_size(group_id);
+        self.evict_to_budget();
+        out
     }
 
     /// The buffered image `image_id`.
@@ -196,12 +251,13 @@ impl TrajectoryBuffer {
         rater: &str,
         vote: Vote,
     ) -> Result<String, BufferError> {
-        let image = self
-            .images
-            .get_mut(image_id)
-            .ok_or_else(|| BufferError::UnknownImage(image_id.to_string()))?;
-        image.votes.insert(rater.to_string(), vote);
-        Ok(image.group_id.clone())
+        let group_id = self.image(image_id)?.group_id.clone();
+        self.with_feedback_accounted(&group_id, |buffer| {
+            if let Some(image) = buffer.images.get_mut(image_id) {
+                image.votes.insert(rater.to_string(), vote);
+            }
+        });
+        Ok(group_id)
     }
 
     /// Records "`winner` is better than `loser`"; both must be images of one group.
@@ -226,26 +282,30 @@ impl TrajectoryBuffer {
             loser: loser.to_string(),
             rater: rater.to_string(),
         };
-        if let Some(group) = self.groups.get_mut(&group_id) {
-            // A rater's later statement about the same two images replaces the earlier one.
-            group.comparisons.retain(|c| {
-                c.rater != comparison.rater
-                    || !((c.winner == winner && c.loser == loser)
-                        || (c.winner == loser && c.loser == winner))
-            });
-            group.comparisons.push(comparison);
-        }
+        self.with_feedback_accounted(&group_id.clone(), |buffer| {
+            if let Some(group) = buffer.groups.get_mut(&group_id) {
+                // A rater's later statement about the same two images replaces the earlier one.
+                group.comparisons.retain(|c| {
+                    c.rater != comparison.rater
+                        || !((c.winner == winner && c.loser == loser)
+                            || (c.winner == loser && c.loser == winner))
+                });
+                group.comparisons.push(comparison);
+            }
+        });
         Ok(group_id)
     }
 
     /// Records `image_id` as `rater`'s pick of its group.
     pub(crate) fn best_of(&mut self, image_id: &str, rater: &str) -> Result<String, BufferError> {
         let group_id = self.image(image_id)?.group_id.clone();
-        if let Some(group) = self.groups.get_mut(&group_id) {
-            group
-                .best_of
-                .insert(rater.to_string(), image_id.to_string());
-        }
+        self.with_feedback_accounted(&group_id.clone(), |buffer| {
+            if let Some(group) = buffer.groups.get_mut(&group_id) {
+                group
+                    .best_of
+                    .insert(rater.to_string(), image_id.to_string());
+            }
+        });
         Ok(group_id)
     }
 
@@ -278,5 +338,64 @@ impl TrajectoryBuffer {
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::{DType, Device, Tensor};
+
+    use super::*;
+    use crate::sampler::Conditioning;
+
+    fn chain() -> Arc<Trajectory> {
+        let embeddings = Arc::new(Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap());
+        Arc::new(Trajectory {
+            latents: Tensor::zeros((2, 4, 16, 16), DType::F32, &Device::Cpu).unwrap(),
+            timesteps: vec![1],
+            log_probs: vec![0.0],
+            conditioning: Conditioning {
+                prompt: String::new(),
+                negative_prompt: String::new(),
+                prompt_embeddings: embeddings.clone(),
+                negative_embeddings: embeddings,
+            },
+            guidance_scale: 1.0,
+            eta: 1.0,
+            seed: 0,
+            image_index: 0,
+            model_id: "m".into(),
+            adapter_generation: None,
+        })
+    }
+
+    /// Feedback memory counts against the budget: a flood of votes (made-up raters) on an old
+    /// image evicts the oldest images instead of growing without bound; replacing a vote
+    /// costs nothing new.
+    #[test]
+    fn feedback_counts_against_the_byte_budget() {
+        let one = chain().size_bytes();
+        let mut buffer = TrajectoryBuffer::new(4 * one + 2000);
+        for g in 0..4 {
+            buffer.insert_group(&format!("g{g}"), vec![(format!("i{g}"), chain())]);
+        }
+        assert_eq!(buffer.stats().entries, 4);
+        assert_eq!(buffer.stats().bytes, 4 * one);
+        buffer.vote("i3", "alice", Vote::Up).unwrap();
+        let with_vote = buffer.stats().bytes;
+        assert_eq!(with_vote, 4 * one + 64 + 5);
+        buffer.vote("i3", "alice", Vote::Down).unwrap();
+        assert_eq!(
+            buffer.stats().bytes,
+            with_vote,
+            "a replaced vote costs nothing"
+        );
+        for r in 0..100 {
+            buffer.vote("i3", &format!("rater-{r}"), Vote::Up).unwrap();
+        }
+        let stats = buffer.stats();
+        assert!(stats.bytes <= 4 * one + 2000, "{stats:?}");
+        assert!(stats.entries < 4 && stats.evictions > 0, "{stats:?}");
+        assert!(buffer.image("i0").is_err(), "the oldest image went first");
     }
 }

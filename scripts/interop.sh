@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# LoRA files both ways, checked by the tools people use (opt-in: needs torch, ~6 GB from PyPI):
+#   1. diffusers, PEFT and a kohya converter write a LoRA for the tiny model's UNet;
+#   2. the server imports each (through the CLI), and exports it again;
+#   3. diffusers' load_lora_weights and PEFT's PeftModel.from_pretrained load every export with
+#      no missing or unexpected key, and each applies the update B A * alpha / r of the file
+#      it came from.
+# Usage: ./scripts/interop.sh   (INTEROP_PYTHON=/path/to/python to use an existing environment)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${INTEROP_PYTHON:-}"
+if [ -z "$PY" ]; then
+  if [ ! -x .tools/interop/bin/python ]; then
+    python3 -m venv .tools/interop
+    .tools/interop/bin/pip install -q --disable-pip-version-check \
+      torch==2.15.0 diffusers==0.42.1 transformers==5.24.0 peft==0.21.2 safetensors
+  fi
+  PY=.tools/interop/bin/python
+fi
+cargo build --release --locked --bin imagegen-server --bin imagegen
+work=$(mktemp -d)
+trap 'kill "${server_pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
+target/release/imagegen-server make-tiny-model "$work/model"
+"$PY" scripts/interop/make_loras.py "$work/model" "$work/loras"
+
+target/release/imagegen-server --model "$work/model" --grpc-addr 127.0.0.1:0 \
+  --metrics-addr 127.0.0.1:0 --d3po-enabled false >"$work/server.log" 2>&1 &
+server_pid=$!
+for _ in $(seq 1 120); do
+  addr=$(sed -n 's/.*grpc_addr=\([0-9.:]*\).*/\1/p' "$work/server.log" | head -1)
+  [ -n "$addr" ] && break
+  sleep 0.5
+done
+[ -n "${addr:-}" ] || { cat "$work/server.log"; echo "the server did not start" >&2; exit 1; }
+export IMAGEGEN_ADDR="http://$addr"
+
+status=0
+for source in diffusers peft kohya.safetensors; do
+  generation=$(target/release/imagegen adapters import "$work/loras/$source" | awk '{print ($1 == "*") ? $2 : $1}')
+  target/release/imagegen adapters export "$generation" --out "$work/export-$source"
+  echo "== $source -> $generation"
+  "$PY" scripts/interop/check_export.py "$work/model" "$work/export-$source" "$work/loras/$source" || status=1
+done
+exit $status
