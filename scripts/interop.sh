@@ -23,7 +23,7 @@ trap 'kill "${server_pid:-0}" 2>/dev/null || true; rm -rf "$work"' EXIT
 target/release/imagegen-server make-tiny-model "$work/model"
 "$PY" scripts/interop/make_loras.py "$work/model" "$work/loras"
 
-target/release/imagegen-server --model "$work/model" --grpc-addr 127.0.0.1:0 \
+NO_COLOR=1 target/release/imagegen-server --model "$work/model" --grpc-addr 127.0.0.1:0 \
   --metrics-addr 127.0.0.1:0 --d3po-enabled false >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 120); do

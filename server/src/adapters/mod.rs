@@ -229,6 +229,9 @@ impl AdapterRegistry {
     /// Makes `saved` live again; a damaged generation is quarantined and the one live before it
     /// (by the history), or else the base model, takes its place.
     fn restore_live(&self, saved: Option<String>) -> Result<(), AdapterError> {
+        if saved.is_none() {
+            return Ok(());
+        }
         let mut candidate = saved;
         let mut tried = std::collections::HashSet::new();
         while let Some(id) = candidate.take() {
