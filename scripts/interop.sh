@@ -4,7 +4,9 @@
 #   2. the server imports each (through the CLI), and exports it again;
 #   3. diffusers' load_lora_weights and PEFT's PeftModel.from_pretrained load every export with
 #      no missing or unexpected key, and each applies the update B A * alpha / r of the file
-#      it came from.
+#      it came from;
+#   4. images drawn with the imported adapter: every recorded step log-prob matches diffusers'
+#      recomputation with the same LoRA within 2e-3.
 # Usage: ./scripts/interop.sh   (INTEROP_PYTHON=/path/to/python to use an existing environment)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -41,4 +43,10 @@ for source in diffusers peft kohya.safetensors; do
   echo "== $source -> $generation"
   "$PY" scripts/interop/check_export.py "$work/model" "$work/export-$source" "$work/loras/$source" || status=1
 done
+# The server's recorded log-probs with an imported adapter (non-trivial B) against diffusers'
+# recomputation with the same LoRA loaded by diffusers.
+target/release/imagegen generate "a small red circle" -n 2 --steps 6 --seed 11 --guidance 3 \
+  --adapter "$generation" --out "$work/images" >/dev/null
+target/release/imagegen export --all --out "$work/trajectories" >/dev/null
+"$PY" scripts/interop/check_logprobs.py "$work/model" "$work/loras/diffusers" "$work/trajectories" || status=1
 exit $status
