@@ -94,7 +94,7 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_MAX_STEPS", default_value_t = 100)]
     pub max_steps: u32,
 
-    /// Most images one request may ask for.
+    /// Most images one request may ask for (at most `--max-batch`: a request runs as one batch).
     #[arg(long, env = "IMAGEGEN_MAX_IMAGES", default_value_t = 8)]
     pub max_images: u32,
 
@@ -215,7 +215,9 @@ impl ServeConfig {
         }
         Ok(Limits {
             sample: SampleLimits {
-                max_images: self.max_images as usize,
+                // One request runs as one model batch (its images share one noise stream), so
+                // it can hold no more images than a batch may.
+                max_images: (self.max_images as usize).min(self.max_batch),
                 max_steps: (self.max_steps as usize).min(intrinsic.max_steps),
                 max_size,
                 size_multiple: intrinsic.size_multiple,
@@ -267,6 +269,16 @@ fn native_size(model: &DiffusionModel) -> u32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_request_never_holds_more_images_than_a_batch() {
+        let model = crate::builtin::load(DType::F32, &candle_core::Device::Cpu).unwrap();
+        let mut config = ServeConfig::defaults().unwrap();
+        (config.max_images, config.max_batch) = (8, 4);
+        assert_eq!(config.request_limits(&model).unwrap().sample.max_images, 4);
+        (config.max_images, config.max_batch) = (2, 4);
+        assert_eq!(config.request_limits(&model).unwrap().sample.max_images, 2);
+    }
 
     #[test]
     fn an_overflowing_token_lifetime_is_refused_by_name() {
