@@ -40,6 +40,14 @@ fn spawn_server() -> (std::process::Child, String) {
     (child, addr)
 }
 
+async fn connect(addr: &str) -> tonic::transport::Channel {
+    tonic::transport::Channel::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap()
+}
+
 fn strip_ansi(s: &str) -> String {
     let mut out = String::new();
     let mut chars = s.chars();
@@ -60,11 +68,7 @@ fn strip_ansi(s: &str) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_in_flight_request_and_exits_zero() {
     let (mut child, addr) = spawn_server();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&addr).await;
     let mut client = pb::image_generator_client::ImageGeneratorClient::new(channel);
     let request = pb::GenerateRequest {
         prompt: "in flight at SIGTERM".into(),
@@ -98,11 +102,7 @@ async fn sigterm_drains_the_in_flight_request_and_exits_zero() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_is_served_and_training_follows_the_compiled_plugins() {
     let (mut child, addr) = spawn_server();
-    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
+    let channel = connect(&addr).await;
     let mut generator = pb::image_generator_client::ImageGeneratorClient::new(channel.clone());
     let response = generator
         .generate(pb::GenerateRequest {

@@ -101,7 +101,7 @@ impl From<AdapterError> for ServerError {
             AdapterError::Unknown(_) => Self::NotFound(e.to_string()),
             AdapterError::Conflict { .. } => Self::Aborted(e.to_string()),
             AdapterError::NoHistory => Self::FailedPrecondition(e.to_string()),
-            AdapterError::Format(_) => Self::invalid("adapter", e.to_string()),
+            AdapterError::Format(reason) => Self::invalid("adapter", reason),
             AdapterError::Io(_) | AdapterError::Tensor(_) => Self::Internal(e.to_string()),
         }
     }
