@@ -358,6 +358,9 @@ impl Worker {
                 self.metrics.images_generated.inc_by(images as u64);
                 for (job, generation) in batch.into_iter().zip(generations) {
                     let queued = started.saturating_duration_since(job.admitted_at);
+                    // Capacity is free before the client hears back: a client that sends its
+                    // next request on the answer must not find the server still full.
+                    drop(job._admission);
                     let _ = job.reply.send(Ok(JobOutput {
                         generation,
                         queued,
@@ -386,6 +389,7 @@ fn fail(batch: Vec<Job>, error: &ModelError) {
             }
             other => EngineError::Failed(other.to_string()),
         };
+        drop(job._admission);
         let _ = job.reply.send(Err(e));
     }
 }
