@@ -137,6 +137,35 @@ pub fn to_peft(
     targets: &[LoraTarget],
     model_id: &str,
 ) -> Result<(Vec<u8>, Vec<u8>), AdapterError> {
+    let (tensors, config) = lora_tensors(weights, targets, model_id, DIFFUSERS_PREFIX)?;
+    let config_json =
+        serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Format(e.to_string()))?;
+    // diffusers' `load_lora_weights` reads the LoRA settings from the header, keyed by the
+    // component they belong to (`unet.r`, `unet.target_modules`, ...) as its own
+    // `save_lora_weights` writes them; unprefixed entries are dropped (KeyError: 'model_type').
+    let prefixed: serde_json::Map<String, serde_json::Value> =
+        match serde_json::to_value(&config).map_err(|e| AdapterError::Format(e.to_string()))? {
+            serde_json::Value::Object(fields) => fields
+                .into_iter()
+                .map(|(k, v)| (format!("{DIFFUSERS_PREFIX}{k}"), v))
+                .collect(),
+            _ => serde_json::Map::new(),
+        };
+    let header = [(
+        "lora_adapter_metadata".to_string(),
+        serde_json::Value::Object(prefixed).to_string(),
+    )];
+    Ok((serialize(&tensors, header)?, config_json))
+}
+
+/// The factors of `weights` on the CPU in f32 under `prefix<module>.lora_A/B.weight`, and the
+/// PEFT config describing them.
+fn lora_tensors(
+    weights: &LoraWeights,
+    targets: &[LoraTarget],
+    model_id: &str,
+    prefix: &str,
+) -> Result<(Vec<(String, Tensor)>, PeftConfig), AdapterError> {
     let mut tensors: Vec<(String, Tensor)> = Vec::new();
     let mut modules = std::collections::BTreeSet::new();
     for (path, pair) in weights.named_layers(targets) {
@@ -150,8 +179,8 @@ pub fn to_peft(
             t.to_device(&Device::Cpu)
                 .and_then(|t| t.to_dtype(DType::F32))
         };
-        tensors.push((format!("unet.{path}.lora_A.weight"), cpu(&pair.down)?));
-        tensors.push((format!("unet.{path}.lora_B.weight"), cpu(&pair.up)?));
+        tensors.push((format!("{prefix}{path}.lora_A.weight"), cpu(&pair.down)?));
+        tensors.push((format!("{prefix}{path}.lora_B.weight"), cpu(&pair.up)?));
     }
     let config = PeftConfig {
         peft_type: "LORA".into(),
@@ -162,31 +191,18 @@ pub fn to_peft(
         base_model_name_or_path: Some(model_id.to_string()),
         unsupported: UnsupportedOptions::default(),
     };
-    let config_json =
-        serde_json::to_vec_pretty(&config).map_err(|e| AdapterError::Format(e.to_string()))?;
-    // diffusers' `load_lora_weights` reads the LoRA settings from the header, keyed by the
-    // component they belong to (`unet.r`, `unet.target_modules`, ...) as its own
-    // `save_lora_weights` writes them; unprefixed entries are dropped (KeyError: 'model_type').
-    let prefixed: serde_json::Map<String, serde_json::Value> =
-        match serde_json::to_value(&config).map_err(|e| AdapterError::Format(e.to_string()))? {
-            serde_json::Value::Object(fields) => fields
-                .into_iter()
-                .map(|(k, v)| (format!("unet.{k}"), v))
-                .collect(),
-            _ => serde_json::Map::new(),
-        };
-    let metadata: HashMap<String, String> = [
-        ("format".to_string(), "pt".to_string()),
-        (
-            "lora_adapter_metadata".to_string(),
-            serde_json::Value::Object(prefixed).to_string(),
-        ),
-    ]
-    .into();
-    let bytes =
-        safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-            .map_err(|e| AdapterError::Format(e.to_string()))?;
-    Ok((bytes, config_json))
+    Ok((tensors, config))
+}
+
+/// safetensors bytes of `tensors` with `format: pt` and `extra` entries in the header.
+fn serialize(
+    tensors: &[(String, Tensor)],
+    extra: impl IntoIterator<Item = (String, String)>,
+) -> Result<Vec<u8>, AdapterError> {
+    let mut metadata: HashMap<String, String> = extra.into_iter().collect();
+    metadata.insert("format".to_string(), "pt".to_string());
+    safetensors::serialize(tensors.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
+        .map_err(|e| AdapterError::Format(e.to_string()))
 }
 
 /// Key prefix of the UNet's tensors in diffusers' LoRA files (and this server's store).
@@ -204,22 +220,10 @@ pub(crate) fn export_files(
     model_id: &str,
 ) -> Result<Vec<(&'static str, Vec<u8>)>, AdapterError> {
     let (diffusers, config) = to_peft(weights, targets, model_id)?;
-    let tensors = candle_core::safetensors::load_buffer(&diffusers, &Device::Cpu)?;
-    let peft: Vec<(String, Tensor)> = tensors
-        .into_iter()
-        .map(|(k, v)| {
-            (
-                format!("{PEFT_PREFIX}{}", k.trim_start_matches(DIFFUSERS_PREFIX)),
-                v,
-            )
-        })
-        .collect();
-    let metadata: HashMap<String, String> = [("format".to_string(), "pt".to_string())].into();
-    let peft = safetensors::serialize(peft.iter().map(|(k, v)| (k.as_str(), v)), Some(metadata))
-        .map_err(|e| AdapterError::Format(e.to_string()))?;
+    let (peft, _) = lora_tensors(weights, targets, model_id, PEFT_PREFIX)?;
     Ok(vec![
         ("pytorch_lora_weights.safetensors", diffusers),
-        ("adapter_model.safetensors", peft),
+        ("adapter_model.safetensors", serialize(&peft, [])?),
         ("adapter_config.json", config),
     ])
 }
