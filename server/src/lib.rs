@@ -9,7 +9,6 @@
 
 pub mod adapters;
 mod auth;
-mod buffer;
 pub mod builtin;
 mod clock;
 pub mod config;
@@ -21,6 +20,7 @@ pub mod pipeline;
 pub mod plugins;
 pub mod sampler;
 pub mod server;
+mod store;
 mod supervisor;
 pub mod tiny;
 mod tokens;

@@ -17,7 +17,6 @@ use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::adapters::AdapterRegistry;
 use crate::auth::ApiKeys;
-use crate::buffer::TrajectoryBuffer;
 use crate::config::ServeConfig;
 use crate::engine::{Engine, EngineConfig};
 use crate::grpc::{AdaptersService, AdminService, AppState, GeneratorService};
@@ -25,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::pipeline::DiffusionModel;
 use crate::plugins::{PluginHost, TrainingControl};
+use crate::store::buffer::TrajectoryBuffer;
 use crate::supervisor::Supervisor;
 use crate::tokens::TokenSigner;
 

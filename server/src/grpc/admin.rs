@@ -14,8 +14,8 @@ use tonic::{Request, Response, Status};
 
 use super::{AppState, ChunkStream, observe, stream_files};
 use crate::auth::Role;
-use crate::buffer::{GroupSnapshot, Vote};
 use crate::grpc::status::ServerError;
+use crate::store::buffer::{GroupSnapshot, Vote};
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]

@@ -14,11 +14,11 @@ use tonic::{Request, Response, Status};
 use super::{AppState, Defaults, Limits, new_id, observe};
 use crate::adapters::{AdapterError, AdapterRegistry};
 use crate::auth::Role;
-use crate::buffer::Vote;
 use crate::engine::{JobOutput, JobSpec};
 use crate::grpc::status::ServerError;
 use crate::pipeline::{MAX_GUIDANCE_SCALE, MIN_ETA, RgbImage, SampleRequest};
 use crate::sampler::Trajectory;
+use crate::store::buffer::Vote;
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]

@@ -20,12 +20,12 @@ pub(crate) use generator::GeneratorService;
 
 use crate::adapters::AdapterRegistry;
 use crate::auth::{ApiKeys, Role};
-use crate::buffer::TrajectoryBuffer;
 use crate::engine::Engine;
 use crate::grpc::status::ServerError;
 use crate::metrics::Metrics;
 use crate::pipeline::SampleLimits;
 use crate::plugins::TrainingControl;
+use crate::store::buffer::TrajectoryBuffer;
 use crate::tokens::TokenSigner;
 
 /// Defaults applied to unset request fields (reported by `GetInfo`).
@@ -130,7 +130,11 @@ impl AppState {
     }
 
     /// Publishes the buffer's counters.
-    pub(crate) fn publish_buffer_stats(&self, stats: crate::buffer::BufferStats, evicted: usize) {
+    pub(crate) fn publish_buffer_stats(
+        &self,
+        stats: crate::store::buffer::BufferStats,
+        evicted: usize,
+    ) {
         self.metrics.buffer_bytes.set(stats.bytes as i64);
         self.metrics.buffer_entries.set(stats.entries as i64);
         self.metrics.evictions.inc_by(evicted as u64);

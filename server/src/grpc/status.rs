@@ -3,9 +3,9 @@
 
 use crate::adapters::AdapterError;
 use crate::auth::AuthError;
-use crate::buffer::BufferError;
 use crate::engine::EngineError;
 use crate::model::error::ModelError;
+use crate::store::buffer::BufferError;
 
 /// Everything a gRPC call can fail with; [`From<ServerError> for tonic::Status`] is the one
 /// place that decides status codes.

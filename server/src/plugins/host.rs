@@ -7,10 +7,10 @@ use std::time::{Duration, Instant};
 use candle_core::{Device, Tensor};
 
 use crate::adapters::AdapterRegistry;
-use crate::buffer::{GroupSnapshot, TrajectoryBuffer};
 use crate::model::{AdapterBatch, LoraTarget, LoraWeights, Mode, ModelError};
 use crate::pipeline::DiffusionModel;
 use crate::sampler::{Trajectory, TransitionBatch, log_ratio};
+use crate::store::buffer::{GroupSnapshot, TrajectoryBuffer};
 
 /// What the host gives a plugin.
 #[derive(Clone)]

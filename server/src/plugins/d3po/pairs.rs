@@ -4,8 +4,8 @@ use std::sync::Arc;
 
 use plugin_d3po::{GroupFeedback, PreferencePair, build_pairs};
 
-use crate::buffer::{GroupSnapshot, Vote};
 use crate::sampler::Trajectory;
+use crate::store::buffer::{GroupSnapshot, Vote};
 
 /// A preference pair with its chains.
 pub(super) struct TrainingPair {
