@@ -11,6 +11,8 @@ use crate::grpc::{Defaults, Limits};
 use crate::pipeline::{DiffusionModel, SampleLimits};
 
 /// Denoising steps of a request that leaves them unset.
+/// Where persistent data goes when `--data-dir` is not given.
+pub const DEFAULT_DATA_DIR: &str = "imagegen-data";
 const DEFAULT_STEPS: u32 = 20;
 /// DDIM eta of a request that leaves it unset (1: DDPM-like, what D3PO trains on).
 const DEFAULT_ETA: f32 = 1.0;
@@ -57,10 +59,16 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_CUDA", default_value_t = false)]
     pub cuda: bool,
 
-    /// Directory for persistent data: adapter generations and the live alias (`DIR/adapters`).
-    /// Without it adapters live in memory only and are lost on restart.
+    /// Directory for persistent data (default `./imagegen-data`): the learning store
+    /// (`learning.redb`: trajectories, feedback, idempotency keys, the ledger of trained
+    /// pairs), adapter generations and the live alias (`adapters/`), and the generated feedback
+    /// secret (`feedback-secret`).
     #[arg(long, env = "IMAGEGEN_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+
+    /// Keep everything in memory only (tests, throwaway runs): nothing survives the process.
+    #[arg(long, env = "IMAGEGEN_EPHEMERAL", default_value_t = false)]
+    pub ephemeral: bool,
 
     /// gRPC listen address.
     #[arg(long, env = "IMAGEGEN_GRPC_ADDR", default_value = "127.0.0.1:50051")]
@@ -82,7 +90,8 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_MAX_QUEUE", default_value_t = 64)]
     pub max_queue: usize,
 
-    /// Byte budget of the trajectory ring buffer; the oldest trajectories are evicted first.
+    /// Byte budget of the learning store (chains and feedback): whole requests go oldest
+    /// first, requests with feedback no round has consumed yet last.
     #[arg(long, env = "IMAGEGEN_TRAJECTORY_BUFFER_BYTES", default_value_t = 1 << 30)]
     pub trajectory_buffer_bytes: usize,
 
@@ -125,8 +134,9 @@ pub struct ServeConfig {
     #[arg(long, env = "IMAGEGEN_API_KEYS", hide_env_values = true)]
     pub api_keys: Option<String>,
 
-    /// Secret that signs feedback tokens (random per start when absent: tokens then die with
-    /// the process).
+    /// Secret that signs feedback tokens. When absent one is generated once and kept in
+    /// `DATA_DIR/feedback-secret` (mode 0600), so tokens survive restarts; with `--ephemeral` it
+    /// is random per start. Replicas behind one load balancer must share it.
     #[arg(long, env = "IMAGEGEN_FEEDBACK_SECRET", hide_env_values = true)]
     pub feedback_secret: Option<String>,
 
@@ -160,6 +170,9 @@ impl ServeConfig {
 
     /// Checks ranges that clap cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
+        if self.ephemeral && self.data_dir.is_some() {
+            return Err("--ephemeral keeps nothing on disk: drop --data-dir or --ephemeral".into());
+        }
         if self
             .default_guidance
             .is_some_and(|g| !g.is_finite() || g < 0.0)
@@ -183,6 +196,19 @@ impl ServeConfig {
         }
         self.plugins.validate()?;
         Ok(())
+    }
+
+    /// Where persistent data lives (`None` with `--ephemeral`).
+    pub fn data_dir(&self) -> Option<PathBuf> {
+        if self.ephemeral {
+            None
+        } else {
+            Some(
+                self.data_dir
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from(DEFAULT_DATA_DIR)),
+            )
+        }
     }
 
     /// What unset request fields default to, for `model`.
@@ -236,6 +262,7 @@ impl std::fmt::Debug for ServeConfig {
         f.debug_struct("ServeConfig")
             .field("model", &self.model)
             .field("data_dir", &self.data_dir)
+            .field("ephemeral", &self.ephemeral)
             .field("dtype", &self.dtype)
             .field("cuda", &self.cuda)
             .field("grpc_addr", &self.grpc_addr)

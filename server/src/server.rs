@@ -2,8 +2,8 @@
 //! Prometheus endpoint, with a graceful drain on shutdown.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use candle_core::Device;
@@ -24,7 +24,7 @@ use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::pipeline::DiffusionModel;
 use crate::plugins::{PluginHost, TrainingControl};
-use crate::store::buffer::TrajectoryBuffer;
+use crate::store::StoreMetrics;
 use crate::supervisor::Supervisor;
 use crate::tokens::TokenSigner;
 
@@ -91,15 +91,22 @@ pub async fn start(
 ) -> Result<RunningServer, StartError> {
     config.validate().map_err(StartError::Config)?;
     let keys = api_keys(config)?;
-    let secret = feedback_secret(config)?;
+    let data_dir = config.data_dir();
+    match &data_dir {
+        Some(dir) => {
+            std::fs::create_dir_all(dir)?;
+            tracing::info!(data_dir = %dir.display(), "persistent data directory");
+        }
+        None => tracing::warn!(
+            "--ephemeral: trajectories, feedback and adapters live in memory only and die with the process"
+        ),
+    }
+    let secret = feedback_secret(config, data_dir.as_deref())?;
     let metrics = Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
     let defaults = config.request_defaults(&model);
     let limits = config.request_limits(&model).map_err(StartError::Config)?;
     let model_id = model.id.clone();
-    let store_dir = config.data_dir.as_ref().map(|d| d.join("adapters"));
-    if store_dir.is_none() {
-        tracing::warn!("no --data-dir: adapters are kept in memory only and lost on restart");
-    }
+    let store_dir = data_dir.as_ref().map(|d| d.join("adapters"));
     let adapters = Arc::new(
         AdapterRegistry::open(
             model.unet.lora_targets().to_vec(),
@@ -119,14 +126,28 @@ pub async fn start(
     let model = Arc::new(model);
     let supervisor = Supervisor::new(metrics.thread_panics.clone());
     let engine = Engine::start(model.clone(), engine_config, metrics.clone(), &supervisor)?;
-    let buffer = Arc::new(Mutex::new(TrajectoryBuffer::new(
-        config.trajectory_buffer_bytes,
-    )));
+    let store_metrics =
+        StoreMetrics::register(&metrics).map_err(|e| StartError::Setup(e.to_string()))?;
+    let store = match &data_dir {
+        Some(dir) => crate::store::embedded(
+            dir,
+            config.trajectory_buffer_bytes,
+            model.unet.device(),
+            store_metrics,
+        )
+        .map_err(|e| StartError::Setup(e.to_string()))?,
+        None => crate::store::ephemeral(config.trajectory_buffer_bytes, store_metrics),
+    };
+    tracing::info!(
+        backend = store.backend(),
+        budget_bytes = config.trajectory_buffer_bytes,
+        "learning store open"
+    );
     let training = Arc::new(TrainingControl::default());
     let plugin_stop = Arc::new(AtomicBool::new(false));
     if let Some(plugin) = config.plugins.trainer(&training) {
         let host = PluginHost::new(
-            buffer.clone(),
+            store.clone(),
             model.clone(),
             adapters.clone(),
             metrics.registry.clone(),
@@ -140,7 +161,7 @@ pub async fn start(
     let state = Arc::new(AppState {
         engine,
         adapters,
-        buffer,
+        store,
         training: training.clone(),
         signer: TokenSigner::new(&secret, Duration::from_secs(config.feedback_token_ttl_secs)),
         keys,
@@ -148,7 +169,6 @@ pub async fn start(
         model_id: model_id.clone(),
         defaults,
         limits,
-        idempotency: AppState::idempotency_cache(),
         draining: AtomicBool::new(false),
     });
 
@@ -270,20 +290,21 @@ fn api_keys(config: &ServeConfig) -> Result<ApiKeys, StartError> {
     Ok(keys)
 }
 
-/// The key that signs feedback tokens: `--feedback-secret`, or a random one for this process.
-fn feedback_secret(config: &ServeConfig) -> Result<Vec<u8>, StartError> {
-    match &config.feedback_secret {
-        Some(s) if s.len() >= 16 => Ok(s.as_bytes().to_vec()),
-        Some(_) => Err(StartError::Config(
+/// The key that signs feedback tokens: `--feedback-secret`; else the one kept in the data
+/// directory (generated on first start); else, with `--ephemeral`, a random one for this process.
+fn feedback_secret(
+    config: &ServeConfig,
+    data_dir: Option<&std::path::Path>,
+) -> Result<Vec<u8>, StartError> {
+    match (&config.feedback_secret, data_dir) {
+        (Some(s), _) if s.len() >= 16 => Ok(s.as_bytes().to_vec()),
+        (Some(_), _) => Err(StartError::Config(
             "--feedback-secret must be at least 16 characters".into(),
         )),
-        None => {
-            tracing::info!(
-                "no --feedback-secret: feedback tokens are valid until this process exits"
-            );
-            Ok((0..4)
-                .flat_map(|_| rand::random::<u64>().to_le_bytes())
-                .collect())
+        (None, Some(dir)) => Ok(crate::tokens::kept_secret(&dir.join("feedback-secret"))?),
+        (None, None) => {
+            tracing::info!("--ephemeral: feedback tokens are valid until this process exits");
+            Ok(crate::tokens::random_secret())
         }
     }
 }

@@ -1,6 +1,8 @@
 //! Feedback tokens: `EXPIRY.MAC` where MAC = HMAC-SHA256(secret, image_id || EXPIRY), hex. They
 //! let whoever received an image (a browser, say) rate it without an API key, and nobody else.
 
+use std::io::Write;
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use hmac::{Hmac, Mac};
@@ -90,9 +92,71 @@ impl TokenSigner {
     }
 }
 
+/// 256 random bits.
+pub(crate) fn random_secret() -> Vec<u8> {
+    (0..4)
+        .flat_map(|_| rand::random::<u64>().to_le_bytes())
+        .collect()
+}
+
+/// The secret kept at `path` (hex), generated and written (mode 0600, atomically) on first
+/// use. An unreadable one is moved aside and replaced: tokens signed with it stop working, but
+/// the server starts.
+pub(crate) fn kept_secret(path: &Path) -> std::io::Result<Vec<u8>> {
+    match std::fs::read_to_string(path) {
+        Ok(text) => match hex::decode(text.trim()) {
+            Ok(secret) if secret.len() >= 16 => return Ok(secret),
+            _ => {
+                let aside = path.with_extension("damaged");
+                std::fs::rename(path, &aside)?;
+                tracing::error!(path = %path.display(), aside = %aside.display(), "the kept feedback secret is unreadable: moved aside, generating a new one (earlier tokens are void)");
+            }
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let secret = random_secret();
+    let tmp = path.with_extension("tmp");
+    {
+        let mut options = std::fs::OpenOptions::new();
+        options.write(true).create(true).truncate(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+        let mut file = options.open(&tmp)?;
+        file.write_all(hex::encode(&secret).as_bytes())?;
+        file.sync_all()?;
+    }
+    std::fs::rename(&tmp, path)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    tracing::info!(path = %path.display(), "generated the feedback secret; tokens survive restarts");
+    Ok(secret)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Generated once, then read back; owner-only; a damaged file is replaced, not fatal.
+    #[test]
+    fn the_kept_secret_survives_restarts_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("feedback-secret");
+        let first = kept_secret(&path).unwrap();
+        assert_eq!(first.len(), 32);
+        assert_eq!(kept_secret(&path).unwrap(), first);
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+            assert_eq!(mode & 0o777, 0o600);
+        }
+        std::fs::write(&path, "not hex").unwrap();
+        let replaced = kept_secret(&path).unwrap();
+        assert_ne!(replaced, first);
+        assert!(dir.path().join("feedback-secret.damaged").exists());
+    }
 
     #[test]
     fn tokens_verify_only_for_their_image_secret_and_lifetime() {

@@ -2,72 +2,21 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use imagegen_proto::v1 as pb;
 
-/// Starts the server on ephemeral ports and reads the gRPC address from its log.
-fn spawn_server() -> (std::process::Child, String) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_imagegen-server"))
-        .args([
-            "--grpc-addr",
-            "127.0.0.1:0",
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ])
-        .env("RUST_LOG", "info")
-        .env("NO_COLOR", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut lines = BufReader::new(stdout).lines();
-    let addr = loop {
-        let line = lines
-            .next()
-            .expect("the server exited before serving")
-            .unwrap();
-        let plain: String = strip_ansi(&line);
-        if let Some(rest) = plain.split("grpc_addr=").nth(1) {
-            break rest.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    // Keep draining the log so the server never blocks on a full pipe.
-    std::thread::spawn(move || for _ in lines {});
-    (child, addr)
-}
-
-async fn connect(addr: &str) -> tonic::transport::Channel {
-    tonic::transport::Channel::from_shared(format!("http://{addr}"))
-        .unwrap()
-        .connect()
-        .await
-        .unwrap()
-}
-
-fn strip_ansi(s: &str) -> String {
-    let mut out = String::new();
-    let mut chars = s.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
-}
+mod common;
+use common::{connect, spawn_server};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_the_in_flight_request_and_exits_zero() {
-    let (mut child, addr) = spawn_server();
+    let common::Spawned {
+        mut child,
+        grpc: addr,
+        ..
+    } = spawn_server(&["--ephemeral"]);
     let channel = connect(&addr).await;
     let mut client = pb::image_generator_client::ImageGeneratorClient::new(channel);
     let request = pb::GenerateRequest {
@@ -101,7 +50,11 @@ async fn sigterm_drains_the_in_flight_request_and_exits_zero() {
 /// `--no-default-features` it is off and `TriggerTraining` says so (FAILED_PRECONDITION).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn generate_is_served_and_training_follows_the_compiled_plugins() {
-    let (mut child, addr) = spawn_server();
+    let common::Spawned {
+        mut child,
+        grpc: addr,
+        ..
+    } = spawn_server(&["--ephemeral"]);
     let channel = connect(&addr).await;
     let mut generator = pb::image_generator_client::ImageGeneratorClient::new(channel.clone());
     let response = generator

@@ -47,6 +47,10 @@ impl TestServer {
         config.grpc_addr = "127.0.0.1:0".parse()?;
         config.metrics_addr = "127.0.0.1:0".parse()?;
         configure(&mut config);
+        // A test that names no data directory keeps nothing on disk.
+        if config.data_dir.is_none() {
+            config.ephemeral = true;
+        }
         let model = load_model(&config)?;
         let server = start(&config, model).await?;
         let channel = Channel::from_shared(format!("http://{}", server.grpc_addr))?

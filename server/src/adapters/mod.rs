@@ -71,6 +71,10 @@ pub struct TrainingStats {
     /// Wall time of the round in seconds.
     #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
+    /// The `(winner, loser)` image-id pairs trained on: with the store's ledger, what makes a
+    /// round killed between publishing and recording its pairs train them exactly once.
+    #[serde(default)]
+    pub trained_pairs: Vec<(String, String)>,
 }
 
 /// JSON has no NaN: serde_json writes one as `null`, which must read back (as NaN).

@@ -43,6 +43,7 @@ pub(super) fn build_export(
         group_id,
         group,
         images,
+        ..
     } in groups
     {
         let Some(first) = images.first() else {
@@ -138,9 +139,11 @@ impl Admin for AdminService {
         let state = self.state.clone();
         let prepared = async {
             state.authorize(&request, Role::Admin)?;
-            let snapshot = state
-                .buffer()?
-                .snapshot(request.get_ref().include_unlabelled);
+            let store = state.store.clone();
+            let include_unlabelled = request.get_ref().include_unlabelled;
+            let snapshot = tokio::task::spawn_blocking(move || store.groups(include_unlabelled))
+                .await
+                .map_err(|e| ServerError::Internal(format!("store task: {e}")))??;
             let model_id = state.model_id.clone();
             tokio::task::spawn_blocking(move || build_export(&model_id, snapshot))
                 .await

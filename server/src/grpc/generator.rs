@@ -19,6 +19,7 @@ use crate::grpc::status::ServerError;
 use crate::pipeline::{MAX_GUIDANCE_SCALE, MIN_ETA, RgbImage, SampleRequest};
 use crate::sampler::Trajectory;
 use crate::store::buffer::Vote;
+use crate::store::{FeedbackKind, NewFeedback, Rater};
 
 /// The service, sharing [`AppState`] with the others.
 #[derive(Debug, Clone)]
@@ -186,9 +187,13 @@ impl GeneratorService {
                 .cloned()
                 .zip(generation.trajectories.into_iter().map(Arc::new))
                 .collect();
-            let mut buffer = state.buffer()?;
-            let evicted = buffer.insert_group(&group_id, entries);
-            state.publish_buffer_stats(buffer.stats(), evicted);
+            // The answer goes out only once the chains are durable (the tokens it carries must
+            // find them after a crash). A store that cannot commit fails the request.
+            let store = state.store.clone();
+            let group = group_id.clone();
+            tokio::task::spawn_blocking(move || store.record(&group, entries))
+                .await
+                .map_err(|e| ServerError::Internal(format!("store task: {e}")))??;
         }
         let sizes: Vec<(u32, u32)> = generation
             .images
@@ -241,7 +246,8 @@ impl GeneratorService {
 
     /// Applies one feedback. `caller` is who sent it: `Some(key fingerprint)` for a caller
     /// authorized by an API key with the `feedback` role, `None` for a feedback-token holder.
-    fn feedback(
+    /// Answers OK only once the store has made it durable.
+    async fn feedback(
         &self,
         req: &pb::FeedbackRequest,
         caller: Option<&str>,
@@ -267,98 +273,71 @@ impl GeneratorService {
                 "idempotency_key and rater_id are at most 256 bytes",
             ));
         }
-        let feedback = req.feedback.as_ref().ok_or_else(|| {
-            ServerError::invalid("feedback", "set one of vote, preferred_over or best_of")
-        })?;
-        // The idempotency lock is held from the lookup to the insert, so two concurrent retries
-        // cannot both apply. A key is scoped to its caller and image, and bound to its body.
-        let mut cache = if req.idempotency_key.is_empty() {
-            None
-        } else {
-            Some(
-                state
-                    .idempotency
-                    .lock()
-                    .map_err(|_| ServerError::Internal("idempotency lock poisoned".into()))?,
-            )
-        };
-        let scope = idempotency_scope(caller, req);
-        let fingerprint = body_fingerprint(req);
-        if let Some(cache) = cache.as_mut()
-            && let Some((first_body, first)) = cache.get(&scope)
-        {
-            if *first_body != fingerprint {
-                return Err(ServerError::FailedPrecondition(format!(
-                    "idempotency_key `{}` was already used for different feedback on this image; \
-                     use a new key for new feedback",
-                    req.idempotency_key
-                )));
+        let kind = match req.feedback.as_ref() {
+            None => {
+                return Err(ServerError::invalid(
+                    "feedback",
+                    "set one of vote, preferred_over or best_of",
+                ));
             }
-            return Ok(pb::FeedbackResponse {
-                duplicate: true,
-                ..first.clone()
-            });
-        }
-        let (kind, group_id, generation) = {
-            let mut buffer = state.buffer()?;
-            let image_group = buffer.image(&req.image_id)?.group_id.clone();
-            // Free-form rater ids are trusted only from callers with the feedback role. A token
-            // is a capability for one request's images: whoever holds it counts as one rater
-            // of that group, and a repeat replaces their earlier vote.
-            let rater = match caller {
-                Some(_) if !req.rater_id.is_empty() => req.rater_id.clone(),
-                Some(_) => "anonymous".to_string(),
-                None => format!("token:{image_group}"),
-            };
-            let (kind, group_id) = match feedback {
-                pb::feedback_request::Feedback::Vote(v) => {
-                    let vote = match pb::Vote::try_from(*v) {
-                        Ok(pb::Vote::Up) => Vote::Up,
-                        Ok(pb::Vote::Down) => Vote::Down,
-                        _ => {
-                            return Err(ServerError::invalid(
-                                "vote",
-                                "must be VOTE_UP or VOTE_DOWN",
-                            ));
-                        }
-                    };
-                    let kind = if vote == Vote::Up {
-                        "vote_up"
-                    } else {
-                        "vote_down"
-                    };
-                    (kind, buffer.vote(&req.image_id, &rater, vote)?)
+            Some(pb::feedback_request::Feedback::Vote(v)) => match pb::Vote::try_from(*v) {
+                Ok(pb::Vote::Up) => FeedbackKind::Vote(Vote::Up),
+                Ok(pb::Vote::Down) => FeedbackKind::Vote(Vote::Down),
+                _ => return Err(ServerError::invalid("vote", "must be VOTE_UP or VOTE_DOWN")),
+            },
+            Some(pb::feedback_request::Feedback::PreferredOver(loser)) => {
+                if loser.is_empty() {
+                    return Err(ServerError::invalid(
+                        "preferred_over",
+                        "name the other image of the same request",
+                    ));
                 }
-                pb::feedback_request::Feedback::PreferredOver(loser) => {
-                    ("preference", buffer.prefer(&req.image_id, loser, &rater)?)
-                }
-                pb::feedback_request::Feedback::BestOf(_) => {
-                    ("best_of", buffer.best_of(&req.image_id, &rater)?)
-                }
-            };
-            // The adapter that drew the image, read under the same lock.
-            let generation = buffer
-                .image(&req.image_id)
-                .ok()
-                .and_then(|i| i.trajectory.adapter_generation.clone())
-                .unwrap_or_else(|| "base".into());
-            (kind, group_id, generation)
+                FeedbackKind::PreferredOver(loser.clone())
+            }
+            Some(pb::feedback_request::Feedback::BestOf(_)) => FeedbackKind::BestOf,
         };
-        state.metrics.feedback.with_label_values(&[kind]).inc();
-        state
-            .metrics
-            .feedback_by_adapter
-            .with_label_values(&[generation.as_str(), kind])
-            .inc();
-        let response = pb::FeedbackResponse {
+        // Free-form rater ids are trusted only from callers with the feedback role. A token
+        // is a capability for one request's images: whoever holds it counts as one rater of
+        // that group, and a repeat replaces their earlier vote.
+        let rater = match caller {
+            Some(_) if !req.rater_id.is_empty() => Rater::Named(req.rater_id.clone()),
+            Some(_) => Rater::Named("anonymous".into()),
+            None => Rater::TokenHolder,
+        };
+        // A key is scoped to its caller and image, and bound to its body; the store checks and
+        // inserts it atomically with the feedback.
+        let idempotency = (!req.idempotency_key.is_empty()).then(|| {
+            (
+                idempotency_scope(caller, req),
+                hex::encode(body_fingerprint(req)),
+            )
+        });
+        let feedback = NewFeedback {
+            image_id: req.image_id.clone(),
+            kind,
+            rater,
+            idempotency,
+            idempotency_key: req.idempotency_key.clone(),
             feedback_id: new_id(),
-            group_id,
-            duplicate: false,
         };
-        if let Some(cache) = cache.as_mut() {
-            cache.put(scope, (fingerprint, response.clone()));
+        let store = state.store.clone();
+        let label = feedback.kind.label();
+        let receipt = tokio::task::spawn_blocking(move || store.feedback(&feedback))
+            .await
+            .map_err(|e| ServerError::Internal(format!("store task: {e}")))??;
+        if !receipt.duplicate {
+            state.metrics.feedback.with_label_values(&[label]).inc();
+            state
+                .metrics
+                .feedback_by_adapter
+                .with_label_values(&[receipt.adapter_generation.as_str(), label])
+                .inc();
         }
-        Ok(response)
+        Ok(pb::FeedbackResponse {
+            feedback_id: receipt.feedback_id,
+            group_id: receipt.group_id,
+            duplicate: receipt.duplicate,
+        })
     }
 }
 
@@ -458,15 +437,16 @@ impl ImageGenerator for GeneratorService {
         // A feedback token is a capability for its image: with one, no API key is needed. A
         // presented key must be valid and carry the `feedback` role.
         let by_key = self.state.keys.enabled() && self.state.presents_key(&request);
-        let result = (|| {
+        let result = async {
             let caller = if by_key {
                 self.state.authorize(&request, Role::Feedback)?;
                 Some(self.state.caller_fingerprint(&request))
             } else {
                 None
             };
-            self.feedback(request.get_ref(), caller.as_deref())
-        })()
+            self.feedback(request.get_ref(), caller.as_deref()).await
+        }
+        .await
         .map(Response::new)
         .map_err(Status::from);
         observe(&self.state.metrics, "SubmitFeedback", started, &result);
@@ -482,7 +462,7 @@ impl ImageGenerator for GeneratorService {
         let result = state
             .authorize(&request, Role::Generate)
             .and_then(|_| {
-                let stats = state.buffer()?.stats();
+                let stats = state.store.stats()?;
                 let (d, l) = (&state.defaults, &state.limits);
                 Ok(pb::ServerInfo {
                     model_id: state.model_id.clone(),

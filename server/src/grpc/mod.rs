@@ -5,13 +5,11 @@ mod admin;
 mod generator;
 pub(crate) mod status;
 
-use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use imagegen_proto::v1 as pb;
-use lru::LruCache;
 use tonic::{Request, Status};
 
 pub(crate) use adapters::AdaptersService;
@@ -25,7 +23,7 @@ use crate::grpc::status::ServerError;
 use crate::metrics::Metrics;
 use crate::pipeline::SampleLimits;
 use crate::plugins::TrainingControl;
-use crate::store::buffer::TrajectoryBuffer;
+use crate::store::LearningStore;
 use crate::tokens::TokenSigner;
 
 /// Defaults applied to unset request fields (reported by `GetInfo`).
@@ -63,8 +61,8 @@ pub(crate) struct AppState {
     pub(crate) engine: Engine,
     /// Adapter generations and the live alias.
     pub(crate) adapters: Arc<AdapterRegistry>,
-    /// Trajectories and feedback (shared with the training plugin).
-    pub(crate) buffer: Arc<Mutex<TrajectoryBuffer>>,
+    /// Trajectories, feedback, idempotency keys and the ledger (shared with the plugins).
+    pub(crate) store: Arc<dyn LearningStore>,
     /// The training plugin's status and trigger (idle and disabled when none runs).
     pub(crate) training: Arc<TrainingControl>,
     /// Signs feedback tokens.
@@ -79,21 +77,11 @@ pub(crate) struct AppState {
     pub(crate) defaults: Defaults,
     /// Request limits.
     pub(crate) limits: Limits,
-    /// Answers by idempotency key, so a retried feedback counts once.
-    pub(crate) idempotency: Mutex<LruCache<String, ([u8; 32], pb::FeedbackResponse)>>,
     /// Set on SIGTERM: new generation requests are refused while in-flight ones finish.
     pub(crate) draining: AtomicBool,
 }
 
 impl AppState {
-    /// An empty idempotency cache of the size the server keeps.
-    #[allow(clippy::type_complexity)] // scope -> (body fingerprint, first answer)
-    pub(crate) fn idempotency_cache() -> Mutex<LruCache<String, ([u8; 32], pb::FeedbackResponse)>> {
-        Mutex::new(LruCache::new(
-            NonZeroUsize::new(100_000).unwrap_or(NonZeroUsize::MIN),
-        ))
-    }
-
     /// Checks the caller's API key for `role` (always passes when no keys are configured).
     pub(crate) fn authorize<T>(&self, request: &Request<T>, role: Role) -> Result<(), ServerError> {
         let header = request
@@ -127,26 +115,6 @@ impl AppState {
             ));
         }
         Ok(())
-    }
-
-    /// Publishes the buffer's counters.
-    pub(crate) fn publish_buffer_stats(
-        &self,
-        stats: crate::store::buffer::BufferStats,
-        evicted: usize,
-    ) {
-        self.metrics.buffer_bytes.set(stats.bytes as i64);
-        self.metrics.buffer_entries.set(stats.entries as i64);
-        self.metrics.evictions.inc_by(evicted as u64);
-    }
-
-    /// Locks the buffer (a poisoned lock means a panic mid-update: report, don't propagate).
-    pub(crate) fn buffer(
-        &self,
-    ) -> Result<std::sync::MutexGuard<'_, TrajectoryBuffer>, ServerError> {
-        self.buffer
-            .lock()
-            .map_err(|_| ServerError::Internal("trajectory buffer lock poisoned".into()))
     }
 }
 

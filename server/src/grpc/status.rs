@@ -5,6 +5,7 @@ use crate::adapters::AdapterError;
 use crate::auth::AuthError;
 use crate::engine::EngineError;
 use crate::model::error::ModelError;
+use crate::store::StoreError;
 use crate::store::buffer::BufferError;
 
 /// Everything a gRPC call can fail with; [`From<ServerError> for tonic::Status`] is the one
@@ -82,6 +83,20 @@ impl From<BufferError> for ServerError {
             BufferError::UnknownImage(_) => Self::NotFound(e.to_string()),
             BufferError::DifferentGroups(..) => Self::invalid("preferred_over", e.to_string()),
             BufferError::SameImage => Self::invalid("preferred_over", e.to_string()),
+            BufferError::KeyReused(_) => Self::FailedPrecondition(e.to_string()),
+        }
+    }
+}
+
+impl From<StoreError> for ServerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Rejected(e) => e.into(),
+            // Nothing was acknowledged: the client may retry (with its idempotency key).
+            StoreError::Unavailable(_) => {
+                Self::Unavailable(format!("{e}; nothing was stored, retry later"))
+            }
+            StoreError::Broken(_) => Self::Internal(e.to_string()),
         }
     }
 }

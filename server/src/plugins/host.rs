@@ -1,7 +1,8 @@
 //! [`PluginHost`]: everything a plugin may touch, as methods.
 
+use std::collections::HashSet;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use candle_core::{Device, Tensor};
@@ -10,12 +11,13 @@ use crate::adapters::AdapterRegistry;
 use crate::model::{AdapterBatch, LoraTarget, LoraWeights, Mode, ModelError};
 use crate::pipeline::DiffusionModel;
 use crate::sampler::{Trajectory, TransitionBatch, log_ratio};
-use crate::store::buffer::{GroupSnapshot, TrajectoryBuffer};
+use crate::store::LearningStore;
+use crate::store::buffer::GroupSnapshot;
 
 /// What the host gives a plugin.
 #[derive(Clone)]
 pub struct PluginHost {
-    buffer: Arc<Mutex<TrajectoryBuffer>>,
+    store: Arc<dyn LearningStore>,
     model: Arc<DiffusionModel>,
     adapters: Arc<AdapterRegistry>,
     metrics: prometheus::Registry,
@@ -34,7 +36,7 @@ impl std::fmt::Debug for PluginHost {
 impl PluginHost {
     /// A host over the server's parts.
     pub(crate) fn new(
-        buffer: Arc<Mutex<TrajectoryBuffer>>,
+        store: Arc<dyn LearningStore>,
         model: Arc<DiffusionModel>,
         adapters: Arc<AdapterRegistry>,
         metrics: prometheus::Registry,
@@ -42,7 +44,7 @@ impl PluginHost {
         stop: Arc<AtomicBool>,
     ) -> Self {
         Self {
-            buffer,
+            store,
             model,
             adapters,
             metrics,
@@ -51,11 +53,55 @@ impl PluginHost {
         }
     }
 
-    /// The buffer's groups that carry feedback (a consistent copy; the lock is held briefly).
+    /// The store's groups that carry feedback, oldest first (a consistent copy).
     pub fn labelled_groups(&self) -> Vec<GroupSnapshot> {
-        match self.buffer.lock() {
-            Ok(buffer) => buffer.snapshot(false),
-            Err(_) => Vec::new(),
+        self.store.groups(false).unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading the learning store");
+            Vec::new()
+        })
+    }
+
+    /// The ledger: every `(winner, loser)` pair already trained on. It is the store's ledger
+    /// plus the pairs the live generation and its ancestors record, so a round that published
+    /// but died before recording its pairs does not train them again.
+    pub fn trained_pairs(&self) -> HashSet<(String, String)> {
+        let mut pairs = self.store.trained_pairs().unwrap_or_else(|e| {
+            tracing::error!(error = %e, "reading the ledger of trained pairs");
+            HashSet::new()
+        });
+        let mut next = self
+            .adapters
+            .live()
+            .ok()
+            .flatten()
+            .map(|g| g.meta.id.clone());
+        let mut seen = HashSet::new();
+        while let Some(id) = next.filter(|id| seen.insert(id.clone())) {
+            let Ok(meta) = self.adapters.meta(&id) else {
+                break;
+            };
+            if let Some(stats) = &meta.stats {
+                pairs.extend(stats.trained_pairs.iter().cloned());
+            }
+            next = meta.parent;
+        }
+        pairs
+    }
+
+    /// Records trained pairs `(group, winner, loser)` in the ledger, and groups whose feedback
+    /// is consumed in full at the version seen (they may then be evicted like any other);
+    /// returns whether it was made durable.
+    pub fn record_trained(
+        &self,
+        pairs: &[(String, String, String)],
+        settled: &[(String, u64)],
+    ) -> bool {
+        match self.store.mark_trained(pairs, settled) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(error = %e, "recording trained pairs");
+                false
+            }
         }
     }
 

@@ -1,15 +1,23 @@
-//! The trajectory ring buffer: every generated image's chain, bounded by bytes, oldest evicted
-//! first, with the feedback users attach to it. It is the training data of the D3PO plugin and
-//! what `ExportTrajectories` writes out.
+//! The learning store's in-memory index: every buffered request (group) with its images' chains
+//! and the feedback on them, bounded by bytes. Both store backends keep one; the durable one
+//! writes each change through before it is acknowledged.
+//!
+//! Retention: whole groups go, oldest first (pairs are built within a group, so half a group is
+//! no training data). A group whose feedback the trainer has not consumed yet is kept while
+//! consumed or unlabelled groups can go, as long as such groups hold at most half the budget;
+//! beyond that the oldest of them go first (counted), so fresh images always find room to be
+//! rated. The budget is a hard limit.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
 
 use crate::sampler::Trajectory;
 
 /// A thumbs-up or thumbs-down.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Vote {
     /// The rater liked the image.
     Up,
@@ -18,7 +26,7 @@ pub enum Vote {
 }
 
 /// "`winner` is better than `loser`", from one rater.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Comparison {
     /// The preferred image.
     pub winner: String,
@@ -28,7 +36,7 @@ pub struct Comparison {
     pub rater: String,
 }
 
-/// One buffered image.
+/// One buffered image as a consumer sees it.
 #[derive(Debug, Clone)]
 pub struct StoredImage {
     /// Its id.
@@ -43,10 +51,10 @@ pub struct StoredImage {
     pub votes: BTreeMap<String, Vote>,
 }
 
-/// The images of one request and the feedback that compares them.
+/// The feedback on one group's images.
 #[derive(Debug, Clone, Default)]
 pub struct Group {
-    /// Images still in the buffer, in generation order.
+    /// Its images, in generation order.
     pub image_ids: Vec<String>,
     /// Pairwise preferences.
     pub comparisons: Vec<Comparison>,
@@ -54,26 +62,67 @@ pub struct Group {
     pub best_of: BTreeMap<String, String>,
 }
 
-/// One group as a consumer sees it: a copy of its feedback and of its images still buffered.
+/// One group as a consumer sees it: a copy of its feedback and of its images.
 #[derive(Debug, Clone)]
 pub struct GroupSnapshot {
     /// The request's group id.
     pub group_id: String,
     /// Its feedback.
     pub group: Group,
-    /// Its images still in the buffer, in generation order.
+    /// Its images, in generation order.
     pub images: Vec<StoredImage>,
+    /// The feedback version this copy shows (see [`TrajectoryBuffer::mark_trained`]).
+    pub version: u64,
 }
 
-impl Group {
-    /// Whether any feedback touches this group.
-    pub fn is_labelled(&self, images: &HashMap<String, StoredImage>) -> bool {
+/// The first answer to an idempotency key: a retry with the same body gets it again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub(crate) struct Answer {
+    /// SHA-256 of the feedback body, hex.
+    pub fingerprint: String,
+    /// The feedback id first returned.
+    pub feedback_id: String,
+}
+
+/// Everything about one group that is not its chains: what the durable store writes per
+/// feedback, and what a restart reads back.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub(crate) struct FeedbackRecord {
+    /// Image id to rater to vote.
+    pub votes: BTreeMap<String, BTreeMap<String, Vote>>,
+    /// Pairwise preferences.
+    pub comparisons: Vec<Comparison>,
+    /// Rater to picked image.
+    pub best_of: BTreeMap<String, String>,
+    /// Idempotency scope to first answer.
+    pub answers: BTreeMap<String, Answer>,
+    /// The ledger: `(winner, loser)` pairs of this group already trained on.
+    pub trained_pairs: BTreeSet<(String, String)>,
+    /// Bumped by every feedback change.
+    pub version: u64,
+    /// The version the trainer last consumed in full.
+    pub trained_version: u64,
+}
+
+impl FeedbackRecord {
+    fn is_labelled(&self) -> bool {
         !self.comparisons.is_empty()
             || !self.best_of.is_empty()
-            || self
-                .image_ids
-                .iter()
-                .any(|id| images.get(id).is_some_and(|i| !i.votes.is_empty()))
+            || self.votes.values().any(|v| !v.is_empty())
+    }
+
+    /// Feedback the trainer has not consumed yet.
+    fn is_untrained(&self) -> bool {
+        self.is_labelled() && self.version > self.trained_version
+    }
+
+    /// What the record holds in memory, about its JSON size (nothing for a group nobody
+    /// rated: its chains are its cost).
+    fn size_bytes(&self) -> usize {
+        if !self.is_labelled() && self.answers.is_empty() && self.trained_pairs.is_empty() {
+            return 0;
+        }
+        serde_json::to_vec(self).map(|v| v.len()).unwrap_or(0)
     }
 }
 
@@ -89,313 +138,436 @@ pub enum BufferError {
     /// An image compared with itself.
     #[error("an image cannot be preferred over itself")]
     SameImage,
+    /// An idempotency key reused with a different body.
+    #[error(
+        "idempotency_key `{0}` was already used for different feedback on this image; use a new \
+         key for new feedback"
+    )]
+    KeyReused(String),
+}
+
+/// Who gives feedback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Rater {
+    /// A rater id vouched for by an API key with the `feedback` role.
+    Named(String),
+    /// A feedback-token holder: one rater per group, whoever holds its tokens.
+    TokenHolder,
+}
+
+/// What the feedback says.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum FeedbackKind {
+    /// A thumbs-up or -down on the image.
+    Vote(Vote),
+    /// The image is better than this other image of its group.
+    PreferredOver(String),
+    /// The image is the best of its group.
+    BestOf,
+}
+
+impl FeedbackKind {
+    /// The metric label.
+    pub(crate) fn label(&self) -> &'static str {
+        match self {
+            Self::Vote(Vote::Up) => "vote_up",
+            Self::Vote(Vote::Down) => "vote_down",
+            Self::PreferredOver(_) => "preference",
+            Self::BestOf => "best_of",
+        }
+    }
+}
+
+/// One feedback to apply.
+#[derive(Debug, Clone)]
+pub(crate) struct NewFeedback {
+    /// The rated image.
+    pub image_id: String,
+    /// What is said about it.
+    pub kind: FeedbackKind,
+    /// Who says it.
+    pub rater: Rater,
+    /// `(scope, body fingerprint)` when the client sent an idempotency key.
+    pub idempotency: Option<(String, String)>,
+    /// The client's key, for messages.
+    pub idempotency_key: String,
+    /// The id this feedback gets if it is new.
+    pub feedback_id: String,
+}
+
+/// What applying feedback did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Receipt {
+    /// The image's group.
+    pub group_id: String,
+    /// The feedback's id (the first one's, for a duplicate).
+    pub feedback_id: String,
+    /// A retry of feedback already applied.
+    pub duplicate: bool,
+    /// The adapter generation that drew the image (`base` for none).
+    pub adapter_generation: String,
+}
+
+/// A group that left the buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Evicted {
+    /// Its insertion sequence number (the durable store's key).
+    pub seq: u64,
+    /// Its id.
+    pub group_id: String,
+    /// Its images.
+    pub images: usize,
+    /// It carried feedback not yet trained on.
+    pub untrained: bool,
 }
 
 /// Counters the buffer reports after each change.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub(crate) struct BufferStats {
-    /// Bytes held.
+    /// Bytes held (chains and feedback).
     pub bytes: usize,
     /// Images held.
     pub entries: usize,
-    /// Images evicted since start.
-    pub evictions: u64,
+    /// Groups held.
+    pub groups: usize,
 }
 
-/// The ring buffer.
+#[derive(Debug)]
+struct Entry {
+    seq: u64,
+    created_at: SystemTime,
+    images: Vec<(String, Arc<Trajectory>)>,
+    feedback: FeedbackRecord,
+    chain_bytes: usize,
+    feedback_bytes: usize,
+}
+
+/// The index.
 #[derive(Debug)]
 pub(crate) struct TrajectoryBuffer {
     max_bytes: usize,
-    /// Bytes of trajectories.
     bytes: usize,
-    /// Bytes of the feedback attached to them (it counts against the same budget).
-    feedback_bytes: usize,
-    evictions: u64,
-    order: VecDeque<String>,
-    images: HashMap<String, StoredImage>,
-    groups: HashMap<String, Group>,
+    next_seq: u64,
+    /// Insertion order: sequence number to group id.
+    order: BTreeMap<u64, String>,
+    groups: HashMap<String, Entry>,
+    /// Image id to group id.
+    image_group: HashMap<String, String>,
 }
 
 impl TrajectoryBuffer {
-    /// An empty buffer holding at most `max_bytes` of trajectories and feedback.
+    /// An empty buffer holding at most `max_bytes` of chains and feedback.
     pub(crate) fn new(max_bytes: usize) -> Self {
         Self {
             max_bytes,
             bytes: 0,
-            feedback_bytes: 0,
-            evictions: 0,
-            order: VecDeque::new(),
-            images: HashMap::new(),
+            next_seq: 1,
+            order: BTreeMap::new(),
             groups: HashMap::new(),
+            image_group: HashMap::new(),
         }
     }
 
     /// Current counters.
     pub(crate) fn stats(&self) -> BufferStats {
         BufferStats {
-            bytes: self.bytes + self.feedback_bytes,
-            entries: self.images.len(),
-            evictions: self.evictions,
+            bytes: self.bytes,
+            entries: self.image_group.len(),
+            groups: self.groups.len(),
         }
     }
 
-    /// Adds the images of one request; evicts the oldest images while over budget. Returns how
-    /// many images were evicted.
+    /// Adds the images of one request as a new group; returns its sequence number and the
+    /// groups evicted to stay within budget.
     pub(crate) fn insert_group(
         &mut self,
         group_id: &str,
+        created_at: SystemTime,
         images: Vec<(String, Arc<Trajectory>)>,
-    ) -> usize {
-        let group = self.groups.entry(group_id.to_string()).or_default();
-        for (image_id, trajectory) in images {
-            self.bytes += trajectory.size_bytes();
-            group.image_ids.push(image_id.clone());
-            self.order.push_back(image_id.clone());
-            self.images.insert(
-                image_id.clone(),
-                StoredImage {
-                    image_id,
-                    group_id: group_id.to_string(),
-                    trajectory,
-                    created_at: SystemTime::now(),
-                    votes: BTreeMap::new(),
-                },
-            );
-        }
-        self.evict_to_budget()
+    ) -> (u64, Vec<Evicted>) {
+        let seq = self.next_seq;
+        self.restore_group(seq, group_id, created_at, images, FeedbackRecord::default());
+        (seq, self.evict_to_budget())
     }
 
-    /// Evicts the oldest images (and the feedback on them) while trajectories and feedback
-    /// together exceed the budget; returns how many images went.
-    fn evict_to_budget(&mut self) -> usize {
-        let mut evicted = 0;
-        while self.bytes + self.feedback_bytes > self.max_bytes {
-            let Some(oldest) = self.order.pop_front() else {
-                break;
-            };
-            let Some(image) = self.images.get(&oldest) else {
-                continue;
-            };
-            let group_id = image.group_id.clone();
-            let before = self.feedback_size(&group_id);
-            if let Some(image) = self.images.remove(&oldest) {
-                self.bytes -= image.trajectory.size_bytes();
-                self.evictions += 1;
-                evicted += 1;
-                if let Some(group) = self.groups.get_mut(&group_id) {
-                    group.image_ids.retain(|id| id != &oldest);
-                    group
-                        .comparisons
-                        .retain(|c| c.winner != oldest && c.loser != oldest);
-                    group.best_of.retain(|_, id| id != &oldest);
-                    if group.image_ids.is_empty() {
-                        self.groups.remove(&group_id);
-                    }
-                }
+    /// Puts back a group read from durable storage (no eviction: call
+    /// [`TrajectoryBuffer::evict_to_budget`] after the last one).
+    pub(crate) fn restore_group(
+        &mut self,
+        seq: u64,
+        group_id: &str,
+        created_at: SystemTime,
+        images: Vec<(String, Arc<Trajectory>)>,
+        feedback: FeedbackRecord,
+    ) {
+        let chain_bytes = images.iter().map(|(_, t)| t.size_bytes()).sum();
+        let feedback_bytes = feedback.size_bytes();
+        for (image_id, _) in &images {
+            self.image_group
+                .insert(image_id.clone(), group_id.to_string());
+        }
+        self.bytes += chain_bytes + feedback_bytes;
+        self.next_seq = self.next_seq.max(seq + 1);
+        self.order.insert(seq, group_id.to_string());
+        self.groups.insert(
+            group_id.to_string(),
+            Entry {
+                seq,
+                created_at,
+                images,
+                feedback,
+                chain_bytes,
+                feedback_bytes,
+            },
+        );
+    }
+
+    /// Removes a group (undoing an insert whose commit failed); returns it as evicted.
+    pub(crate) fn remove_group(&mut self, group_id: &str) -> Option<Evicted> {
+        let entry = self.groups.remove(group_id)?;
+        self.order.remove(&entry.seq);
+        for (image_id, _) in &entry.images {
+            self.image_group.remove(image_id);
+        }
+        self.bytes -= entry.chain_bytes + entry.feedback_bytes;
+        Some(Evicted {
+            seq: entry.seq,
+            group_id: group_id.to_string(),
+            images: entry.images.len(),
+            untrained: entry.feedback.is_untrained(),
+        })
+    }
+
+    /// Evicts whole groups, oldest first, sparing groups with untrained feedback while they
+    /// hold at most half the budget, until chains and feedback fit the budget.
+    pub(crate) fn evict_to_budget(&mut self) -> Vec<Evicted> {
+        let mut evicted = Vec::new();
+        while self.bytes > self.max_bytes && !self.order.is_empty() {
+            let untrained_bytes: usize = self
+                .groups
+                .values()
+                .filter(|e| e.feedback.is_untrained())
+                .map(|e| e.chain_bytes + e.feedback_bytes)
+                .sum();
+            let spare_untrained = untrained_bytes <= self.max_bytes / 2;
+            let spare = self
+                .order
+                .values()
+                .find(|id| {
+                    !spare_untrained
+                        || self
+                            .groups
+                            .get(*id)
+                            .is_some_and(|e| !e.feedback.is_untrained())
+                })
+                .or_else(|| self.order.values().next())
+                .cloned();
+            match spare.and_then(|id| self.remove_group(&id)) {
+                Some(e) => evicted.push(e),
+                None => break,
             }
-            self.feedback_bytes = self.feedback_bytes - before + self.feedback_size(&group_id);
         }
         evicted
     }
 
-    /// What the feedback on one group holds in memory (strings plus a fixed cost per entry).
-    fn feedback_size(&self, group_id: &str) -> usize {
-        const ENTRY: usize = 64;
-        let Some(group) = self.groups.get(group_id) else {
-            return 0;
+    /// The group and chain of a buffered image.
+    pub(crate) fn image(&self, image_id: &str) -> Result<(&str, &Arc<Trajectory>), BufferError> {
+        let unknown = || BufferError::UnknownImage(image_id.to_string());
+        let group_id = self.image_group.get(image_id).ok_or_else(unknown)?;
+        let entry = self.groups.get(group_id).ok_or_else(unknown)?;
+        let (_, chain) = entry
+            .images
+            .iter()
+            .find(|(id, _)| id == image_id)
+            .ok_or_else(unknown)?;
+        Ok((group_id, chain))
+    }
+
+    /// The sequence number and feedback of a group.
+    pub(crate) fn feedback(&self, group_id: &str) -> Option<(u64, &FeedbackRecord)> {
+        self.groups.get(group_id).map(|e| (e.seq, &e.feedback))
+    }
+
+    /// Replaces a group's feedback (restoring it after a failed commit).
+    pub(crate) fn set_feedback(&mut self, group_id: &str, feedback: FeedbackRecord) {
+        if let Some(entry) = self.groups.get_mut(group_id) {
+            let size = feedback.size_bytes();
+            self.bytes = self.bytes - entry.feedback_bytes + size;
+            entry.feedback_bytes = size;
+            entry.feedback = feedback;
+        }
+    }
+
+    /// Applies one feedback atomically: the idempotency check, the change and the key's
+    /// answer. Returns the receipt and the group's feedback before the change (`None` for a
+    /// duplicate, which changes nothing).
+    pub(crate) fn apply(
+        &mut self,
+        feedback: &NewFeedback,
+    ) -> Result<(Receipt, Option<FeedbackRecord>), BufferError> {
+        let (group_id, chain) = self.image(&feedback.image_id)?;
+        let group_id = group_id.to_string();
+        let adapter_generation = chain
+            .adapter_generation
+            .clone()
+            .unwrap_or_else(|| "base".into());
+        let Some(entry) = self.groups.get(&group_id) else {
+            return Err(BufferError::UnknownImage(feedback.image_id.clone()));
         };
-        let votes: usize = group
-            .image_ids
-            .iter()
-            .filter_map(|id| self.images.get(id))
-            .flat_map(|i| i.votes.keys())
-            .map(|rater| ENTRY + rater.len())
-            .sum();
-        let comparisons: usize = group
-            .comparisons
-            .iter()
-            .map(|c| ENTRY + c.rater.len() + c.winner.len() + c.loser.len())
-            .sum();
-        let best_of: usize = group
-            .best_of
-            .iter()
-            .map(|(rater, image)| ENTRY + rater.len() + image.len())
-            .sum();
-        votes + comparisons + best_of
-    }
-
-    /// Runs a feedback change on `group_id`, then accounts for its memory and keeps the budget.
-    fn with_feedback_accounted<T>(
-        &mut self,
-        group_id: &str,
-        change: impl FnOnce(&mut Self) -> T,
-    ) -> T {
-        let before = self.feedback_size(group_id);
-        let out = change(self);
-        self.feedback_bytes = self.feedback_bytes - before + self.feedback_size(group_id);
-        self.evict_to_budget();
-        out
-    }
-
-    /// The buffered image `image_id`.
-    pub(crate) fn image(&self, image_id: &str) -> Result<&StoredImage, BufferError> {
-        self.images
-            .get(image_id)
-            .ok_or_else(|| BufferError::UnknownImage(image_id.to_string()))
-    }
-
-    /// Records `rater`'s vote on an image; returns its group id.
-    pub(crate) fn vote(
-        &mut self,
-        image_id: &str,
-        rater: &str,
-        vote: Vote,
-    ) -> Result<String, BufferError> {
-        let group_id = self.image(image_id)?.group_id.clone();
-        self.with_feedback_accounted(&group_id, |buffer| {
-            if let Some(image) = buffer.images.get_mut(image_id) {
-                image.votes.insert(rater.to_string(), vote);
+        if let Some((scope, fingerprint)) = &feedback.idempotency
+            && let Some(first) = entry.feedback.answers.get(scope)
+        {
+            if &first.fingerprint != fingerprint {
+                return Err(BufferError::KeyReused(feedback.idempotency_key.clone()));
             }
-        });
-        Ok(group_id)
-    }
-
-    /// Records "`winner` is better than `loser`"; both must be images of one group.
-    pub(crate) fn prefer(
-        &mut self,
-        winner: &str,
-        loser: &str,
-        rater: &str,
-    ) -> Result<String, BufferError> {
-        if winner == loser {
-            return Err(BufferError::SameImage);
+            let receipt = Receipt {
+                group_id,
+                feedback_id: first.feedback_id.clone(),
+                duplicate: true,
+                adapter_generation,
+            };
+            return Ok((receipt, None));
         }
-        let group_id = self.image(winner)?.group_id.clone();
-        if self.image(loser)?.group_id != group_id {
-            return Err(BufferError::DifferentGroups(
-                winner.to_string(),
-                loser.to_string(),
-            ));
+        if let FeedbackKind::PreferredOver(loser) = &feedback.kind {
+            if loser == &feedback.image_id {
+                return Err(BufferError::SameImage);
+            }
+            if self.image(loser)?.0 != group_id {
+                return Err(BufferError::DifferentGroups(
+                    feedback.image_id.clone(),
+                    loser.clone(),
+                ));
+            }
         }
-        let comparison = Comparison {
-            winner: winner.to_string(),
-            loser: loser.to_string(),
-            rater: rater.to_string(),
+        let before = entry.feedback.clone();
+        let mut record = before.clone();
+        let rater = match &feedback.rater {
+            Rater::Named(id) => id.clone(),
+            Rater::TokenHolder => format!("token:{group_id}"),
         };
-        self.with_feedback_accounted(&group_id.clone(), |buffer| {
-            if let Some(group) = buffer.groups.get_mut(&group_id) {
+        let image = feedback.image_id.clone();
+        match &feedback.kind {
+            FeedbackKind::Vote(vote) => {
+                record.votes.entry(image).or_default().insert(rater, *vote);
+            }
+            FeedbackKind::PreferredOver(loser) => {
                 // A rater's later statement about the same two images replaces the earlier one.
-                group.comparisons.retain(|c| {
-                    c.rater != comparison.rater
-                        || !((c.winner == winner && c.loser == loser)
-                            || (c.winner == loser && c.loser == winner))
+                record.comparisons.retain(|c| {
+                    c.rater != rater
+                        || !((c.winner == image && &c.loser == loser)
+                            || (&c.winner == loser && c.loser == image))
                 });
-                group.comparisons.push(comparison);
+                record.comparisons.push(Comparison {
+                    winner: image,
+                    loser: loser.clone(),
+                    rater,
+                });
             }
-        });
-        Ok(group_id)
+            FeedbackKind::BestOf => {
+                record.best_of.insert(rater, image);
+            }
+        }
+        if let Some((scope, fingerprint)) = &feedback.idempotency {
+            record.answers.insert(
+                scope.clone(),
+                Answer {
+                    fingerprint: fingerprint.clone(),
+                    feedback_id: feedback.feedback_id.clone(),
+                },
+            );
+        }
+        record.version += 1;
+        self.set_feedback(&group_id, record);
+        let receipt = Receipt {
+            group_id,
+            feedback_id: feedback.feedback_id.clone(),
+            duplicate: false,
+            adapter_generation,
+        };
+        Ok((receipt, Some(before)))
     }
 
-    /// Records `image_id` as `rater`'s pick of its group.
-    pub(crate) fn best_of(&mut self, image_id: &str, rater: &str) -> Result<String, BufferError> {
-        let group_id = self.image(image_id)?.group_id.clone();
-        self.with_feedback_accounted(&group_id.clone(), |buffer| {
-            if let Some(group) = buffer.groups.get_mut(&group_id) {
-                group
-                    .best_of
-                    .insert(rater.to_string(), image_id.to_string());
+    /// Records trained pairs `(group, winner, loser)` in the ledger, and marks groups whose
+    /// feedback (at the version the trainer saw) is consumed in full; returns the groups changed.
+    pub(crate) fn mark_trained(
+        &mut self,
+        pairs: &[(String, String, String)],
+        settled: &[(String, u64)],
+    ) -> Vec<String> {
+        let mut changed = BTreeSet::new();
+        for (group_id, winner, loser) in pairs {
+            if let Some(e) = self.groups.get_mut(group_id) {
+                e.feedback
+                    .trained_pairs
+                    .insert((winner.clone(), loser.clone()));
+                changed.insert(group_id.clone());
             }
-        });
-        Ok(group_id)
+        }
+        for (group_id, version) in settled {
+            if let Some(e) = self.groups.get_mut(group_id) {
+                e.feedback.trained_version = e.feedback.trained_version.max(*version);
+                changed.insert(group_id.clone());
+            }
+        }
+        for group_id in &changed {
+            if let Some(record) = self.groups.get(group_id).map(|e| e.feedback.clone()) {
+                self.set_feedback(group_id, record);
+            }
+        }
+        changed.into_iter().collect()
+    }
+
+    /// The ledger: every `(winner, loser)` pair trained on, of the groups still held.
+    pub(crate) fn trained_pairs(&self) -> HashSet<(String, String)> {
+        self.groups
+            .values()
+            .flat_map(|e| e.feedback.trained_pairs.iter().cloned())
+            .collect()
+    }
+
+    /// Labelled groups whose feedback the trainer has not consumed (trainer lag).
+    pub(crate) fn untrained_groups(&self) -> usize {
+        self.groups
+            .values()
+            .filter(|e| e.feedback.is_untrained())
+            .count()
     }
 
     /// A consistent copy of the groups (and their images) for export or training, oldest first.
     pub(crate) fn snapshot(&self, include_unlabelled: bool) -> Vec<GroupSnapshot> {
-        let mut seen = std::collections::HashSet::new();
-        let mut out = Vec::new();
-        for image_id in &self.order {
-            let Some(image) = self.images.get(image_id) else {
-                continue;
-            };
-            if !seen.insert(image.group_id.clone()) {
-                continue;
-            }
-            let Some(group) = self.groups.get(&image.group_id) else {
-                continue;
-            };
-            if !include_unlabelled && !group.is_labelled(&self.images) {
-                continue;
-            }
-            let images = group
-                .image_ids
-                .iter()
-                .filter_map(|id| self.images.get(id).cloned())
-                .collect();
-            out.push(GroupSnapshot {
-                group_id: image.group_id.clone(),
-                group: group.clone(),
-                images,
-            });
-        }
-        out
+        self.order
+            .values()
+            .filter_map(|group_id| {
+                let e = self.groups.get(group_id)?;
+                if !include_unlabelled && !e.feedback.is_labelled() {
+                    return None;
+                }
+                let images = e
+                    .images
+                    .iter()
+                    .map(|(image_id, trajectory)| StoredImage {
+                        image_id: image_id.clone(),
+                        group_id: group_id.clone(),
+                        trajectory: trajectory.clone(),
+                        created_at: e.created_at,
+                        votes: e.feedback.votes.get(image_id).cloned().unwrap_or_default(),
+                    })
+                    .collect();
+                Some(GroupSnapshot {
+                    group_id: group_id.clone(),
+                    group: Group {
+                        image_ids: e.images.iter().map(|(id, _)| id.clone()).collect(),
+                        comparisons: e.feedback.comparisons.clone(),
+                        best_of: e.feedback.best_of.clone(),
+                    },
+                    images,
+                    version: e.feedback.version,
+                })
+            })
+            .collect()
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use candle_core::{DType, Device, Tensor};
-
-    use super::*;
-    use crate::sampler::Conditioning;
-
-    fn chain() -> Arc<Trajectory> {
-        let embeddings = Arc::new(Tensor::zeros((1, 2), DType::F32, &Device::Cpu).unwrap());
-        Arc::new(Trajectory {
-            latents: Tensor::zeros((2, 4, 16, 16), DType::F32, &Device::Cpu).unwrap(),
-            timesteps: vec![1],
-            log_probs: vec![0.0],
-            conditioning: Conditioning {
-                prompt: String::new(),
-                negative_prompt: String::new(),
-                prompt_embeddings: embeddings.clone(),
-                negative_embeddings: embeddings,
-            },
-            guidance_scale: 1.0,
-            eta: 1.0,
-            seed: 0,
-            image_index: 0,
-            model_id: "m".into(),
-            adapter_generation: None,
-        })
-    }
-
-    /// Feedback memory counts against the budget: a flood of votes (made-up raters) on an old
-    /// image evicts the oldest images instead of growing without bound; replacing a vote
-    /// costs nothing new.
-    #[test]
-    fn feedback_counts_against_the_byte_budget() {
-        let one = chain().size_bytes();
-        let mut buffer = TrajectoryBuffer::new(4 * one + 2000);
-        for g in 0..4 {
-            buffer.insert_group(&format!("g{g}"), vec![(format!("i{g}"), chain())]);
-        }
-        assert_eq!(buffer.stats().entries, 4);
-        assert_eq!(buffer.stats().bytes, 4 * one);
-        buffer.vote("i3", "alice", Vote::Up).unwrap();
-        let with_vote = buffer.stats().bytes;
-        assert_eq!(with_vote, 4 * one + 64 + 5);
-        buffer.vote("i3", "alice", Vote::Down).unwrap();
-        assert_eq!(
-            buffer.stats().bytes,
-            with_vote,
-            "a replaced vote costs nothing"
-        );
-        for r in 0..100 {
-            buffer.vote("i3", &format!("rater-{r}"), Vote::Up).unwrap();
-        }
-        let stats = buffer.stats();
-        assert!(stats.bytes <= 4 * one + 2000, "{stats:?}");
-        assert!(stats.entries < 4 && stats.evictions > 0, "{stats:?}");
-        assert!(buffer.image("i0").is_err(), "the oldest image went first");
-    }
-}
+#[path = "buffer_tests.rs"]
+mod tests;

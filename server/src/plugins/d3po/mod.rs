@@ -13,7 +13,6 @@ mod pairs;
 mod policy;
 mod round;
 
-use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -54,7 +53,6 @@ impl Plugin for D3poPlugin {
                 return;
             }
         };
-        let mut trained = HashSet::new();
         let interval = Duration::from_secs(self.config.interval_secs.max(1));
         while !host.stopping() {
             self.control.update(|s| s.state = "waiting".into());
@@ -63,7 +61,7 @@ impl Plugin for D3poPlugin {
                 break;
             }
             let started = Instant::now();
-            let result = self.round(&host, &mut trained, triggered, &metrics);
+            let result = self.round(&host, triggered, &metrics);
             let seconds = started.elapsed().as_secs_f64();
             match &result {
                 RoundResult::Published(id, stats) => {

@@ -23,6 +23,7 @@ pub(super) fn collect_pairs(groups: &[GroupSnapshot]) -> Vec<TrainingPair> {
         group_id,
         group,
         images,
+        ..
     } in groups.iter().rev()
     {
         let feedback = GroupFeedback {

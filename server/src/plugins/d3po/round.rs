@@ -17,6 +17,7 @@ use super::policy::{ServerPolicy, heldout_accuracy};
 use crate::adapters::{AdapterGeneration, TrainingStats};
 use crate::model::{LoraPair, LoraTarget, LoraWeights, TrainableLora};
 use crate::plugins::PluginHost;
+use crate::store::buffer::GroupSnapshot;
 
 /// What one round ended with.
 pub(super) enum RoundResult {
@@ -26,6 +27,17 @@ pub(super) enum RoundResult {
     Rejected(String),
     /// Nothing was trained: too few pairs, shutdown, or a failure on the way.
     Skipped(String),
+}
+
+/// What a trained round hands to the gate.
+struct Round<'a> {
+    trainable: &'a TrainableLora,
+    live: Option<&'a AdapterGeneration>,
+    pairs: &'a [&'a TrainingPair],
+    train: &'a [&'a TrainingPair],
+    heldout: &'a [&'a TrainingPair],
+    mean_loss: f64,
+    started: Instant,
 }
 
 /// `(train, held out)`: every k-th pair is held out for the gate, none when there are too few.
@@ -45,16 +57,33 @@ fn split_heldout<T: Copy>(pairs: &[T], heldout_fraction: f64) -> (Vec<T>, Vec<T>
     (train, heldout)
 }
 
+/// Groups with no fresh pair left outside `taken`, at the feedback version seen: the trainer has
+/// consumed them, and the store may evict them like any other.
+fn settled(
+    groups: &[GroupSnapshot],
+    fresh: &[TrainingPair],
+    taken: &HashSet<&(String, String)>,
+) -> Vec<(String, u64)> {
+    groups
+        .iter()
+        .filter(|g| {
+            !fresh
+                .iter()
+                .any(|p| p.group_id == g.group_id && !taken.contains(&p.key))
+        })
+        .map(|g| (g.group_id.clone(), g.version))
+        .collect()
+}
+
 impl D3poPlugin {
-    /// Runs one round; `trained` is the ledger of pairs already used (by image ids).
+    /// Runs one round over the store's labelled groups and its ledger of trained pairs.
     pub(super) fn round(
         &self,
         host: &PluginHost,
-        trained: &mut HashSet<(String, String)>,
         triggered: bool,
         metrics: &D3poMetrics,
     ) -> RoundResult {
-        match self.try_round(host, trained, triggered, metrics) {
+        match self.try_round(host, triggered, metrics) {
             Ok(result) | Err(result) => result,
         }
     }
@@ -62,7 +91,6 @@ impl D3poPlugin {
     fn try_round(
         &self,
         host: &PluginHost,
-        trained: &mut HashSet<(String, String)>,
         triggered: bool,
         metrics: &D3poMetrics,
     ) -> Result<RoundResult, RoundResult> {
@@ -72,10 +100,15 @@ impl D3poPlugin {
             move |e: &dyn std::fmt::Display| RoundResult::Skipped(format!("{what}: {e}"))
         };
         let groups = host.labelled_groups();
+        let ledger = host.trained_pairs();
         let fresh: Vec<TrainingPair> = collect_pairs(&groups)
             .into_iter()
-            .filter(|p| !trained.contains(&p.key))
+            .filter(|p| !ledger.contains(&p.key))
             .collect();
+        let idle = settled(&groups, &fresh, &HashSet::new());
+        if !idle.is_empty() {
+            host.record_trained(&[], &idle);
+        }
         self.control.update(|s| s.pending_pairs = fresh.len());
         let needed = if triggered { 1 } else { self.config.min_pairs };
         if fresh.len() < needed {
@@ -92,7 +125,7 @@ impl D3poPlugin {
             .live()
             .map_err(|e| RoundResult::Skipped(e.to_string()))?;
         self.control.update(|s| s.state = "training".into());
-        let seed = self.config.seed ^ trained.len() as u64;
+        let seed = self.config.seed ^ ledger.len() as u64;
         let trainable = self
             .starting_adapter(host, live.as_deref(), seed)
             .map_err(|e| skipped("initialising the adapter")(&e))?;
@@ -100,16 +133,44 @@ impl D3poPlugin {
         let mean_loss = self.train(host, &trainable, reference, &train, seed, metrics)?;
         metrics.pairs_used.inc_by(train.len() as u64);
         metrics.loss.set(mean_loss);
-        // The round has used these pairs whatever the gate decides: a rejected round must never
-        // pick the same (possibly damaged) pairs again ahead of fresh ones.
-        for p in &pairs {
-            trained.insert(p.key.clone());
-        }
-        let pending = fresh.len() - pairs.len();
-        self.control.update(|s| s.pending_pairs = pending);
+        let round = Round {
+            trainable: &trainable,
+            live: live.as_deref(),
+            pairs: &pairs,
+            train: &train,
+            heldout: &heldout,
+            mean_loss,
+            started,
+        };
+        let outcome = self.gate_and_publish(host, round, metrics);
+        // The round has used these pairs whatever the gate decided: a rejected round must never
+        // pick the same (possibly damaged) pairs again ahead of fresh ones. A published round's
+        // generation lists them too, so a crash before this line does not train them twice.
+        let taken: HashSet<&(String, String)> = pairs.iter().map(|p| &p.key).collect();
+        let used: Vec<(String, String, String)> = pairs
+            .iter()
+            .map(|p| (p.group_id.clone(), p.key.0.clone(), p.key.1.clone()))
+            .collect();
+        host.record_trained(&used, &settled(&groups, &fresh, &taken));
+        self.control
+            .update(|s| s.pending_pairs = fresh.len() - pairs.len());
+        outcome
+    }
 
+    /// Gates the trained adapter on the held-out pairs; publishes it and makes it live.
+    fn gate_and_publish(
+        &self,
+        host: &PluginHost,
+        round: Round<'_>,
+        metrics: &D3poMetrics,
+    ) -> Result<RoundResult, RoundResult> {
+        let skipped = |what: &str| {
+            let what = what.to_string();
+            move |e: &dyn std::fmt::Display| RoundResult::Skipped(format!("{what}: {e}"))
+        };
         self.control.update(|s| s.state = "gating".into());
-        let candidate = trainable
+        let candidate = round
+            .trainable
             .weights
             .detached()
             .map_err(|e| skipped("copying the trained weights")(&e))?;
@@ -118,9 +179,10 @@ impl D3poPlugin {
                 "the trained weights are not finite".into(),
             ));
         }
-        let new_acc = heldout_accuracy(host, &heldout, Some(&candidate))
+        let reference = round.live.map(|g| &g.weights);
+        let new_acc = heldout_accuracy(host, round.heldout, Some(&candidate))
             .map_err(|e| skipped("evaluating held-out pairs")(&e))?;
-        let live_acc = heldout_accuracy(host, &heldout, reference)
+        let live_acc = heldout_accuracy(host, round.heldout, reference)
             .map_err(|e| skipped("evaluating held-out pairs")(&e))?;
         metrics.heldout_accuracy.set(new_acc);
         if new_acc < live_acc + self.config.gate_margin {
@@ -130,16 +192,18 @@ impl D3poPlugin {
             )));
         }
         let stats = TrainingStats {
-            pairs: train.len(),
-            mean_loss,
+            pairs: round.train.len(),
+            mean_loss: round.mean_loss,
             heldout_accuracy: new_acc,
             parent_heldout_accuracy: live_acc,
-            seconds: started.elapsed().as_secs_f64(),
+            seconds: round.started.elapsed().as_secs_f64(),
+            trained_pairs: round.pairs.iter().map(|p| p.key.clone()).collect(),
         };
-        let mut learned_from: Vec<String> = pairs.iter().map(|p| p.group_id.clone()).collect();
+        let mut learned_from: Vec<String> =
+            round.pairs.iter().map(|p| p.group_id.clone()).collect();
         learned_from.sort();
         learned_from.dedup();
-        let parent = live.as_ref().map(|g| g.meta.id.clone());
+        let parent = round.live.map(|g| g.meta.id.clone());
         let generation: Arc<AdapterGeneration> = host
             .adapters()
             .publish(
