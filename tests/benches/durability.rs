@@ -64,7 +64,7 @@ async fn generate(server: &TestServer, total: usize) -> ((f64, f64, f64), Vec<pb
 }
 
 fn vote(image: &pb::GeneratedImage, n: usize) -> pb::FeedbackRequest {
-    let vote = if n % 2 == 0 {
+    let vote = if n.is_multiple_of(2) {
         pb::Vote::Up
     } else {
         pb::Vote::Down
