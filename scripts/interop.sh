@@ -26,7 +26,7 @@ target/release/imagegen-server make-tiny-model "$work/model"
 "$PY" scripts/interop/make_loras.py "$work/model" "$work/loras"
 
 NO_COLOR=1 target/release/imagegen-server --model "$work/model" --grpc-addr 127.0.0.1:0 \
-  --metrics-addr 127.0.0.1:0 --d3po-enabled false >"$work/server.log" 2>&1 &
+  --metrics-addr 127.0.0.1:0 --d3po-enabled false --data-dir "$work/data" >"$work/server.log" 2>&1 &
 server_pid=$!
 for _ in $(seq 1 120); do
   addr=$(sed -n 's/.*grpc_addr=\([0-9.:]*\).*/\1/p' "$work/server.log" | head -1)
