@@ -495,17 +495,22 @@ impl TrajectoryBuffer {
         settled: &[(String, u64)],
     ) -> Vec<String> {
         let mut changed = BTreeSet::new();
+        // Only real changes count: the trainer settles idle groups every interval, and an
+        // unchanged record must not be rewritten.
         for (group_id, winner, loser) in pairs {
-            if let Some(e) = self.groups.get_mut(group_id) {
-                e.feedback
+            if let Some(e) = self.groups.get_mut(group_id)
+                && e.feedback
                     .trained_pairs
-                    .insert((winner.clone(), loser.clone()));
+                    .insert((winner.clone(), loser.clone()))
+            {
                 changed.insert(group_id.clone());
             }
         }
         for (group_id, version) in settled {
-            if let Some(e) = self.groups.get_mut(group_id) {
-                e.feedback.trained_version = e.feedback.trained_version.max(*version);
+            if let Some(e) = self.groups.get_mut(group_id)
+                && *version > e.feedback.trained_version
+            {
+                e.feedback.trained_version = *version;
                 changed.insert(group_id.clone());
             }
         }

@@ -219,6 +219,11 @@ fn the_ledger_survives_a_restore_of_the_group() {
     buffer.apply(&vote_up("g0i0", "alice")).unwrap();
     let changed = buffer.mark_trained(&[("g0".into(), "g0i0".into(), "g0i1".into())], &[]);
     assert_eq!(changed, ["g0"]);
+    let again = buffer.mark_trained(
+        &[("g0".into(), "g0i0".into(), "g0i1".into())],
+        &[("g0".into(), 0)],
+    );
+    assert!(again.is_empty(), "nothing new: nothing to rewrite");
     let (seq, record) = buffer.feedback("g0").map(|(s, r)| (s, r.clone())).unwrap();
     let images: Vec<_> = (0..2).map(|i| (format!("g0i{i}"), chain())).collect();
     let mut restored = TrajectoryBuffer::new(1 << 20);

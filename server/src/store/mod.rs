@@ -271,6 +271,9 @@ impl<D: Durability> LearningStore for IndexedStore<D> {
     ) -> Result<(), StoreError> {
         let mut index = self.lock()?;
         let changed = index.mark_trained(pairs, settled);
+        if changed.is_empty() {
+            return Ok(());
+        }
         let changes = Changes {
             feedback: Self::records(&index, &changed),
             ..Changes::default()
