@@ -57,6 +57,11 @@ fn split_heldout<T: Copy>(pairs: &[T], heldout_fraction: f64) -> (Vec<T>, Vec<T>
     (train, heldout)
 }
 
+/// A round that stopped at `what` because of an error.
+fn skipped(what: &str) -> impl Fn(&dyn std::fmt::Display) -> RoundResult + '_ {
+    move |e| RoundResult::Skipped(format!("{what}: {e}"))
+}
+
 /// Groups with no fresh pair left outside `taken`, at the feedback version seen: the trainer has
 /// consumed them, and the store may evict them like any other.
 fn settled(
@@ -95,10 +100,6 @@ impl D3poPlugin {
         metrics: &D3poMetrics,
     ) -> Result<RoundResult, RoundResult> {
         let started = Instant::now();
-        let skipped = |what: &str| {
-            let what = what.to_string();
-            move |e: &dyn std::fmt::Display| RoundResult::Skipped(format!("{what}: {e}"))
-        };
         let groups = host.labelled_groups();
         let ledger = host.trained_pairs();
         let fresh: Vec<TrainingPair> = collect_pairs(&groups)
@@ -164,10 +165,6 @@ impl D3poPlugin {
         round: Round<'_>,
         metrics: &D3poMetrics,
     ) -> Result<RoundResult, RoundResult> {
-        let skipped = |what: &str| {
-            let what = what.to_string();
-            move |e: &dyn std::fmt::Display| RoundResult::Skipped(format!("{what}: {e}"))
-        };
         self.control.update(|s| s.state = "gating".into());
         let candidate = round
             .trainable
