@@ -10,9 +10,9 @@ use clap::Args;
 use crate::grpc::{Defaults, Limits};
 use crate::pipeline::{DiffusionModel, SampleLimits};
 
-/// Denoising steps of a request that leaves them unset.
 /// Where persistent data goes when `--data-dir` is not given.
 pub const DEFAULT_DATA_DIR: &str = "imagegen-data";
+/// Denoising steps of a request that leaves them unset.
 const DEFAULT_STEPS: u32 = 20;
 /// DDIM eta of a request that leaves it unset (1: DDPM-like, what D3PO trains on).
 const DEFAULT_ETA: f32 = 1.0;
@@ -41,6 +41,95 @@ impl Precision {
             Self::F16 => DType::F16,
             Self::Bf16 => DType::BF16,
         }
+    }
+}
+
+/// What one process does (`--role`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Serve and train (training only while holding the trainer lease when on NATS).
+    All,
+    /// Serve only: never train; follow the live adapter the trainer publishes.
+    Serve,
+    /// Train only (needs `--nats-url`): Generate is refused, feedback arrives through NATS.
+    Train,
+}
+
+impl Role {
+    /// Whether this process may run training rounds.
+    pub fn trains(self) -> bool {
+        self != Self::Serve
+    }
+
+    /// Whether this process answers Generate.
+    pub fn serves(self) -> bool {
+        self != Self::Train
+    }
+}
+
+/// Scale-out: many serving replicas and one trainer sharing what they learn through NATS
+/// JetStream.
+#[derive(Clone, Args)]
+pub struct ScaleOutConfig {
+    /// NATS server to share trajectories, feedback, adapters and the live alias through
+    /// (`nats://host:4222`; user and password may go in the URL). Without it the process keeps
+    /// its learning store in the data directory.
+    #[arg(long, env = "IMAGEGEN_NATS_URL", hide_env_values = true)]
+    pub nats_url: Option<String>,
+
+    /// NATS credentials file (`.creds`: JWT and NKey seed).
+    #[arg(long, env = "IMAGEGEN_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+
+    /// `all` (serve and train), `serve` (never train) or `train` (train only; needs NATS).
+    #[arg(long, env = "IMAGEGEN_ROLE", value_enum, default_value_t = Role::All)]
+    pub role: Role,
+
+    /// Byte limit of the JetStream learning stream (trajectories, feedback, ledger): the oldest
+    /// messages go first. Size it above `--trajectory-buffer-bytes`.
+    #[arg(long, env = "IMAGEGEN_NATS_STREAM_BYTES", default_value_t = 8 << 30)]
+    pub nats_stream_bytes: i64,
+
+    /// Time-to-live of the trainer lease in seconds: a second trainer takes over this long
+    /// after the first stops renewing.
+    #[arg(long, env = "IMAGEGEN_TRAINER_LEASE_SECS", default_value_t = 10)]
+    pub trainer_lease_secs: u64,
+}
+
+impl std::fmt::Debug for ScaleOutConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may carry a password.
+        f.debug_struct("ScaleOutConfig")
+            .field("nats_url", &self.nats_url.as_ref().map(|_| "<redacted>"))
+            .field("nats_creds", &self.nats_creds)
+            .field("role", &self.role)
+            .field("nats_stream_bytes", &self.nats_stream_bytes)
+            .field("trainer_lease_secs", &self.trainer_lease_secs)
+            .finish()
+    }
+}
+
+impl ScaleOutConfig {
+    fn validate(&self) -> Result<(), String> {
+        if self.role == Role::Train && self.nats_url.is_none() {
+            return Err(
+                "--role train needs --nats-url (the trainer reads feedback from NATS); use --role all on one machine"
+                    .into(),
+            );
+        }
+        if self.nats_url.is_none() && self.nats_creds.is_some() {
+            return Err("--nats-creds needs --nats-url".into());
+        }
+        if !(2..=3600).contains(&self.trainer_lease_secs) {
+            return Err(format!(
+                "--trainer-lease-secs must be in 2..=3600, got {}",
+                self.trainer_lease_secs
+            ));
+        }
+        if self.nats_stream_bytes < 1 << 20 {
+            return Err("--nats-stream-bytes must be at least 1 MiB".into());
+        }
+        Ok(())
     }
 }
 
@@ -148,6 +237,10 @@ pub struct ServeConfig {
     #[command(flatten)]
     pub plugins: crate::plugins::PluginsConfig,
 
+    /// Scale-out settings (`--nats-*`, `--role`).
+    #[command(flatten)]
+    pub scale_out: ScaleOutConfig,
+
     /// Longest a SIGTERM waits for in-flight requests before exiting.
     #[arg(long, env = "IMAGEGEN_DRAIN_TIMEOUT_SECS", default_value_t = 60)]
     pub drain_timeout_secs: u64,
@@ -195,6 +288,7 @@ impl ServeConfig {
             return Err("--max-steps and --max-images must be at least 1".into());
         }
         self.plugins.validate()?;
+        self.scale_out.validate()?;
         Ok(())
     }
 
@@ -284,6 +378,7 @@ impl std::fmt::Debug for ServeConfig {
             .field("feedback_token_ttl_secs", &self.feedback_token_ttl_secs)
             .field("drain_timeout_secs", &self.drain_timeout_secs)
             .field("plugins", &self.plugins)
+            .field("scale_out", &self.scale_out)
             .finish()
     }
 }

@@ -23,8 +23,9 @@ use crate::grpc::{AdaptersService, AdminService, AppState, GeneratorService};
 use crate::metrics::Metrics;
 use crate::model::ModelError;
 use crate::pipeline::DiffusionModel;
-use crate::plugins::{PluginHost, TrainingControl};
+use crate::plugins::{PluginHost, TrainingControl, TrainingGate};
 use crate::store::StoreMetrics;
+use crate::store::jetstream::{JetStreamAdapters, JetStreamStore, Nats, NatsMetrics, TrainerLease};
 use crate::supervisor::Supervisor;
 use crate::tokens::TokenSigner;
 
@@ -101,22 +102,54 @@ pub async fn start(
             "--ephemeral: trajectories, feedback and adapters live in memory only and die with the process"
         ),
     }
-    let secret = feedback_secret(config, data_dir.as_deref())?;
     let metrics = Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
+    let scale_out = &config.scale_out;
+    let nats = match &scale_out.nats_url {
+        Some(_) => {
+            let nats_metrics = NatsMetrics::register(&metrics.registry)
+                .map_err(|e| StartError::Setup(e.to_string()))?;
+            let nats = Nats::connect(scale_out, nats_metrics)
+                .await
+                .map_err(|e| StartError::Config(e.to_string()))?;
+            tracing::info!(role = ?scale_out.role, "scale-out on NATS JetStream");
+            Some(nats)
+        }
+        None => None,
+    };
+    let secret = match (&nats, &config.feedback_secret) {
+        (Some(nats), None) => nats.shared_secret().await.map_err(setup)?,
+        _ => feedback_secret(config, data_dir.as_deref())?,
+    };
     let defaults = config.request_defaults(&model);
     let limits = config.request_limits(&model).map_err(StartError::Config)?;
     let model_id = model.id.clone();
     let store_dir = data_dir.as_ref().map(|d| d.join("adapters"));
-    let adapters = Arc::new(
-        AdapterRegistry::open(
-            model.unet.lora_targets().to_vec(),
-            &model_id,
-            model.unet.device(),
-            store_dir.as_deref(),
-        )
-        .map_err(|e| StartError::Setup(e.to_string()))?
-        .with_metrics(metrics.clone()),
-    );
+    let registry = AdapterRegistry::open(
+        model.unet.lora_targets().to_vec(),
+        &model_id,
+        model.unet.device(),
+        store_dir.as_deref(),
+    )
+    .map_err(setup)?
+    .with_metrics(metrics.clone());
+    let adapters = match &nats {
+        Some(nats) => {
+            let shared = JetStreamAdapters::open(nats).await.map_err(setup)?;
+            let attached = Arc::new(shared.clone());
+            // Following the shared alias fetches through blocking calls: off the runtime.
+            let registry = tokio::task::spawn_blocking(move || registry.with_shared(attached))
+                .await
+                .map_err(setup)?
+                .map_err(setup)?;
+            let registry = Arc::new(registry);
+            tokio::spawn(crate::store::jetstream::watch_live(
+                shared,
+                registry.clone(),
+            ));
+            registry
+        }
+        None => Arc::new(registry),
+    };
     let engine_config = EngineConfig {
         max_batch: config.max_batch,
         batch_wait: config.batch_wait(),
@@ -126,17 +159,41 @@ pub async fn start(
     let model = Arc::new(model);
     let supervisor = Supervisor::new(metrics.thread_panics.clone());
     let engine = Engine::start(model.clone(), engine_config, metrics.clone(), &supervisor)?;
-    let store_metrics =
-        StoreMetrics::register(&metrics).map_err(|e| StartError::Setup(e.to_string()))?;
-    let store = match &data_dir {
-        Some(dir) => crate::store::embedded(
+    let store_metrics = StoreMetrics::register(&metrics).map_err(setup)?;
+    let mut gate = TrainingGate::default();
+    let store: Arc<dyn crate::store::LearningStore> = match (&nats, &data_dir) {
+        (Some(nats), _) => {
+            let store = JetStreamStore::open(
+                nats.clone(),
+                config.trajectory_buffer_bytes,
+                Duration::from_secs(config.feedback_token_ttl_secs),
+                scale_out.role.trains(),
+                model.unet.device(),
+                store_metrics,
+            )
+            .await
+            .map_err(setup)?;
+            if scale_out.role.trains() {
+                gate.caught_up = Some(store.caught_up());
+                let lease = TrainerLease::start(
+                    nats,
+                    Duration::from_secs(scale_out.trainer_lease_secs),
+                    lease_holder(),
+                )
+                .await
+                .map_err(setup)?;
+                gate.lease = Some(lease.flag());
+            }
+            store
+        }
+        (None, Some(dir)) => crate::store::embedded(
             dir,
             config.trajectory_buffer_bytes,
             model.unet.device(),
             store_metrics,
         )
-        .map_err(|e| StartError::Setup(e.to_string()))?,
-        None => crate::store::ephemeral(config.trajectory_buffer_bytes, store_metrics),
+        .map_err(setup)?,
+        (None, None) => crate::store::ephemeral(config.trajectory_buffer_bytes, store_metrics),
     };
     tracing::info!(
         backend = store.backend(),
@@ -145,7 +202,11 @@ pub async fn start(
     );
     let training = Arc::new(TrainingControl::default());
     let plugin_stop = Arc::new(AtomicBool::new(false));
-    if let Some(plugin) = config.plugins.trainer(&training) {
+    let trainer = match scale_out.role.trains() {
+        true => config.plugins.trainer(&training),
+        false => None,
+    };
+    if let Some(plugin) = trainer {
         let host = PluginHost::new(
             store.clone(),
             model.clone(),
@@ -153,7 +214,8 @@ pub async fn start(
             metrics.registry.clone(),
             metrics.queue_depth.clone(),
             plugin_stop.clone(),
-        );
+        )
+        .with_gate(gate);
         let name = plugin.name();
         supervisor.spawn(&format!("plugin-{name}"), move || plugin.run(host))?;
         tracing::info!(plugin = name, "training is on");
@@ -169,6 +231,7 @@ pub async fn start(
         model_id: model_id.clone(),
         defaults,
         limits,
+        serves: scale_out.role.serves(),
         draining: AtomicBool::new(false),
     });
 
@@ -264,6 +327,21 @@ pub async fn start(
         stop,
         task,
     })
+}
+
+fn setup(e: impl std::fmt::Display) -> StartError {
+    StartError::Setup(e.to_string())
+}
+
+/// Who holds the trainer lease, as logs and other trainers see it: the pod's name under
+/// Kubernetes (HOSTNAME), the process id, and a random suffix.
+fn lease_holder() -> String {
+    let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "imagegen".into());
+    format!(
+        "{host}-{}-{:08x}",
+        std::process::id(),
+        rand::random::<u32>()
+    )
 }
 
 /// The API keys of `--api-keys-file` and `--api-keys`, with a warning when there are none.

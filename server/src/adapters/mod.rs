@@ -7,6 +7,7 @@
 //! a compare-and-swap on the expected current generation.
 
 mod kohya;
+mod shared;
 mod store;
 
 use crate::clock::now_seconds;
@@ -18,6 +19,7 @@ use candle_core::{DType, Device};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+pub(crate) use shared::{GenerationFiles, SharedAdapters};
 pub use store::{AdapterStore, PeftConfig, from_peft, to_peft, write_atomic};
 
 use crate::model::{LoraTarget, LoraWeights};
@@ -161,6 +163,8 @@ struct RegistryState {
     in_memory: HashMap<String, Arc<AdapterGeneration>>,
     /// Damaged files moved aside at start (reported once metrics are attached).
     quarantined: usize,
+    /// Revision of the shared alias last applied (scale-out; 0 otherwise).
+    shared_revision: std::sync::atomic::AtomicU64,
 }
 
 /// Generations, the live alias, and their persistence.
@@ -170,6 +174,8 @@ pub struct AdapterRegistry {
     model_id: String,
     device: Device,
     store: Option<AdapterStore>,
+    /// Where generations and the alias are shared between processes (scale-out).
+    shared: Option<Arc<dyn SharedAdapters>>,
     state: RwLock<RegistryState>,
 }
 
@@ -178,6 +184,7 @@ impl std::fmt::Debug for AdapterRegistry {
         f.debug_struct("AdapterRegistry")
             .field("model_id", &self.model_id)
             .field("store", &self.store)
+            .field("shared", &self.shared)
             .finish()
     }
 }
@@ -217,6 +224,7 @@ impl AdapterRegistry {
             model_id: model_id.to_string(),
             device: device.clone(),
             store,
+            shared: None,
             state: RwLock::new(RegistryState {
                 live: None,
                 metas,
@@ -224,6 +232,7 @@ impl AdapterRegistry {
                 loaded: HashMap::new(),
                 in_memory: HashMap::new(),
                 quarantined,
+                shared_revision: Default::default(),
             }),
         };
         registry.restore_live(saved.live)?;
@@ -380,6 +389,8 @@ impl AdapterRegistry {
             meta: meta.clone(),
             weights,
         });
+        // Shared before it is known here, so nothing can make live what others cannot fetch.
+        self.share(&generation)?;
         let mut state = self.write()?;
         state.metas.insert(id.clone(), meta);
         if self.store.is_none() {
@@ -388,36 +399,54 @@ impl AdapterRegistry {
         Ok(generation)
     }
 
-    /// Points `live` at `id` (`None`: base) if it currently is `expected` (compare-and-swap).
+    /// Points `live` at `id` (`None`: base) if it currently is `expected` (compare-and-swap;
+    /// against the shared alias when one is attached).
     pub fn activate(
         &self,
         id: Option<&str>,
         expected: Option<&str>,
         reason: &str,
     ) -> Result<(), AdapterError> {
+        if let Some(shared) = self.shared.clone() {
+            return self.activate_shared(&*shared, id, expected, reason);
+        }
         let target = id.map(|id| self.load(id)).transpose()?;
+        // Check and swap under one write lock: two racing activations cannot both pass.
+        self.apply_live(target, reason, |state| {
+            let actual = state.live.as_ref().map(|g| g.meta.id.clone());
+            if actual.as_deref() != expected {
+                return Err(AdapterError::Conflict {
+                    expected: expected.unwrap_or("base").to_string(),
+                    actual: actual.unwrap_or_else(|| "base".into()),
+                });
+            }
+            let mut history = state.history.clone();
+            history.push(LiveChange {
+                from: actual,
+                to: id.map(String::from),
+                at: now_seconds(),
+                reason: reason.to_string(),
+            });
+            Ok(LiveState {
+                live: id.map(String::from),
+                history,
+            })
+        })
+    }
+
+    /// Swaps the alias to `target` (its generation) and persists the state `next` computes from
+    /// the current one (or refuses with its error), all under the write lock.
+    fn apply_live(
+        &self,
+        target: Option<Arc<AdapterGeneration>>,
+        reason: &str,
+        next: impl FnOnce(&RegistryState) -> Result<LiveState, AdapterError>,
+    ) -> Result<(), AdapterError> {
         let started = std::time::Instant::now();
         let mut state = self.write()?;
-        let actual = state.live.as_ref().map(|g| g.meta.id.clone());
-        if actual.as_deref() != expected {
-            return Err(AdapterError::Conflict {
-                expected: expected.unwrap_or("base").to_string(),
-                actual: actual.unwrap_or_else(|| "base".into()),
-            });
-        }
-        let change = LiveChange {
-            from: actual,
-            to: id.map(String::from),
-            at: now_seconds(),
-            reason: reason.to_string(),
-        };
-        let mut history = state.history.clone();
-        history.push(change);
+        let saved = next(&state)?;
         if let Some(store) = &self.store {
-            store.save_state(&LiveState {
-                live: id.map(String::from),
-                history: history.clone(),
-            })?;
+            store.save_state(&saved)?;
         }
         // Keep the outgoing generation shareable while requests still hold it.
         if let Some(old) = state.live.take() {
@@ -425,8 +454,9 @@ impl AdapterRegistry {
             state.loaded.insert(old_id, Arc::downgrade(&old));
         }
         state.live = target;
-        state.history = history;
+        state.history = saved.history;
         drop(state);
+        let id = saved.live.as_deref();
         if let Some(m) = &self.metrics {
             m.observe_swap(id, started.elapsed());
         }
@@ -437,17 +467,16 @@ impl AdapterRegistry {
     /// Points `live` back at the generation that was live before the current one was put live
     /// (rollbacks themselves are skipped, so repeated rollbacks walk back through the lineage).
     pub fn rollback(&self) -> Result<Option<String>, AdapterError> {
-        let (current, previous) = {
-            let state = self.read()?;
-            let current = state.live.as_ref().map(|g| g.meta.id.clone());
-            let last = state
-                .history
-                .iter()
-                .rev()
-                .find(|c| c.to == current && c.reason != "rollback")
-                .ok_or(AdapterError::NoHistory)?;
-            (current, last.from.clone())
-        };
+        let (state, _) = self.live_state()?;
+        let current = state.live.clone();
+        let previous = state
+            .history
+            .iter()
+            .rev()
+            .find(|c| c.to == current && c.reason != "rollback")
+            .ok_or(AdapterError::NoHistory)?
+            .from
+            .clone();
         self.activate(previous.as_deref(), current.as_deref(), "rollback")?;
         Ok(previous)
     }

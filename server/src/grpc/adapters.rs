@@ -84,6 +84,31 @@ impl AdaptersService {
         observe(&self.state.metrics, rpc, started, &result);
         result
     }
+
+    /// [`AdaptersService::call`] for work that may block (file and NATS I/O, decoding): run on
+    /// a blocking thread, with the request's body handed over.
+    async fn call_blocking<Q: Send + 'static, R: Send + 'static>(
+        &self,
+        rpc: &str,
+        request: Request<Q>,
+        f: impl FnOnce(&Self, Q) -> Result<R, ServerError> + Send + 'static,
+    ) -> Result<Response<R>, Status> {
+        let started = Instant::now();
+        let result = match self.state.authorize(&request, Role::Admin) {
+            Err(e) => Err(e),
+            Ok(_) => {
+                let this = self.clone();
+                let body = request.into_inner();
+                tokio::task::spawn_blocking(move || f(&this, body))
+                    .await
+                    .unwrap_or_else(|e| Err(ServerError::Internal(format!("adapter task: {e}"))))
+            }
+        }
+        .map(Response::new)
+        .map_err(Status::from);
+        observe(&self.state.metrics, rpc, started, &result);
+        result
+    }
 }
 
 /// An empty string means "the base model".
@@ -131,33 +156,34 @@ impl Adapters for AdaptersService {
         &self,
         request: Request<pb::ActivateAdapterRequest>,
     ) -> Result<Response<pb::ActivateAdapterResponse>, Status> {
-        self.call("ActivateAdapter", &request, || {
-            let r = request.get_ref();
-            let previous = self.live_id()?;
-            self.state.adapters.activate(
+        self.call_blocking("ActivateAdapter", request, |this, r| {
+            let previous = this.live_id()?;
+            this.state.adapters.activate(
                 optional(&r.generation),
                 optional(&r.expected_live),
                 "activated",
             )?;
             Ok(pb::ActivateAdapterResponse {
                 previous,
-                live: self.live_id()?,
+                live: this.live_id()?,
             })
         })
+        .await
     }
 
     async fn rollback_adapter(
         &self,
         request: Request<pb::RollbackAdapterRequest>,
     ) -> Result<Response<pb::ActivateAdapterResponse>, Status> {
-        self.call("RollbackAdapter", &request, || {
-            let previous = self.live_id()?;
-            self.state.adapters.rollback()?;
+        self.call_blocking("RollbackAdapter", request, |this, _| {
+            let previous = this.live_id()?;
+            this.state.adapters.rollback()?;
             Ok(pb::ActivateAdapterResponse {
                 previous,
-                live: self.live_id()?,
+                live: this.live_id()?,
             })
         })
+        .await
     }
 
     async fn trigger_training(
@@ -206,14 +232,14 @@ impl Adapters for AdaptersService {
         &self,
         request: Request<pb::ImportAdapterRequest>,
     ) -> Result<Response<pb::AdapterInfo>, Status> {
-        self.call("ImportAdapter", &request, || {
-            let r = request.get_ref();
-            let generation = self
+        self.call_blocking("ImportAdapter", request, |this, r| {
+            let generation = this
                 .state
                 .adapters
                 .import(&r.adapter_model_safetensors, &r.adapter_config_json)?;
-            let live = self.live_id()?;
-            Ok(self.info(generation.meta.clone(), &live))
+            let live = this.live_id()?;
+            Ok(this.info(generation.meta.clone(), &live))
         })
+        .await
     }
 }

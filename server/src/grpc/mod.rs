@@ -77,6 +77,8 @@ pub(crate) struct AppState {
     pub(crate) defaults: Defaults,
     /// Request limits.
     pub(crate) limits: Limits,
+    /// Whether Generate is answered (`--role all|serve`; a `train` process refuses it).
+    pub(crate) serves: bool,
     /// Set on SIGTERM: new generation requests are refused while in-flight ones finish.
     pub(crate) draining: AtomicBool,
 }
@@ -109,6 +111,11 @@ impl AppState {
 
     /// Refuses new work while draining.
     pub(crate) fn accepting(&self) -> Result<(), ServerError> {
+        if !self.serves {
+            return Err(ServerError::FailedPrecondition(
+                "this process runs `--role train` and does not generate: send Generate to a serving replica".into(),
+            ));
+        }
         if self.draining.load(Ordering::Acquire) {
             return Err(ServerError::Unavailable(
                 "the server is shutting down; retry on another replica".into(),

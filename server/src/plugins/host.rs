@@ -14,6 +14,32 @@ use crate::sampler::{Trajectory, TransitionBatch, log_ratio};
 use crate::store::LearningStore;
 use crate::store::buffer::GroupSnapshot;
 
+/// What must hold before a round may train (scale-out): this process holds the trainer lease,
+/// and its replay of the learning stream has caught up (or it would retrain pairs whose ledger
+/// entries it has not read yet). Both absent on one machine.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct TrainingGate {
+    /// Set while this process holds the trainer lease.
+    pub lease: Option<Arc<AtomicBool>>,
+    /// Set once the replay reached the stream's end as it was at start.
+    pub caught_up: Option<Arc<AtomicBool>>,
+}
+
+impl TrainingGate {
+    fn blocked(&self) -> Option<&'static str> {
+        let unset = |flag: &Option<Arc<AtomicBool>>| {
+            flag.as_ref().is_some_and(|f| !f.load(Ordering::Acquire))
+        };
+        if unset(&self.lease) {
+            Some("another process holds the trainer lease")
+        } else if unset(&self.caught_up) {
+            Some("replaying the learning stream")
+        } else {
+            None
+        }
+    }
+}
+
 /// What the host gives a plugin.
 #[derive(Clone)]
 pub struct PluginHost {
@@ -23,6 +49,7 @@ pub struct PluginHost {
     metrics: prometheus::Registry,
     queue_depth: prometheus::IntGauge,
     stop: Arc<AtomicBool>,
+    gate: TrainingGate,
 }
 
 impl std::fmt::Debug for PluginHost {
@@ -50,7 +77,19 @@ impl PluginHost {
             metrics,
             queue_depth,
             stop,
+            gate: TrainingGate::default(),
         }
+    }
+
+    /// Trains only while `gate` holds.
+    pub(crate) fn with_gate(mut self, gate: TrainingGate) -> Self {
+        self.gate = gate;
+        self
+    }
+
+    /// Why training may not run now (`None`: it may).
+    pub fn training_blocked(&self) -> Option<&'static str> {
+        self.gate.blocked()
     }
 
     /// The store's groups that carry feedback, oldest first (a consistent copy).

@@ -22,6 +22,7 @@ use std::sync::Arc;
 pub use control::{TrainingControl, TrainingStatus};
 #[cfg(feature = "d3po")]
 pub use d3po::D3poConfig;
+pub(crate) use host::TrainingGate;
 pub use host::{PluginHost, Transitions};
 
 /// A learning plugin.

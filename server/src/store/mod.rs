@@ -7,13 +7,17 @@
 //! - **memory** (`--ephemeral`): today's ring buffer; everything dies with the process.
 //! - **embedded** (the default): the same in-memory index, written through to a redb database in
 //!   the data directory before a call returns, so *acknowledged means durable*.
+//! - **jetstream** (`--nats-url`): many serving replicas and one trainer share one JetStream
+//!   stream; a call returns once JetStream acknowledged it (see [`jetstream`]).
 //!
-//! Adapter generations and the live alias have their own durable home, the adapter registry's
-//! files under `DATA_DIR/adapters` (atomic renames, quarantine of damaged files).
+//! Adapter generations and the live alias: on one machine the adapter registry's files under
+//! `DATA_DIR/adapters` (atomic renames, quarantine of damaged files); on NATS a JetStream object
+//! store and KV bucket behind the registry's [`crate::adapters::SharedAdapters`].
 
 pub(crate) mod buffer;
 mod codec;
 mod embedded;
+pub(crate) mod jetstream;
 mod metrics;
 
 use std::collections::HashSet;
@@ -45,7 +49,7 @@ pub(crate) enum StoreError {
 
 /// The boundary between serving and learning.
 pub(crate) trait LearningStore: Send + Sync + std::fmt::Debug {
-    /// `memory` or `embedded`.
+    /// `memory`, `embedded` or `jetstream`.
     fn backend(&self) -> &'static str;
 
     /// Stores the images of one request as a group; returns once it is durable.

@@ -60,6 +60,10 @@ impl Plugin for D3poPlugin {
             if host.stopping() {
                 break;
             }
+            if let Some(reason) = host.training_blocked() {
+                self.control.update(|s| s.last_reason = reason.to_string());
+                continue;
+            }
             let started = Instant::now();
             let result = self.round(&host, triggered, &metrics);
             let seconds = started.elapsed().as_secs_f64();

@@ -200,6 +200,11 @@ impl D3poPlugin {
             round.pairs.iter().map(|p| p.group_id.clone()).collect();
         learned_from.sort();
         learned_from.dedup();
+        // A trainer that lost its lease during the round must not publish (another one may be
+        // training the same pairs now).
+        if let Some(reason) = host.training_blocked() {
+            return Ok(RoundResult::Skipped(format!("not published: {reason}")));
+        }
         let parent = round.live.map(|g| g.meta.id.clone());
         let generation: Arc<AdapterGeneration> = host
             .adapters()
