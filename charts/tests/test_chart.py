@@ -97,8 +97,9 @@ def profile_checks(profile):
         assert startup["periodSeconds"] * startup["failureThreshold"] >= 300, "startup probe too short for model loading"
 
     def service_ports_named():
-        svc = by_kind(rendered["objs"], "Service")[0]
-        assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}
+        for svc in by_kind(rendered["objs"], "Service"):
+            if svc["metadata"]["name"] in ("rel-imagegen", "rel-imagegen-trainer"):
+                assert {p["name"] for p in svc["spec"]["ports"]} == {"grpc", "metrics"}
 
     def no_secret_in_configmap():
         secrets = [k["key"] for k in vals["auth"]["apiKeys"]] + ([vals["auth"]["feedbackSecret"]] if vals["auth"]["feedbackSecret"] else [])
@@ -151,6 +152,7 @@ def guard_checks():
         p = render(None, "d3po.enabled=true", "replicaCount=2", ok=False)
         assert p.returncode != 0, "rendered training with 2 replicas"
         assert "replicaCount=1" in p.stderr and "one trainer per deployment" in p.stderr, p.stderr
+        assert "nats.enabled=true" in p.stderr, "the message names the way out"
 
     def training_with_autoscaling_fails():
         p = render(None, "d3po.enabled=true", "autoscaling.enabled=true", "autoscaling.maxReplicas=3", ok=False)
@@ -171,7 +173,60 @@ def guard_checks():
         assert dep["spec"]["replicas"] == 1 and dep["spec"]["strategy"]["type"] == "Recreate"
         assert by_kind(objs, "PersistentVolumeClaim"), "no PVC for the adapter store"
 
+    def scale_out_topology():
+        objs = objects(render(None, "nats.enabled=true", "nats.url=nats://nats.nats.svc:4222", "replicaCount=3").stdout)
+        deps = {d["metadata"]["name"]: d for d in by_kind(objs, "Deployment")}
+        serve, trainer = deps["rel-imagegen"], deps["rel-imagegen-trainer"]
+        env = lambda d: {e["name"]: e.get("value") for e in d["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert serve["spec"]["replicas"] == 3 and env(serve)["IMAGEGEN_ROLE"] == "serve"
+        assert serve["spec"].get("strategy", {}).get("type") != "Recreate", "serving replicas roll"
+        assert trainer["spec"]["replicas"] == 1 and trainer["spec"]["strategy"]["type"] == "Recreate"
+        assert env(trainer)["IMAGEGEN_ROLE"] == "train"
+        cm = by_kind(objs, "ConfigMap")[0]["data"]
+        assert cm["IMAGEGEN_NATS_URL"] == "nats://nats.nats.svc:4222"
+        # The serving Service must never route Generate to the trainer (it refuses it).
+        svc = next(x for x in by_kind(objs, "Service") if x["metadata"]["name"] == "rel-imagegen")
+        trainer_labels = trainer["spec"]["template"]["metadata"]["labels"]
+        assert not all(trainer_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+        serve_labels = serve["spec"]["template"]["metadata"]["labels"]
+        assert all(serve_labels.get(k) == v for k, v in svc["spec"]["selector"].items())
+        # A ReadWriteOnce claim cannot be shared by replicas; everything learned is in NATS.
+        assert not by_kind(objs, "PersistentVolumeClaim")
+        assert not by_kind(objs, "StatefulSet"), "an external NATS needs no bundled one"
+
+    def nats_without_a_server_fails():
+        p = render(None, "nats.enabled=true", ok=False)
+        assert p.returncode != 0 and "nats.url" in p.stderr and "nats.deploy.enabled" in p.stderr, p.stderr
+        p = render(None, "nats.enabled=true", "nats.url=nats://n:4222", "nats.credsKey=creds", ok=False)
+        assert p.returncode != 0 and "nats.existingSecret" in p.stderr, p.stderr
+        p = render(None, "nats.url=http://n:4222", ok=False)
+        assert p.returncode != 0, "the schema takes only NATS URLs"
+
+    def nats_credentials_from_a_secret():
+        objs = objects(render(None, "nats.enabled=true", "nats.existingSecret=nats-auth", "nats.urlKey=url", "nats.credsKey=user.creds").stdout)
+        for dep in by_kind(objs, "Deployment"):
+            spec = dep["spec"]["template"]["spec"]
+            env = {e["name"]: e for e in spec["containers"][0]["env"]}
+            assert env["IMAGEGEN_NATS_URL"]["valueFrom"]["secretKeyRef"] == {"name": "nats-auth", "key": "url"}
+            assert env["IMAGEGEN_NATS_CREDS"]["value"] == "/etc/imagegen/nats/creds"
+            vol = next(v for v in spec["volumes"] if v["name"] == "nats-creds")
+            assert vol["secret"]["secretName"] == "nats-auth" and vol["secret"]["items"][0]["key"] == "user.creds"
+        assert "IMAGEGEN_NATS_URL" not in by_kind(objs, "ConfigMap")[0]["data"], "the URL with its password stays in the Secret"
+
+    def bundled_nats_and_training_off():
+        objs = objects(render(None, "nats.enabled=true", "nats.deploy.enabled=true", "d3po.enabled=false").stdout)
+        assert [d["metadata"]["name"] for d in by_kind(objs, "Deployment")] == ["rel-imagegen"], "no trainer without training"
+        sts = by_kind(objs, "StatefulSet")[0]
+        args = sts["spec"]["template"]["spec"]["containers"][0]["args"]
+        assert "--jetstream" in args and "--store_dir" in args
+        assert sts["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "10Gi"
+        assert by_kind(objs, "ConfigMap")[0]["data"]["IMAGEGEN_NATS_URL"] == "nats://rel-imagegen-nats:4222"
+
     for name, fn in [
+        ("scale-out: serving replicas, one Recreate trainer, Service skips the trainer, no PVC", scale_out_topology),
+        ("scale-out: NATS without a server to reach fails with the reason", nats_without_a_server_fails),
+        ("scale-out: NATS URL and creds from a Secret, never in the ConfigMap", nats_credentials_from_a_secret),
+        ("scale-out: bundled JetStream StatefulSet; no trainer without training", bundled_nats_and_training_off),
         ("guard: training with 2 replicas fails with the reason", training_with_replicas_fails),
         ("guard: training with autoscaling fails", training_with_autoscaling_fails),
         ("guard: grace period below the drain fails", short_grace_fails),

@@ -414,4 +414,24 @@ mod tests {
         config.feedback_token_ttl_secs = 3600;
         assert!(config.validate().is_ok());
     }
+
+    #[test]
+    fn scale_out_flags_are_checked_by_name_and_the_url_is_never_printed() {
+        let mut config = ServeConfig::defaults().unwrap();
+        config.scale_out.role = Role::Train;
+        let err = config.validate().unwrap_err();
+        assert!(err.contains("--role train needs --nats-url"), "{err}");
+        config.scale_out.nats_url = Some("nats://user:hunter2@nats:4222".into());
+        assert!(config.validate().is_ok());
+        assert!(!format!("{config:?}").contains("hunter2"));
+        config.scale_out.trainer_lease_secs = 1;
+        assert!(config.validate().unwrap_err().contains("--trainer-lease-secs"));
+        config.scale_out.trainer_lease_secs = 10;
+        config.scale_out.nats_url = None;
+        config.scale_out.role = Role::All;
+        config.scale_out.nats_creds = Some("x.creds".into());
+        assert!(config.validate().unwrap_err().contains("--nats-creds needs --nats-url"));
+        assert!(Role::All.trains() && Role::All.serves());
+        assert!(!Role::Serve.trains() && !Role::Train.serves());
+    }
 }

@@ -29,6 +29,31 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* Trainer pods carry their own name label, so the serving Service never selects them. */}}
+{{- define "imagegen.trainerSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "imagegen.name" . }}-trainer
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: trainer
+{{- end }}
+
+{{- define "imagegen.trainerLabels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "imagegen.trainerSelectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "imagegen.natsSelectorLabels" -}}
+app.kubernetes.io/name: {{ include "imagegen.name" . }}-nats
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: nats
+{{- end }}
+
+{{/* Where NATS is: `nats.url`, else the bundled one (a URL from the Secret overrides both). */}}
+{{- define "imagegen.natsUrl" -}}
+{{- if .Values.nats.url }}{{ .Values.nats.url }}{{ else if .Values.nats.deploy.enabled }}nats://{{ include "imagegen.fullname" . }}-nats:4222{{ end }}
+{{- end }}
+
 {{- define "imagegen.serviceAccountName" -}}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "imagegen.fullname" .) .Values.serviceAccount.name }}
@@ -52,11 +77,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* Refuse settings that cannot work, with the reason. */}}
 {{- define "imagegen.validate" -}}
-{{- if and .Values.d3po.enabled (gt (int .Values.replicaCount) 1) }}
-{{- fail (printf "d3po.enabled=true needs replicaCount=1 (got %d): the trainer learns from one pod's trajectory buffer and publishes adapters from it, so there is one trainer per deployment until training scales out. Set replicaCount=1, or d3po.enabled=false to serve several replicas." (int .Values.replicaCount)) }}
+{{- if and .Values.d3po.enabled (not .Values.nats.enabled) (gt (int .Values.replicaCount) 1) }}
+{{- fail (printf "d3po.enabled=true needs replicaCount=1 (got %d) without NATS: one pod's learning store and adapters are on its own volume, so there is one trainer per deployment. Set nats.enabled=true (serving replicas plus one trainer sharing JetStream), replicaCount=1, or d3po.enabled=false." (int .Values.replicaCount)) }}
 {{- end }}
-{{- if and .Values.d3po.enabled .Values.autoscaling.enabled (gt (int .Values.autoscaling.maxReplicas) 1) }}
-{{- fail "d3po.enabled=true cannot be combined with autoscaling beyond 1 replica (one trainer per deployment): disable autoscaling or training." }}
+{{- if and .Values.d3po.enabled (not .Values.nats.enabled) .Values.autoscaling.enabled (gt (int .Values.autoscaling.maxReplicas) 1) }}
+{{- fail "d3po.enabled=true cannot be combined with autoscaling beyond 1 replica without NATS (one trainer per deployment): set nats.enabled=true, or disable autoscaling or training." }}
+{{- end }}
+{{- if and .Values.nats.enabled (not .Values.nats.url) (not .Values.nats.deploy.enabled) (not (and .Values.nats.existingSecret .Values.nats.urlKey)) }}
+{{- fail "nats.enabled=true needs a NATS to connect to: nats.url (e.g. the official NATS chart's nats://nats.nats.svc:4222), nats.existingSecret with nats.urlKey, or nats.deploy.enabled=true" }}
+{{- end }}
+{{- if and (or .Values.nats.urlKey .Values.nats.credsKey) (not .Values.nats.existingSecret) }}
+{{- fail "nats.urlKey and nats.credsKey name keys of nats.existingSecret: set nats.existingSecret" }}
 {{- end }}
 {{- if le (int .Values.terminationGracePeriodSeconds) (add (int .Values.server.drainTimeoutSeconds) (int .Values.lifecycle.preStopSleepSeconds)) }}
 {{- fail (printf "terminationGracePeriodSeconds (%d) must exceed lifecycle.preStopSleepSeconds + server.drainTimeoutSeconds (%d): otherwise in-flight requests are killed mid-drain." (int .Values.terminationGracePeriodSeconds) (add (int .Values.server.drainTimeoutSeconds) (int .Values.lifecycle.preStopSleepSeconds))) }}

@@ -20,6 +20,7 @@ mod adapters;
 mod lease;
 mod metrics;
 mod replay;
+mod wire;
 
 use std::collections::HashSet;
 use std::sync::atomic::AtomicBool;
@@ -29,7 +30,6 @@ use std::time::{Duration, SystemTime};
 use async_nats::jetstream::{self, kv, stream};
 use async_nats::{HeaderMap, header};
 use candle_core::Device;
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub(crate) use adapters::{JetStreamAdapters, watch_live};
@@ -37,9 +37,9 @@ pub(crate) use lease::TrainerLease;
 pub(crate) use metrics::NatsMetrics;
 
 use super::buffer::{
-    BufferError, BufferStats, FeedbackKind, GroupSnapshot, NewFeedback, Rater, Receipt,
-    TrajectoryBuffer, Vote,
+    BufferError, BufferStats, FeedbackKind, GroupSnapshot, NewFeedback, Receipt, TrajectoryBuffer,
 };
+use wire::{FeedbackMessage, ImageEntry, KeyAnswer, LedgerMessage};
 use super::{LearningStore, StoreError, StoreMetrics, codec};
 use crate::config::ScaleOutConfig;
 use crate::sampler::Trajectory;
@@ -201,84 +201,6 @@ impl Nats {
 
 fn unavailable(what: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(format!("{what}: {e}"))
-}
-
-/// What the image index says about an image (all a serving replica needs to accept feedback).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct ImageEntry {
-    group_id: String,
-    adapter_generation: String,
-    /// Every image of the group.
-    images: Vec<String>,
-}
-
-/// The first answer to an idempotency key.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct KeyAnswer {
-    fingerprint: String,
-    feedback_id: String,
-}
-
-/// One feedback as it travels on the stream (the rater already resolved).
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct FeedbackMessage {
-    image_id: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    vote: Option<Vote>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    preferred_over: Option<String>,
-    #[serde(default)]
-    best_of: bool,
-    rater: String,
-    feedback_id: String,
-}
-
-impl FeedbackMessage {
-    fn new(feedback: &NewFeedback, group_id: &str) -> Self {
-        let (vote, preferred_over, best_of) = match &feedback.kind {
-            FeedbackKind::Vote(v) => (Some(*v), None, false),
-            FeedbackKind::PreferredOver(loser) => (None, Some(loser.clone()), false),
-            FeedbackKind::BestOf => (None, None, true),
-        };
-        let rater = match &feedback.rater {
-            Rater::Named(id) => id.clone(),
-            Rater::TokenHolder => format!("token:{group_id}"),
-        };
-        Self {
-            image_id: feedback.image_id.clone(),
-            vote,
-            preferred_over,
-            best_of,
-            rater,
-            feedback_id: feedback.feedback_id.clone(),
-        }
-    }
-
-    /// The feedback to apply to the index (deduplicated already by JetStream and the key bucket).
-    fn to_feedback(&self) -> Option<NewFeedback> {
-        let kind = match (&self.vote, &self.preferred_over, self.best_of) {
-            (Some(v), None, false) => FeedbackKind::Vote(*v),
-            (None, Some(loser), false) => FeedbackKind::PreferredOver(loser.clone()),
-            (None, None, true) => FeedbackKind::BestOf,
-            _ => return None,
-        };
-        Some(NewFeedback {
-            image_id: self.image_id.clone(),
-            kind,
-            rater: Rater::Named(self.rater.clone()),
-            idempotency: None,
-            idempotency_key: String::new(),
-            feedback_id: self.feedback_id.clone(),
-        })
-    }
-}
-
-/// A ledger entry: pairs of one group trained, and the feedback version consumed in full.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct LedgerMessage {
-    pairs: Vec<(String, String)>,
-    #[serde(default)]
-    settled: Option<u64>,
 }
 
 /// The JetStream learning store.
