@@ -425,12 +425,22 @@ mod tests {
         assert!(config.validate().is_ok());
         assert!(!format!("{config:?}").contains("hunter2"));
         config.scale_out.trainer_lease_secs = 1;
-        assert!(config.validate().unwrap_err().contains("--trainer-lease-secs"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("--trainer-lease-secs")
+        );
         config.scale_out.trainer_lease_secs = 10;
         config.scale_out.nats_url = None;
         config.scale_out.role = Role::All;
         config.scale_out.nats_creds = Some("x.creds".into());
-        assert!(config.validate().unwrap_err().contains("--nats-creds needs --nats-url"));
+        assert!(
+            config
+                .validate()
+                .unwrap_err()
+                .contains("--nats-creds needs --nats-url")
+        );
         assert!(Role::All.trains() && Role::All.serves());
         assert!(!Role::Serve.trains() && !Role::Train.serves());
     }

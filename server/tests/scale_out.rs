@@ -262,8 +262,38 @@ async fn replicas_and_a_trainer_share_what_they_learn() {
     );
 
     rate_four_groups(&ca, &cb).await;
+    // An idempotent retry may land on any replica: the key is shared.
+    let image = generate(&ca, "a retried vote").await.images[0]
+        .image_id
+        .clone();
+    let keyed = |vote: pb::Vote| pb::FeedbackRequest {
+        image_id: image.clone(),
+        rater_id: "bob".into(),
+        idempotency_key: "retry-1".into(),
+        feedback: Some(pb::feedback_request::Feedback::Vote(vote as i32)),
+        ..Default::default()
+    };
+    let once = ImageGeneratorClient::new(ca.clone())
+        .submit_feedback(with_key(keyed(pb::Vote::Up)))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = ImageGeneratorClient::new(cb.clone())
+        .submit_feedback(with_key(keyed(pb::Vote::Up)))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        again.duplicate && again.feedback_id == once.feedback_id,
+        "{again:?}"
+    );
+    let reused = ImageGeneratorClient::new(cb.clone())
+        .submit_feedback(with_key(keyed(pb::Vote::Down)))
+        .await
+        .unwrap_err();
+    assert_eq!(reused.code(), tonic::Code::FailedPrecondition, "{reused:?}");
     await_metric(&trainer.metrics, "imagegen_trainer_lease_held", 1.0).await;
-    await_metric(&trainer.metrics, "imagegen_trainer_lag_groups", 4.0).await;
+    await_metric(&trainer.metrics, "imagegen_trainer_lag_groups", 5.0).await;
     let round = finish_round(&ct).await;
     assert_eq!(round.rounds_published, 1, "{round:?}");
     let published = Instant::now();

@@ -20,6 +20,8 @@ mod adapters;
 mod lease;
 mod metrics;
 mod replay;
+#[cfg(test)]
+mod tests;
 mod wire;
 
 use std::collections::HashSet;
@@ -39,10 +41,10 @@ pub(crate) use metrics::NatsMetrics;
 use super::buffer::{
     BufferError, BufferStats, FeedbackKind, GroupSnapshot, NewFeedback, Receipt, TrajectoryBuffer,
 };
-use wire::{FeedbackMessage, ImageEntry, KeyAnswer, LedgerMessage};
 use super::{LearningStore, StoreError, StoreMetrics, codec};
 use crate::config::ScaleOutConfig;
 use crate::sampler::Trajectory;
+use wire::{FeedbackMessage, ImageEntry, KeyAnswer, LedgerMessage};
 
 const STREAM: &str = "IMAGEGEN_LEARNING";
 const SUBJECTS: &str = "imagegen.learning.>";
