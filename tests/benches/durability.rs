@@ -1,9 +1,10 @@
 //! Durability benchmark: prints figures, asserts nothing.
 //!
 //! The cost of "acknowledged means durable": Generate at concurrency 4 on the tiny model with the
-//! embedded store (redb, fsync per commit) against `--ephemeral`, run alternately twice so drift
-//! shows; SubmitFeedback latency (p50/p99, one client) and throughput (8 clients); and the store's
-//! own commit time from `imagegen_store_commit_seconds`. `BENCH_REQUESTS` (default 32) and
+//! embedded store (redb, fsync per commit) and with JetStream (a local nats-server with file
+//! storage, started here) against `--ephemeral`, run alternately twice so drift shows;
+//! SubmitFeedback latency (p50/p99, one client) and throughput (8 clients); and the store's own
+//! commit time (p50/p99 from `imagegen_store_commit_seconds`). `BENCH_REQUESTS` (default 32) and
 //! `BENCH_FEEDBACK` (default 400) tune the run.
 
 use std::time::{Duration, Instant};
@@ -121,18 +122,83 @@ async fn feedback(
     )
 }
 
-/// Mean commit time in ms of `what`, from the histogram's sum and count.
-async fn commit_ms(server: &TestServer, what: &str) -> Option<f64> {
-    let label = format!("{{what=\"{what}\"}}");
-    let sum = server
-        .metric(&format!("imagegen_store_commit_seconds_sum{label}"))
-        .await
-        .ok()??;
-    let count = server
-        .metric(&format!("imagegen_store_commit_seconds_count{label}"))
-        .await
-        .ok()??;
-    (count > 0.0).then(|| sum / count * 1e3)
+/// p50 and p99 commit time in ms of `what`, interpolated in the histogram's buckets as
+/// Prometheus' `histogram_quantile` does.
+async fn commit_ms(server: &TestServer, what: &str) -> Option<(f64, f64)> {
+    let text = server.scrape().await.ok()?;
+    let label = format!("what=\"{what}\"");
+    let mut buckets: Vec<(f64, f64)> = text
+        .lines()
+        .filter(|l| l.starts_with("imagegen_store_commit_seconds_bucket") && l.contains(&label))
+        .filter_map(|l| {
+            let le = l.split("le=\"").nth(1)?.split('"').next()?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, l.rsplit(' ').next()?.parse().ok()?))
+        })
+        .collect();
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last()?.1;
+    let quantile = |q: f64| {
+        let rank = q * total;
+        let (mut lower, mut below) = (0.0, 0.0);
+        for &(le, count) in &buckets {
+            if count >= rank {
+                if le.is_infinite() {
+                    return lower * 1e3;
+                }
+                let share = if count > below {
+                    (rank - below) / (count - below)
+                } else {
+                    1.0
+                };
+                return (lower + (le - lower) * share) * 1e3;
+            }
+            (lower, below) = (le, count);
+        }
+        lower * 1e3
+    };
+    (total > 0.0).then(|| (quantile(0.5), quantile(0.99)))
+}
+
+/// A nats-server with JetStream on a free port, for the `jetstream` runs.
+struct Nats(
+    std::process::Child,
+    String,
+    #[allow(dead_code)] tempfile::TempDir,
+);
+
+impl Nats {
+    fn start() -> anyhow::Result<Self> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let dir = tempfile::tempdir()?;
+        let binary = ["/usr/sbin/nats-server", "nats-server"]
+            .into_iter()
+            .find(|b| !b.starts_with('/') || std::path::Path::new(b).exists())
+            .unwrap_or("nats-server");
+        let child = std::process::Command::new(binary)
+            .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+            .arg(dir.path())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(Self(child, format!("nats://127.0.0.1:{port}"), dir))
+    }
+}
+
+impl Drop for Nats {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 #[tokio::main]
@@ -142,19 +208,22 @@ async fn main() -> anyhow::Result<()> {
     println!(
         "tiny model, 2 images/request, 4 steps, concurrency 4, {requests} requests; {votes} feedback per run"
     );
-    let mut generate_rates = [Vec::new(), Vec::new()];
+    let backends = ["ephemeral", "embedded", "jetstream"];
+    let mut generate_rates = vec![Vec::new(); backends.len()];
     for round in 0..2 {
-        for (k, durable) in [false, true].into_iter().enumerate() {
+        for (k, name) in backends.into_iter().enumerate() {
             let dir = tempfile::tempdir()?;
+            let nats = (name == "jetstream").then(Nats::start).transpose()?;
             let server = TestServer::start(|c| {
                 c.max_queue = 64;
                 c.plugins.d3po.enabled = false;
-                if durable {
-                    c.data_dir = Some(dir.path().to_path_buf());
+                match name {
+                    "embedded" => c.data_dir = Some(dir.path().to_path_buf()),
+                    "jetstream" => c.scale_out.nats_url = nats.as_ref().map(|n| n.1.clone()),
+                    _ => {}
                 }
             })
             .await?;
-            let name = if durable { "embedded" } else { "ephemeral" };
             let ((rate, p50, p99), images) = generate(&server, requests).await;
             generate_rates[k].push(rate);
             let (f50, f99, fps) = feedback(&server, &images, votes).await;
@@ -162,11 +231,16 @@ async fn main() -> anyhow::Result<()> {
                 "run {round} {name:<9}  Generate {rate:6.2} req/s p50 {p50:7.1} ms p99 {p99:7.1} ms | \
                  SubmitFeedback p50 {f50:6.2} ms p99 {f99:6.2} ms, {fps:7.0}/s with 8 clients"
             );
-            if durable {
+            if name != "ephemeral" {
+                let show = |f: Option<(f64, f64)>| {
+                    f.map_or("-".to_string(), |(p50, p99)| {
+                        format!("p50 {p50:.2} ms p99 {p99:.2} ms")
+                    })
+                };
                 println!(
-                    "             commit mean: trajectories {:.2} ms, feedback {:.2} ms",
-                    commit_ms(&server, "trajectories").await.unwrap_or(f64::NAN),
-                    commit_ms(&server, "feedback").await.unwrap_or(f64::NAN)
+                    "             commit: trajectories {}, feedback {}",
+                    show(commit_ms(&server, "trajectories").await),
+                    show(commit_ms(&server, "feedback").await)
                 );
             }
             server.server.stop();
@@ -174,10 +248,12 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len() as f64;
-    let cost = 1.0 - mean(&generate_rates[1]) / mean(&generate_rates[0]);
-    println!(
-        "durability cost on Generate throughput: {:.1}% (embedded against ephemeral, mean of 2 runs each)",
-        cost * 100.0
-    );
+    for (k, name) in backends.into_iter().enumerate().skip(1) {
+        let cost = 1.0 - mean(&generate_rates[k]) / mean(&generate_rates[0]);
+        println!(
+            "durability cost on Generate throughput, {name}: {:.1}% (against ephemeral, mean of 2 runs each)",
+            cost * 100.0
+        );
+    }
     Ok(())
 }
