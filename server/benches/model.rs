@@ -1,7 +1,9 @@
 //! Model-core benchmark: prints figures, asserts nothing.
 //!
 //! `cargo bench -p imagegen-server --bench model` runs everything; set `BENCH_SD15=0` to skip the
-//! SD-1.5-size UNet (about a minute and 8 GB), `BENCH_ITERS` to change repetitions.
+//! SD-1.5-size UNet (about a minute and 8 GB), `BENCH_ITERS` to change repetitions. The last line
+//! is one JSON object of medians in ms, keyed as the PyTorch peer's (`../shared/bench/peer`), for
+//! `scripts/bench-vs-pytorch.sh`.
 
 use std::time::{Duration, Instant};
 
@@ -71,19 +73,35 @@ fn unet_forward(
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+fn millis(d: Duration) -> serde_json::Value {
+    serde_json::json!((d.as_secs_f64() * 1e4).round() / 10.0)
+}
+
+/// GFLOP/s of a 1024^3 f32 matmul (what the peer calls `sgemm_1024_gflops`).
+fn sgemm_gflops() -> anyhow::Result<f64> {
+    let a = randn(&[1024, 1024], 21);
+    let b = randn(&[1024, 1024], 22);
+    let t = time(30, || a.matmul(&b).expect("matmul"));
+    Ok(2.0 * 1024f64.powi(3) / t.as_secs_f64() / 1e9)
+}
+
 fn main() -> anyhow::Result<()> {
     let n = iters();
+    let mut json = serde_json::Map::new();
     println!("threads: {}", candle_core::utils::get_num_threads());
+    let gflops = sgemm_gflops()?;
+    println!("sgemm 1024^3: {gflops:.1} GFLOP/s");
+    json.insert("threads".into(), candle_core::utils::get_num_threads().into());
+    json.insert("sgemm_1024_gflops".into(), serde_json::json!((gflops * 10.0).round() / 10.0));
     println!("\n== UNet forward, tiny config (32x32 latent, 77 tokens), inference ==");
     let tiny = UNet2DConditionModel::new(
         &UNetConfig::tiny(),
         SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu),
     )?;
     for batch in [1, 2, 4, 8] {
-        println!(
-            "batch {batch}: {}",
-            ms(unet_forward(&tiny, batch, 32, 77, n * 4))
-        );
+        let t = unet_forward(&tiny, batch, 32, 77, n * 4);
+        println!("batch {batch}: {}", ms(t));
+        json.insert(format!("tiny_unet_fwd_b{batch}_ms"), millis(t));
     }
 
     println!(
@@ -93,10 +111,9 @@ fn main() -> anyhow::Result<()> {
     write_tiny_model(dir.path(), 0)?;
     let model = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
     for images in [1, 4] {
-        println!(
-            "{images} image(s): {}",
-            ms(time_generation(&model, images, n))
-        );
+        let t = time_generation(&model, images, n, 5.0);
+        println!("{images} image(s): {}", ms(t));
+        json.insert(format!("tiny_pipe_{images}img_20steps_ms"), millis(t));
     }
 
     println!(
@@ -106,9 +123,17 @@ fn main() -> anyhow::Result<()> {
     for images in [1, 4] {
         println!(
             "{images} image(s): {}",
-            ms(time_generation(&builtin, images, n))
+            ms(time_generation(&builtin, images, n, 5.0))
         );
     }
+    // What a client gets by default: one image at the built-in model's own guidance.
+    let t = time_generation(&builtin, 1, n, imagegen_server::builtin::GUIDANCE_SCALE);
+    println!(
+        "1 image at its default guidance {}: {}",
+        imagegen_server::builtin::GUIDANCE_SCALE,
+        ms(t)
+    );
+    json.insert("builtin_1img_20steps_ms".into(), millis(t));
     drop(builtin);
 
     let latents = randn(&[4, 4, 32, 32], 6);
@@ -160,7 +185,9 @@ fn main() -> anyhow::Result<()> {
             &mut |_, _| true,
         )?
         .remove(0);
-    println!("{}", train_step(&model, &gen_.trajectories, n)?);
+    let (line, step) = train_step(&model, &gen_.trajectories, n)?;
+    println!("{line}");
+    json.insert("d3po_pair_timestep_ms".into(), millis(step));
 
     if std::env::var("BENCH_SD15")
         .map(|v| v != "0")
@@ -176,19 +203,41 @@ fn main() -> anyhow::Result<()> {
         )?;
         println!("(built in {:.1} s)", start.elapsed().as_secs_f64());
         for batch in [1, 2] {
-            println!("batch {batch}: {}", ms(unet_forward(&sd, batch, 64, 77, 1)));
+            let t = unet_forward(&sd, batch, 64, 77, 1);
+            println!("batch {batch}: {}", ms(t));
+            json.insert(format!("sd15_unet_fwd_b{batch}_ms"), millis(t));
         }
     }
+    json.insert(
+        "peak_rss_mib".into(),
+        peak_rss_mib().map_or(serde_json::Value::Null, serde_json::Value::from),
+    );
+    println!("{}", serde_json::Value::Object(json));
     Ok(())
 }
 
-/// Mean time of a 20-step, CFG 5, 64x64 generation of `images` images, prompt encoding included.
-fn time_generation(model: &DiffusionModel, images: usize, n: usize) -> Duration {
+/// The process's peak resident set (VmHWM), Linux only.
+fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
+}
+
+/// Median time of a 20-step, 64x64 generation of `images` images at `guidance`, prompt encoding
+/// included.
+fn time_generation(model: &DiffusionModel, images: usize, n: usize, guidance: f32) -> Duration {
     let req = SampleRequest {
         num_images: images,
         seed: 1,
         steps: 20,
-        guidance_scale: 5.0,
+        guidance_scale: f64::from(guidance),
         eta: 1.0,
         width: 64,
         height: 64,
@@ -212,7 +261,7 @@ fn train_step(
     model: &DiffusionModel,
     trajectories: &[imagegen_server::sampler::Trajectory],
     n: usize,
-) -> anyhow::Result<String> {
+) -> anyhow::Result<(String, Duration)> {
     let targets = model.unet.lora_targets().to_vec();
     let mut rng = StdRng::seed_from_u64(9);
     let lora = TrainableLora::init(
@@ -255,9 +304,12 @@ fn train_step(
         fwd = start.elapsed();
         loss.sum_all().expect("sum").backward().expect("backward")
     });
-    Ok(format!(
-        "step (fwd ref + fwd policy + loss + backward): {}   of which forwards: {}",
-        ms(step),
-        ms(fwd)
+    Ok((
+        format!(
+            "step (fwd ref + fwd policy + loss + backward): {}   of which forwards: {}",
+            ms(step),
+            ms(fwd)
+        ),
+        step,
     ))
 }

@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Speed side by side with PyTorch on this machine, in one run: the model bench
+# (`cargo bench -p imagegen-server --bench model`) and the PyTorch peer (`../shared/bench/peer`,
+# torch 2.15 + diffusers 0.42.1, fp32, 2 threads), one after the other so neither disturbs the
+# other. Prints the CPU, a table of ratios and, as its LAST line, one JSON object:
+#   {"cpu": ..., "<workload>": {"imagegen_ms", "pytorch_ms", "speedup"}, ...,
+#    "builtin_1img_20steps_ms": ..., "sd15_lora_fwd_bwd_b2_64": {... "pytorch_peak_rss_mib"}}
+# speedup = PyTorch time / imagegen time (above 1: imagegen is faster).
+#
+#   BENCH_PEER_ONLY=tiny,d3po,sd15,sd15train   peer benchmarks (default: all; sd15train needs ~9 GB)
+#   BENCH_SD15=0                              skip the SD-1.5-size workloads on both sides
+#   PEER_DIR=dir                              the peer (default ../shared/bench/peer)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PEER_DIR="${PEER_DIR:-../shared/bench/peer}"
+[ -f "$PEER_DIR/run.sh" ] || { echo "the PyTorch peer is not at $PEER_DIR (set PEER_DIR)" >&2; exit 1; }
+if [ "${BENCH_SD15:-1}" = 0 ]; then
+  PEER_ONLY="${BENCH_PEER_ONLY:-tiny,d3po}"
+else
+  PEER_ONLY="${BENCH_PEER_ONLY:-tiny,d3po,sd15,sd15train}"
+fi
+work="$(mktemp -d)"
+trap 'rm -rf "$work"' EXIT
+
+cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
+flags="$(grep -m1 -o -w -E 'avx512f|avx2|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')"
+echo "== CPU: $cpu ($(nproc) cores; ${flags:-no AVX2})" >&2
+
+echo "== imagegen: cargo bench -p imagegen-server --bench model" >&2
+BENCH_SD15="${BENCH_SD15:-1}" cargo bench -q -p imagegen-server --bench model 2>"$work/ours.err" | tee "$work/ours.log" >&2
+echo "== PyTorch: PEER_ONLY=$PEER_ONLY $PEER_DIR/run.sh" >&2
+PEER_ONLY="$PEER_ONLY" bash "$PEER_DIR/run.sh" 2>"$work/peer.err" | tee "$work/peer.log" >&2
+
+python3 - "$work/ours.log" "$work/peer.log" "$cpu" "$flags" <<'PY'
+import json, sys
+
+def last_json(path):
+    lines = [l for l in open(path).read().splitlines() if l.startswith("{") and l.endswith("}")]
+    return json.loads(lines[-1]) if lines else {}
+
+ours, peer, cpu, flags = last_json(sys.argv[1]), last_json(sys.argv[2]), sys.argv[3], sys.argv[4].split()
+workloads = [
+    ("tiny_unet_fwd_b2", "tiny UNet forward, batch 2, 32x32 latent"),
+    ("tiny_pipe_1img_20steps", "tiny pipeline, 20 steps, CFG, 1 image"),
+    ("tiny_pipe_4img_20steps", "tiny pipeline, 20 steps, CFG, 4 images"),
+    ("sd15_unet_fwd_b1", "SD-1.5 UNet forward, 64x64 latent, batch 1"),
+    ("sd15_unet_fwd_b2", "SD-1.5 UNet forward, 64x64 latent, batch 2"),
+    ("d3po_pair_timestep", "D3PO step, tiny, one pair, per time index"),
+    ("sd15_lora_fwd_bwd_b2_64", "SD-1.5 LoRA forward+backward, batch 2, 64x64"),
+]
+out = {"cpu": f"{cpu} ({' '.join(flags)})"}
+rows = []
+for key, what in workloads:
+    mine, theirs = ours.get(f"{key}_ms"), peer.get(f"{key}_ms")
+    speedup = round(theirs / mine, 2) if mine and theirs else None
+    out[key] = {"imagegen_ms": mine, "pytorch_ms": theirs, "speedup": speedup}
+    rows.append((what, mine, theirs, speedup))
+if "sd15_lora_fwd_bwd_b2_64_peak_rss_mib" in peer:
+    out["sd15_lora_fwd_bwd_b2_64"]["pytorch_peak_rss_mib"] = peer["sd15_lora_fwd_bwd_b2_64_peak_rss_mib"]
+    out["sd15_lora_fwd_bwd_b2_64"]["imagegen_peak_rss_mib"] = ours.get("sd15_lora_fwd_bwd_b2_64_peak_rss_mib")
+out["builtin_1img_20steps_ms"] = ours.get("builtin_1img_20steps_ms")
+out["sgemm_1024_gflops"] = {"imagegen": ours.get("sgemm_1024_gflops"), "pytorch": peer.get("sgemm_1024_gflops")}
+out["pytorch_busy_warnings"] = peer.get("busy_warnings")
+
+fmt = lambda v: "-" if v is None else f"{v:,.1f}"
+print(f"\nCPU: {out['cpu']}; {ours.get('threads', '?')} threads (imagegen), {peer.get('threads', '?')} (PyTorch {peer.get('torch', '?')}, {peer.get('cpu_capability', '?')})\n")
+print("| workload | imagegen ms | PyTorch ms | speedup (PyTorch / imagegen) |")
+print("|---|---|---|---|")
+for what, mine, theirs, speedup in rows:
+    print(f"| {what} | {fmt(mine)} | {fmt(theirs)} | {'-' if speedup is None else f'{speedup:.2f}x'} |")
+print(f"| built-in model, 1 image, 20 steps | {fmt(out['builtin_1img_20steps_ms'])} | | |")
+g = out["sgemm_1024_gflops"]
+print(f"| sgemm 1024^3 (GFLOP/s, higher is better) | {fmt(g['imagegen'])} | {fmt(g['pytorch'])} | |")
+if peer.get("busy_warnings"):
+    print(f"\nnote: the PyTorch side saw {peer['busy_warnings']} busy warning(s): rerun on an idle machine")
+print(json.dumps(out))
+PY
