@@ -91,8 +91,14 @@ fn main() -> anyhow::Result<()> {
     println!("threads: {}", candle_core::utils::get_num_threads());
     let gflops = sgemm_gflops()?;
     println!("sgemm 1024^3: {gflops:.1} GFLOP/s");
-    json.insert("threads".into(), candle_core::utils::get_num_threads().into());
-    json.insert("sgemm_1024_gflops".into(), serde_json::json!((gflops * 10.0).round() / 10.0));
+    json.insert(
+        "threads".into(),
+        candle_core::utils::get_num_threads().into(),
+    );
+    json.insert(
+        "sgemm_1024_gflops".into(),
+        serde_json::json!((gflops * 10.0).round() / 10.0),
+    );
     println!("\n== UNet forward, tiny config (32x32 latent, 77 tokens), inference ==");
     let tiny = UNet2DConditionModel::new(
         &UNetConfig::tiny(),

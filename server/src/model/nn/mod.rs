@@ -5,12 +5,14 @@
 //! graph they silently cut it and the LoRA gradients upstream of them come out zero. Every layer
 //! here therefore takes a [`Mode`] and uses the fused kernel only when nothing is differentiated.
 
+mod activation;
 mod conv;
 mod linear;
 mod norm;
 
 use candle_core::{D, DType, Layout, Result, Tensor};
 
+pub(crate) use activation::{gelu_erf, silu};
 pub(crate) use conv::{Conv2d, upsample_nearest_2x};
 pub(crate) use linear::{Linear, frozen_matmul};
 pub(crate) use norm::{GroupNorm, LayerNorm};
@@ -27,7 +29,7 @@ pub enum Mode {
 /// Softmax over the last dimension; differentiable in [`Mode::Training`].
 pub(crate) fn softmax_last_dim(x: &Tensor, mode: Mode) -> Result<Tensor> {
     match mode {
-        Mode::Inference => candle_nn::ops::softmax_last_dim(x),
+        Mode::Inference => activation::softmax_last_dim_inference(x),
         Mode::Training => {
             // The max is only a shift for stability; it needs no gradient.
             let max = x.max_keepdim(D::Minus1)?.detach();

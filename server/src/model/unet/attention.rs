@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::Ctx;
 use crate::model::lora::{LoraLinear, LoraTarget};
-use crate::model::nn::{GroupNorm, LayerNorm, Linear, softmax_last_dim};
+use crate::model::nn::{GroupNorm, LayerNorm, Linear, gelu_erf, softmax_last_dim};
 
 /// Multi-head attention (`Attention` in diffusers) with LoRA-capable projections.
 #[derive(Debug, Clone)]
@@ -111,7 +111,9 @@ impl FeedForward {
         let h = self.proj.forward(x)?;
         let last = h.rank() - 1;
         let hidden = h.narrow(last, 0, self.inner)?;
-        let gate = h.narrow(last, self.inner, self.inner)?.gelu_erf()?;
+        let gate = h
+            .narrow(last, self.inner, self.inner)
+            .and_then(|g| gelu_erf(&g))?;
         self.out.forward(&(hidden * gate)?)
     }
 }

@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use super::Ctx;
 use super::attention::{Transformer2D, TransformerSpec};
 use crate::model::lora::LoraTarget;
-use crate::model::nn::{Conv2d, GroupNorm, Linear, upsample_nearest_2x};
+use crate::model::nn::{Conv2d, GroupNorm, Linear, silu, upsample_nearest_2x};
 
 /// `ResnetBlock2D`: two norm-silu-conv stages with the time embedding added between them.
 #[derive(Debug, Clone)]
@@ -56,11 +56,15 @@ impl ResnetBlock {
     }
 
     pub(crate) fn forward_with(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward(x)?.silu()?)?;
+        let mut h = self
+            .conv1
+            .forward(&self.norm1.forward(x).and_then(|h| silu(&h))?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
             h = h.broadcast_add(&proj.forward(temb)?.unsqueeze(1)?.unsqueeze(1)?)?;
         }
-        let h = self.conv2.forward(&self.norm2.forward(&h)?.silu()?)?;
+        let h = self
+            .conv2
+            .forward(&self.norm2.forward(&h).and_then(|h| silu(&h))?)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,

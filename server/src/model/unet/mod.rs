@@ -11,7 +11,7 @@ use candle_nn::VarBuilder;
 pub use config::{PerBlock, UNetConfig};
 
 use crate::model::lora::{AdapterBatch, LoraTarget};
-use crate::model::nn::{Conv2d, GroupNorm, Linear, Mode};
+use crate::model::nn::{Conv2d, GroupNorm, Linear, Mode, silu};
 use attention::TransformerSpec;
 use blocks::{BlockSpec, CrossAttn, DownBlock, MidBlock, UpBlock, UpChannels};
 
@@ -199,8 +199,8 @@ impl UNet2DConditionModel {
         let temb = self.timestep_features(timesteps)?;
         let temb = self
             .time_linear_2
-            .forward(&self.time_linear_1.forward(&temb)?.silu()?)?;
-        let temb_act = temb.silu()?;
+            .forward(&self.time_linear_1.forward(&temb).and_then(|t| silu(&t))?)?;
+        let temb_act = silu(&temb)?;
 
         // Channels-last inside: convolutions, norms and attention then need no transposes.
         let mut h = self
@@ -215,7 +215,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &temb_act, context, &ctx, &mut skips)?;
         }
         self.conv_out
-            .forward(&self.norm_out.forward(&h)?.silu()?)?
+            .forward(&self.norm_out.forward(&h).and_then(|h| silu(&h))?)?
             .permute((0, 3, 1, 2))?
             .contiguous()
     }
