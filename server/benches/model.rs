@@ -86,6 +86,8 @@ fn sgemm_gflops() -> anyhow::Result<f64> {
 }
 
 fn main() -> anyhow::Result<()> {
+    // As the server runs (`imagegen_server::allocator`).
+    imagegen_server::allocator::set_purge_delay(imagegen_server::allocator::SERVING_PURGE_DELAY_MS);
     let n = iters();
     let mut json = serde_json::Map::new();
     println!("threads: {}", candle_core::utils::get_num_threads());

@@ -8,6 +8,7 @@
 #![warn(unreachable_pub)]
 
 pub mod adapters;
+pub mod allocator;
 mod auth;
 pub mod builtin;
 mod clock;

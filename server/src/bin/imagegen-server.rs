@@ -97,36 +97,16 @@ struct EvaluateArgs {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-/// mimalloc hands freed memory back to the OS 10 ms after it is freed; a model's activation
-/// buffers are freed and reallocated on every step, so each step page-faults them back in (a
-/// third of a pretraining step here, measured with perf). Its options are read from the
-/// environment at start-up only, and setting them in-process takes `unsafe`, which this
-/// workspace forbids: so the binary re-executes itself once with purging turned off.
-#[cfg(unix)]
-fn keep_freed_memory() {
-    use std::os::unix::process::CommandExt;
-    if std::env::var_os("MIMALLOC_PURGE_DELAY").is_some() {
-        return;
-    }
-    let Ok(exe) = std::env::current_exe() else {
-        return;
-    };
-    let error = std::process::Command::new(exe)
-        .args(std::env::args_os().skip(1))
-        .env("MIMALLOC_PURGE_DELAY", "-1")
-        .env("MIMALLOC_ARENA_EAGER_COMMIT", "1")
-        .exec();
-    // Only reached when the exec failed: run as we are.
-    eprintln!("note: could not re-execute with MIMALLOC_PURGE_DELAY=-1 ({error}); continuing");
-}
-
 fn main() -> anyhow::Result<()> {
-    // Only pretraining: a server keeps mimalloc's default purging, so the memory of a large
-    // request (an imported adapter, a big batch) goes back to the OS after it.
-    #[cfg(unix)]
-    if std::env::args().nth(1).as_deref() == Some("pretrain") {
-        keep_freed_memory();
-    }
+    // Pretraining never returns memory (one long job); serving returns what stays unused for
+    // 30 s (see `imagegen_server::allocator`).
+    imagegen_server::allocator::set_purge_delay(
+        if std::env::args().nth(1).as_deref() == Some("pretrain") {
+            -1
+        } else {
+            imagegen_server::allocator::SERVING_PURGE_DELAY_MS
+        },
+    );
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
