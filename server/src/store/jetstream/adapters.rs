@@ -204,6 +204,25 @@ impl SharedAdapters for JetStreamAdapters {
     }
 }
 
+/// Applies one state of the alias, retrying for a few seconds when it cannot (NATS briefly
+/// away): a replica must not stay on an old adapter until the next swap. Changes are applied in
+/// order, so a newer one waits for these retries.
+async fn follow(registry: &Arc<AdapterRegistry>, state: LiveState, revision: u64) {
+    for attempt in 1..=10 {
+        let (registry, state) = (registry.clone(), state.clone());
+        match tokio::task::spawn_blocking(move || registry.follow(state, revision)).await {
+            Ok(Ok(())) => return,
+            Ok(Err(e)) => tracing::warn!(error = %e, attempt, "following the shared live alias"),
+            Err(e) => tracing::error!(error = %e, "following the shared live alias"),
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    tracing::error!(
+        revision,
+        "gave up following the shared live alias until it changes again"
+    );
+}
+
 /// Follows the shared alias: every change is applied to `registry` as it arrives (a replica's
 /// hot swap, well within a second of the write), and the watch is re-established after errors.
 pub(crate) async fn watch_live(shared: JetStreamAdapters, registry: Arc<AdapterRegistry>) {
@@ -228,17 +247,7 @@ pub(crate) async fn watch_live(shared: JetStreamAdapters, registry: Arc<AdapterR
                         },
                         _ => LiveState::default(),
                     };
-                    let registry = registry.clone();
-                    let revision = entry.revision;
-                    let followed =
-                        tokio::task::spawn_blocking(move || registry.follow(state, revision)).await;
-                    match followed {
-                        Ok(Ok(())) => {}
-                        Ok(Err(e)) => {
-                            tracing::error!(error = %e, "following the shared live alias")
-                        }
-                        Err(e) => tracing::error!(error = %e, "following the shared live alias"),
-                    }
+                    follow(&registry, state, entry.revision).await;
                 }
             }
             Err(e) => tracing::warn!(error = %e, "watching the shared live alias"),
