@@ -25,7 +25,9 @@ use crate::model::ModelError;
 use crate::pipeline::DiffusionModel;
 use crate::plugins::{PluginHost, TrainingControl, TrainingGate};
 use crate::store::StoreMetrics;
-use crate::store::jetstream::{JetStreamAdapters, JetStreamStore, Nats, NatsMetrics, TrainerLease};
+use crate::store::jetstream::{
+    JetStreamAdapters, JetStreamStore, Nats, NatsMetrics, NatsOptions, TrainerLease,
+};
 use crate::supervisor::Supervisor;
 use crate::tokens::TokenSigner;
 
@@ -105,10 +107,15 @@ pub async fn start(
     let metrics = Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
     let scale_out = &config.scale_out;
     let nats = match &scale_out.nats_url {
-        Some(_) => {
+        Some(url) => {
             let nats_metrics = NatsMetrics::register(&metrics.registry)
                 .map_err(|e| StartError::Setup(e.to_string()))?;
-            let nats = Nats::connect(scale_out, nats_metrics)
+            let options = NatsOptions {
+                url: url.clone(),
+                creds: scale_out.nats_creds.clone(),
+                stream_bytes: scale_out.nats_stream_bytes,
+            };
+            let nats = Nats::connect(&options, nats_metrics)
                 .await
                 .map_err(|e| StartError::Config(e.to_string()))?;
             tracing::info!(role = ?scale_out.role, "scale-out on NATS JetStream");

@@ -42,7 +42,6 @@ use super::buffer::{
     BufferError, BufferStats, FeedbackKind, GroupSnapshot, NewFeedback, Receipt, TrajectoryBuffer,
 };
 use super::{LearningStore, StoreError, StoreMetrics, codec};
-use crate::config::ScaleOutConfig;
 use crate::sampler::Trajectory;
 use wire::{FeedbackMessage, ImageEntry, KeyAnswer, LedgerMessage};
 
@@ -60,6 +59,27 @@ const CHUNKS_HEADER: &str = "Imagegen-Chunks";
 /// How long one store operation may wait for JetStream before the RPC gives up on it.
 const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
 
+/// Where NATS is and how big the learning stream may grow (from `--nats-*`).
+#[derive(Clone)]
+pub(crate) struct NatsOptions {
+    /// `nats://host:4222` (may carry `user:password@`).
+    pub url: String,
+    /// A `.creds` file.
+    pub creds: Option<std::path::PathBuf>,
+    /// Byte limit of the learning stream.
+    pub stream_bytes: i64,
+}
+
+impl std::fmt::Debug for NatsOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NatsOptions")
+            .field("url", &"<redacted>")
+            .field("creds", &self.creds)
+            .field("stream_bytes", &self.stream_bytes)
+            .finish()
+    }
+}
+
 /// A connection to NATS and what every part of the backend shares.
 #[derive(Debug, Clone)]
 pub(crate) struct Nats {
@@ -75,14 +95,11 @@ impl Nats {
     /// Connects (failing fast with a clear error when NATS is unreachable at start; later
     /// outages are ridden out by the client's reconnects) and creates the streams and buckets.
     pub(crate) async fn connect(
-        config: &ScaleOutConfig,
+        options: &NatsOptions,
         metrics: NatsMetrics,
     ) -> Result<Self, StoreError> {
-        let url = config
-            .nats_url
-            .as_deref()
-            .ok_or_else(|| StoreError::Unavailable("no --nats-url".into()))?;
-        let options = match &config.nats_creds {
+        let url = options.url.as_str();
+        let connect = match &options.creds {
             Some(path) => async_nats::ConnectOptions::with_credentials_file(path)
                 .await
                 .map_err(|e| {
@@ -92,7 +109,7 @@ impl Nats {
         }
         .name("imagegen-server")
         .connection_timeout(Duration::from_secs(5));
-        let client = options.connect(url).await.map_err(|e| {
+        let client = connect.connect(url).await.map_err(|e| {
             StoreError::Unavailable(format!(
                 "cannot connect to NATS at --nats-url ({e}): is nats-server running with JetStream (-js)?"
             ))
@@ -105,7 +122,7 @@ impl Nats {
             runtime: tokio::runtime::Handle::current(),
             metrics,
         };
-        nats.create_stream(config.nats_stream_bytes).await?;
+        nats.create_stream(options.stream_bytes).await?;
         tokio::spawn(metrics::watch_connection(
             nats.client.clone(),
             nats.metrics.clone(),

@@ -8,8 +8,7 @@ use std::time::Duration;
 
 use candle_core::{DType, Device, Tensor};
 
-use super::{JetStreamStore, Nats, NatsMetrics};
-use crate::config::ScaleOutConfig;
+use super::{JetStreamStore, Nats, NatsMetrics, NatsOptions};
 use crate::sampler::{Conditioning, Trajectory};
 use crate::store::buffer::BufferError;
 use crate::store::{FeedbackKind, LearningStore, NewFeedback, Rater, StoreError, StoreMetrics};
@@ -54,14 +53,12 @@ impl Drop for NatsServer {
 async fn open(server: &NatsServer, replay: bool) -> Arc<JetStreamStore> {
     let registry = crate::metrics::Metrics::new().unwrap();
     let nats_metrics = NatsMetrics::register(&registry.registry).unwrap();
-    let config = ScaleOutConfig {
-        nats_url: Some(format!("nats://127.0.0.1:{}", server.1)),
-        nats_creds: None,
-        role: crate::config::Role::All,
-        nats_stream_bytes: 1 << 30,
-        trainer_lease_secs: 10,
+    let options = NatsOptions {
+        url: format!("nats://127.0.0.1:{}", server.1),
+        creds: None,
+        stream_bytes: 1 << 30,
     };
-    let nats = Nats::connect(&config, nats_metrics).await.unwrap();
+    let nats = Nats::connect(&options, nats_metrics).await.unwrap();
     let metrics = StoreMetrics::register(&registry).unwrap();
     let retention = Duration::from_secs(3600);
     JetStreamStore::open(nats, 1 << 30, retention, replay, &Device::Cpu, metrics)
