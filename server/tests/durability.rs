@@ -61,32 +61,8 @@ fn vote(image_id: &str, rater: &str) -> pb::FeedbackRequest {
     }
 }
 
-/// `(image, rater)` of every vote in an export.
 async fn exported_votes(channel: &Channel) -> BTreeSet<(String, String)> {
-    let mut stream = pb::admin_client::AdminClient::new(channel.clone())
-        .export_trajectories(with_key(pb::ExportRequest {
-            include_unlabelled: true,
-        }))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut metadata = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        if chunk.file == "metadata.json" {
-            metadata.extend(chunk.data);
-        }
-    }
-    let doc: serde_json::Value = serde_json::from_slice(&metadata).unwrap();
-    let mut out = BTreeSet::new();
-    for group in doc["groups"].as_array().unwrap() {
-        for image in group["images"].as_array().unwrap() {
-            let id = image["image_id"].as_str().unwrap();
-            for rater in image["feedback"]["votes"].as_object().unwrap().keys() {
-                out.insert((id.to_string(), rater.clone()));
-            }
-        }
-    }
-    out
+    common::exported_votes(channel, &format!("Bearer {KEY}")).await
 }
 
 /// SIGKILL right after Generate returned, then during a burst of feedback: after each restart

@@ -500,27 +500,9 @@ async fn a_nats_outage_degrades_recording_and_loses_nothing_acknowledged() {
 
 /// The raters of every vote in the node's export.
 async fn exported_raters(channel: &Channel) -> std::collections::BTreeSet<String> {
-    let mut stream = pb::admin_client::AdminClient::new(channel.clone())
-        .export_trajectories(with_key(pb::ExportRequest {
-            include_unlabelled: true,
-        }))
+    common::exported_votes(channel, &format!("Bearer {KEY}"))
         .await
-        .unwrap()
-        .into_inner();
-    let mut metadata = Vec::new();
-    while let Some(chunk) = stream.message().await.unwrap() {
-        if chunk.file == "metadata.json" {
-            metadata.extend(chunk.data);
-        }
-    }
-    let doc: serde_json::Value = serde_json::from_slice(&metadata).unwrap();
-    let mut out = std::collections::BTreeSet::new();
-    for group in doc["groups"].as_array().unwrap() {
-        for image in group["images"].as_array().unwrap() {
-            for rater in image["feedback"]["votes"].as_object().unwrap().keys() {
-                out.insert(rater.clone());
-            }
-        }
-    }
-    out
+        .into_iter()
+        .map(|(_, rater)| rater)
+        .collect()
 }

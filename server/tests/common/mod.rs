@@ -56,6 +56,43 @@ pub fn spawn_server(args: &[&str]) -> Spawned {
     }
 }
 
+/// `(image, rater)` of every vote in the server's trajectory export, read with `authorization`
+/// (`Bearer <admin key>`).
+pub async fn exported_votes(
+    channel: &tonic::transport::Channel,
+    authorization: &str,
+) -> std::collections::BTreeSet<(String, String)> {
+    use imagegen_proto::v1 as pb;
+    let mut request = tonic::Request::new(pb::ExportRequest {
+        include_unlabelled: true,
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", authorization.parse().unwrap());
+    let mut stream = pb::admin_client::AdminClient::new(channel.clone())
+        .export_trajectories(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let mut metadata = Vec::new();
+    while let Some(chunk) = stream.message().await.unwrap() {
+        if chunk.file == "metadata.json" {
+            metadata.extend(chunk.data);
+        }
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&metadata).unwrap();
+    let mut out = std::collections::BTreeSet::new();
+    for group in doc["groups"].as_array().unwrap() {
+        for image in group["images"].as_array().unwrap() {
+            let id = image["image_id"].as_str().unwrap();
+            for rater in image["feedback"]["votes"].as_object().unwrap().keys() {
+                out.insert((id.to_string(), rater.clone()));
+            }
+        }
+    }
+    out
+}
+
 /// A channel to `addr`.
 pub async fn connect(addr: &str) -> tonic::transport::Channel {
     tonic::transport::Channel::from_shared(format!("http://{addr}"))
