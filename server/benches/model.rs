@@ -183,6 +183,7 @@ fn main() -> anyhow::Result<()> {
         eta: 1.0,
         width: 64,
         height: 64,
+        shared_noise: false,
     };
     let cond = model.conditioning("a small red circle on a blue background", "")?;
     let gen_ = model
@@ -249,6 +250,7 @@ fn time_generation(model: &DiffusionModel, images: usize, n: usize, guidance: f3
         eta: 1.0,
         width: 64,
         height: 64,
+        shared_noise: false,
     };
     time(n, || {
         let cond = model

@@ -109,6 +109,7 @@ fn main() -> anyhow::Result<()> {
             eta: 1.0,
             width: 64,
             height: 64,
+            shared_noise: false,
         };
         let t = Instant::now();
         model.generate(

@@ -32,6 +32,7 @@ fn request(seed: u64, num_images: usize, steps: usize) -> SampleRequest {
         eta: 1.0,
         width: 64,
         height: 64,
+        shared_noise: false,
     }
 }
 
@@ -77,7 +78,8 @@ fn generates_images_and_trajectories_of_the_requested_shape() {
     let dir = tiny_dir();
     let model = load(dir.path());
     assert_eq!(model.vae_scale_factor(), 2);
-    let gen_ = generate(&model, &request(7, 2, 4), AdapterChoice::default());
+    let req = request(7, 2, 4);
+    let gen_ = generate(&model, &req, AdapterChoice::default());
     assert_eq!(gen_.images.len(), 2);
     for image in &gen_.images {
         assert_eq!(
@@ -94,18 +96,56 @@ fn generates_images_and_trajectories_of_the_requested_shape() {
     assert!(a.log_probs.iter().all(|v| v.is_finite()));
     assert_eq!((a.seed, a.image_index, b.image_index), (7, 0, 1));
     assert_eq!(a.adapter_generation, None);
-    // Images of one request share x_T; the per-step noise is fresh.
-    let x_t = |t: &imagegen_server::sampler::Trajectory, j: usize| {
-        t.latents
-            .get(j)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap()
-    };
-    assert_eq!(x_t(a, 0), x_t(b, 0));
-    assert_ne!(x_t(a, 1), x_t(b, 1));
+    // Image i starts from its own noise, seed + i.
+    assert_eq!((a.seed, b.seed), (7, 8));
+    assert_ne!(latent(a, 0), latent(b, 0));
+    // With shared initial noise the images start alike and part with the steps' noise.
+    let shared = generate(
+        &model,
+        &SampleRequest {
+            shared_noise: true,
+            ..req.clone()
+        },
+        AdapterChoice::default(),
+    );
+    let [c, d] = [&shared.trajectories[0], &shared.trajectories[1]];
+    assert_eq!(latent(c, 0), latent(d, 0));
+    assert_eq!(latent(c, 0), latent(a, 0), "image 0 is the same either way");
+    assert_ne!(latent(c, 1), latent(d, 1));
+}
+
+fn latent(t: &imagegen_server::sampler::Trajectory, step: usize) -> Vec<f32> {
+    t.latents
+        .get(step)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// Image i of a request is image 0 of a request with seed + i: one image reproduces alone.
+#[test]
+fn an_image_of_a_batch_reproduces_alone_from_its_seed() {
+    let dir = tiny_dir();
+    let model = load(dir.path());
+    let batch = generate(&model, &request(40, 3, 3), AdapterChoice::default());
+    let alone = generate(&model, &request(42, 1, 3), AdapterChoice::default());
+    let (third, single) = (&batch.trajectories[2], &alone.trajectories[0]);
+    assert_eq!(third.seed, 42);
+    assert_eq!(
+        latent(third, 0),
+        latent(single, 0),
+        "the same initial noise"
+    );
+    // The same noise all the way; the UNet may round differently at another batch size.
+    let last = third.latents.dims()[0] - 1;
+    let gap = latent(third, last)
+        .iter()
+        .zip(latent(single, last))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(gap < 1e-3, "final latents differ by {gap}");
 }
 
 #[test]

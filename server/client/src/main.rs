@@ -51,6 +51,10 @@ enum Command {
         /// Seed (random when absent; printed).
         #[arg(long)]
         seed: Option<u64>,
+        /// Start every image from the same initial noise (variations of one layout) instead of
+        /// image i from seed + i.
+        #[arg(long)]
+        shared_noise: bool,
         /// Denoising steps.
         #[arg(long)]
         steps: Option<u32>,
@@ -372,6 +376,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             negative,
             num_images,
             seed,
+            shared_noise,
             steps,
             guidance,
             width,
@@ -397,6 +402,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                     Format::Jpeg => pb::ImageFormat::Jpeg,
                 } as i32,
                 request_id: String::new(),
+                shared_initial_noise: shared_noise,
             };
             let mut client =
                 ImageGeneratorClient::new(channel).max_decoding_message_size(256 << 20);

@@ -68,6 +68,7 @@ pub fn evaluate_with_eta(
                 eta,
                 width: image_size,
                 height: image_size,
+                shared_noise: false,
             })
             .collect();
         let conditioning = chunk

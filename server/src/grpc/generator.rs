@@ -77,6 +77,7 @@ fn prepare(
         eta: f64::from(req.eta.unwrap_or(defaults.eta)),
         width: size(req.width),
         height: size(req.height),
+        shared_noise: req.shared_initial_noise,
     };
     sample.check(&limits.sample)?;
     // The generation is pinned here: the request finishes on it whatever swaps happen meanwhile.
@@ -219,7 +220,7 @@ impl GeneratorService {
                     image_id: image_id.clone(),
                     data,
                     mime_type: mime.to_string(),
-                    seed,
+                    seed: seed.wrapping_add(index as u64),
                     width,
                     height,
                     feedback_token: state.signer.sign(image_id, now),

@@ -17,9 +17,10 @@ use crate::sampler::{
 /// One text-to-image request as the pipeline sees it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampleRequest {
-    /// Images to draw; they share `x_T`.
+    /// Images to draw.
     pub num_images: usize,
-    /// Seed of `x_T` and of the per-step noise.
+    /// Seed of the noise: image `i` draws its `x_T` and per-step noise from `seed + i`, so one
+    /// image can be reproduced alone (A1111's and ComfyUI's batch convention).
     pub seed: u64,
     /// Denoising steps.
     pub steps: usize,
@@ -31,6 +32,9 @@ pub struct SampleRequest {
     pub width: usize,
     /// Image height in pixels.
     pub height: usize,
+    /// All images start from the one `x_T` of `seed` (controlled comparisons: variations that
+    /// differ only by the sampling noise, which still comes from `seed + i`).
+    pub shared_noise: bool,
 }
 
 /// Largest guidance scale a request may use: beyond it the guided prediction overflows f32 and
@@ -57,6 +61,11 @@ pub struct SampleLimits {
 }
 
 impl SampleRequest {
+    /// The seed image `index` draws from (`seed + index`, wrapping).
+    pub fn image_seed(&self, index: u64) -> u64 {
+        self.seed.wrapping_add(index)
+    }
+
     /// Checks every field against `limits`; the error names the field and the allowed range.
     pub fn check(&self, limits: &SampleLimits) -> Result<(), ModelError> {
         let invalid = |field, reason: String| Err(ModelError::InvalidRequest { field, reason });
@@ -243,7 +252,8 @@ impl DiffusionModel {
         let schedule = DdimSchedule::new(&self.scheduler, first.steps)?;
         let denoiser = self.denoiser();
 
-        // One row per image; each request's images share x_T and draw fresh noise per step.
+        // One row per image, each with its own noise stream `seed + i`; with shared noise every
+        // image of a request starts from the first one's x_T (drawn from `seed`).
         let owners: Vec<usize> = requests
             .iter()
             .enumerate()
@@ -252,13 +262,20 @@ impl DiffusionModel {
         let n = owners.len();
         let mut rngs: Vec<StdRng> = requests
             .iter()
-            .map(|r| StdRng::seed_from_u64(r.seed))
+            .flat_map(|r| (0..r.num_images).map(|i| StdRng::seed_from_u64(r.image_seed(i as u64))))
             .collect();
         let mut x_t_host = Vec::with_capacity(n * latent_len);
-        for (req, rng) in requests.iter().zip(&mut rngs) {
+        let mut first_of_request: Option<Vec<f32>> = None;
+        for (row, rng) in rngs.iter_mut().enumerate() {
+            let req = &requests[owners[row]];
             let x_t = standard_normal(rng, latent_len);
-            for _ in 0..req.num_images {
-                x_t_host.extend_from_slice(&x_t);
+            let starts_request = row == 0 || owners[row - 1] != owners[row];
+            if starts_request {
+                first_of_request = Some(x_t.clone());
+            }
+            match (&first_of_request, req.shared_noise) {
+                (Some(first), true) => x_t_host.extend_from_slice(first),
+                _ => x_t_host.extend_from_slice(&x_t),
             }
         }
         let mut latents = Tensor::from_vec(x_t_host, (n, channels, h, w), &device)?;
@@ -284,10 +301,8 @@ impl DiffusionModel {
                 denoiser.micro_batch_rows,
             )?;
             let mut noise = Vec::with_capacity(n * latent_len);
-            for (req, rng) in requests.iter().zip(&mut rngs) {
-                for _ in 0..req.num_images {
-                    noise.extend(standard_normal(rng, latent_len));
-                }
+            for rng in &mut rngs {
+                noise.extend(standard_normal(rng, latent_len));
             }
             let noise = Tensor::from_vec(noise, (n, channels, h, w), &device)?;
             let x_prev = (&mu + noise.broadcast_mul(&per_item(&sigmas, &noise)?)?)?;
@@ -337,7 +352,7 @@ impl DiffusionModel {
                 conditioning: conditioning[owner].clone(),
                 guidance_scale: req.guidance_scale,
                 eta: req.eta,
-                seed: req.seed,
+                seed: req.image_seed(generation.trajectories.len() as u64),
                 image_index: generation.trajectories.len(),
                 model_id: self.id.clone(),
                 adapter_generation: adapter.generation.map(String::from),

@@ -20,9 +20,10 @@ pub struct Trajectory {
     pub guidance_scale: f64,
     /// DDIM eta (> 0).
     pub eta: f64,
-    /// The request's seed; `x_T` and the per-step noise all derive from it.
+    /// This image's seed (the request's + its index): its per-step noise, and unless the
+    /// request shared one initial noise its `x_T`, derive from it.
     pub seed: u64,
-    /// Position of this image within its request (images of a request share `x_T`).
+    /// Position of this image within its request.
     pub image_index: usize,
     /// The model that produced it.
     pub model_id: String,
