@@ -3,6 +3,7 @@
 
 pub mod demo;
 mod figures;
+mod tastes;
 
 use tonic::Request;
 use tonic::metadata::MetadataValue;
