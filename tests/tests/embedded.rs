@@ -52,18 +52,21 @@ async fn builtin_model_draws_prompts_and_the_demo_loop_runs() {
     assert!(matched >= 5, "{matched}/8 held-out prompts drawn as asked");
 
     let config = DemoConfig {
-        taste: Taste::LargerShapes,
         rounds: 1,
-        pairs_per_round: 6,
+        labels_per_round: 6,
         eval_images: 3,
+        accuracy_prompts: 4,
         steps: 4,
-        api_key: None,
+        accuracy_steps: 4,
         round_timeout: Duration::from_secs(600),
+        ..DemoConfig::new(Taste::LargerShapes)
     };
     let report = run(t.channel.clone(), &config, &mut |line| eprintln!("{line}"))
         .await
         .unwrap();
     assert_eq!(report.rounds.len(), 2);
+    assert_eq!(report.rounds[1].labels, 6);
+    assert!(report.rounds[1].accuracy_live.is_some());
     assert!(report.rounds[1].published, "{}", report.table());
     assert!(!report.rounds[1].generation.is_empty());
     assert_eq!(report.images.len(), 2);

@@ -120,33 +120,42 @@ enum Command {
     /// Manage adapter generations and training (admin role with keys).
     #[command(subcommand)]
     Adapters(AdaptersCommand),
-    /// Teach the server a scripted user's taste: rounds of generate, feedback, train, swap;
-    /// writes grid.png, scores.png and scores.txt (admin role with keys).
+    /// Teach the server a scripted user's taste: rounds of generate, feedback (thumbs, pairwise,
+    /// best-of in turn), train, swap; prints the learning curve (live against base on held-out
+    /// prompts and seeds, paired t, prompt accuracy) and writes grid.png, scores.png and
+    /// scores.md per taste (admin role with keys).
     Demo {
-        /// What the scripted user prefers.
+        /// What the scripted user prefers (several: one session each, in turn).
         #[arg(
             long,
             value_enum,
+            value_delimiter = ',',
             env = "IMAGEGEN_DEMO_TASTE",
             default_value = "larger"
         )]
-        taste: DemoTaste,
+        taste: Vec<DemoTaste>,
         /// Rounds of feedback and training.
         #[arg(long, env = "IMAGEGEN_DEMO_ROUNDS", default_value_t = 4)]
         rounds: usize,
-        /// Image pairs rated per round.
-        #[arg(long, env = "IMAGEGEN_DEMO_PAIRS", default_value_t = 16)]
-        pairs: usize,
-        /// Evaluation images per round (fixed prompts and seeds, never rated).
-        #[arg(long, env = "IMAGEGEN_DEMO_EVAL_IMAGES", default_value_t = 8)]
+        /// Labels (feedback requests) per round.
+        #[arg(long, env = "IMAGEGEN_DEMO_LABELS", default_value_t = 50)]
+        labels: usize,
+        /// Images per request the user rates.
+        #[arg(long, env = "IMAGEGEN_DEMO_IMAGES", default_value_t = 4)]
+        images: u32,
+        /// Held-out images scored per round (evaluation prompts and seeds, never rated).
+        #[arg(long, env = "IMAGEGEN_DEMO_EVAL_IMAGES", default_value_t = 32)]
         eval_images: usize,
-        /// Denoising steps per image.
-        #[arg(long, env = "IMAGEGEN_DEMO_STEPS", default_value_t = 20)]
+        /// Held-out captions of the prompt-accuracy figure per round (0: skip).
+        #[arg(long, env = "IMAGEGEN_DEMO_ACCURACY_PROMPTS", default_value_t = 48)]
+        accuracy_prompts: usize,
+        /// Denoising steps per rated and scored image.
+        #[arg(long, env = "IMAGEGEN_DEMO_STEPS", default_value_t = 10)]
         steps: u32,
         /// Longest wait for one training round, in seconds.
         #[arg(long, env = "IMAGEGEN_DEMO_ROUND_TIMEOUT", default_value_t = 1800)]
         round_timeout: u64,
-        /// Output directory.
+        /// Output directory (one folder per taste).
         #[arg(long, env = "IMAGEGEN_DEMO_OUT", default_value = "demo")]
         out: PathBuf,
     },
@@ -154,6 +163,8 @@ enum Command {
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
 enum DemoTaste {
+    /// Prefers lighter pictures.
+    Brighter,
     /// Prefers shapes that fill more of the picture.
     Larger,
     /// Prefers red, orange and yellow.
@@ -521,35 +532,47 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Demo {
             taste,
             rounds,
-            pairs,
+            labels,
+            images,
             eval_images,
+            accuracy_prompts,
             steps,
             round_timeout,
             out,
         } => {
             use imagegen_client::demo::{DemoConfig, Taste, run, write_figures};
-            let config = DemoConfig {
-                taste: match taste {
-                    DemoTaste::Larger => Taste::LargerShapes,
-                    DemoTaste::Warm => Taste::WarmColours,
-                },
-                rounds,
-                pairs_per_round: pairs,
-                eval_images,
-                steps,
-                api_key: key.clone(),
-                round_timeout: std::time::Duration::from_secs(round_timeout),
-            };
-            let report = run(channel, &config, &mut |line| println!("{line}")).await?;
-            write_figures(&report, &out).with_context(|| format!("writing {}", out.display()))?;
-            let table = report.table();
-            std::fs::write(out.join("scores.txt"), &table)
-                .with_context(|| format!("writing {}", out.display()))?;
-            println!("\n{table}");
-            println!(
-                "wrote {0}/grid.png (rows: base, then live after each round), {0}/scores.png, {0}/scores.txt",
-                out.display()
-            );
+            let mut tables = String::new();
+            for taste in taste {
+                let (taste, folder) = match taste {
+                    DemoTaste::Brighter => (Taste::Brighter, "brighter"),
+                    DemoTaste::Larger => (Taste::LargerShapes, "larger"),
+                    DemoTaste::Warm => (Taste::WarmColours, "warm"),
+                };
+                let config = DemoConfig {
+                    rounds,
+                    labels_per_round: labels,
+                    images_per_request: images,
+                    eval_images,
+                    accuracy_prompts,
+                    steps,
+                    api_key: key.clone(),
+                    round_timeout: std::time::Duration::from_secs(round_timeout),
+                    ..DemoConfig::new(taste)
+                };
+                let report = run(channel.clone(), &config, &mut |line| println!("{line}")).await?;
+                let dir = out.join(folder);
+                write_figures(&report, &dir)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+                let table = report.table();
+                std::fs::write(dir.join("scores.md"), &table)
+                    .with_context(|| format!("writing {}", dir.display()))?;
+                println!(
+                    "wrote {0}/grid.png (rows: base, then live after each round), {0}/scores.png, {0}/scores.md",
+                    dir.display()
+                );
+                tables.push_str(&table);
+            }
+            println!("\n{tables}");
         }
         Command::Info => {
             let info = ImageGeneratorClient::new(channel)

@@ -246,6 +246,23 @@ pub fn random_scene(rng: &mut impl Rng, side: usize, held_out: bool) -> Scene {
     }
 }
 
+/// `n` captions of held-out combinations (never seen in training), reproducible from `seed`:
+/// the prompts of the prompt-accuracy figure.
+pub fn held_out_captions(seed: u64, n: usize, side: usize) -> Vec<String> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    (0..n)
+        .map(|i| random_scene(&mut rng, side, true).caption(i))
+        .collect()
+}
+
+/// Whether an image (RGB, `side` x `side`) draws the shape and colour `prompt` asks for: the
+/// prompt-accuracy criterion (the background is scored apart).
+pub fn draws_prompt(prompt: &str, rgb: &[u8], side: usize) -> bool {
+    let spec = parse_prompt(prompt);
+    evaluate(rgb, side)
+        .is_some_and(|s| Some(s.shape) == spec.shape && Some(s.colour) == spec.colour)
+}
+
 /// `n` random scenes with captions, reproducible from `seed`.
 pub fn dataset(seed: u64, n: usize, side: usize) -> Vec<(Scene, String)> {
     let mut rng = StdRng::seed_from_u64(seed);

@@ -73,6 +73,10 @@ pub struct TrainingStats {
     /// Wall time of the round in seconds.
     #[serde(deserialize_with = "nan_if_null")]
     pub seconds: f64,
+    /// Mean KL divergence per step and latent element from the base model on the round's probe
+    /// chains (`None`: not measured, the drift guard is off or the generation predates it).
+    #[serde(default)]
+    pub drift: Option<f64>,
     /// The `(winner, loser)` image-id pairs trained on: with the store's ledger, what makes a
     /// round killed between publishing and recording its pairs train them exactly once.
     #[serde(default)]

@@ -2,7 +2,6 @@
 //! read back by the shapes evaluator.
 
 use imagegen_shapes as shapes;
-use rand::{SeedableRng, rngs::StdRng};
 use serde::Serialize;
 
 use crate::model::ModelError;
@@ -106,8 +105,5 @@ pub fn evaluate_with_eta(
 
 /// `n` captions of held-out combinations (never seen in training), reproducible from `seed`.
 pub fn held_out_prompts(seed: u64, n: usize, image_size: usize) -> Vec<String> {
-    let mut rng = StdRng::seed_from_u64(seed);
-    (0..n)
-        .map(|i| shapes::random_scene(&mut rng, image_size, true).caption(i))
-        .collect()
+    shapes::held_out_captions(seed, n, image_size)
 }

@@ -48,6 +48,7 @@ impl AdaptersService {
                 heldout_accuracy: s.heldout_accuracy,
                 parent_heldout_accuracy: s.parent_heldout_accuracy,
                 seconds: s.seconds,
+                drift: s.drift,
             }),
             learned_from: meta.learned_from,
         }

@@ -10,7 +10,7 @@ use candle_core::{Device, Tensor};
 use crate::adapters::AdapterRegistry;
 use crate::model::{AdapterBatch, LoraTarget, LoraWeights, Mode, ModelError};
 use crate::pipeline::DiffusionModel;
-use crate::sampler::{Trajectory, TransitionBatch, log_ratio};
+use crate::sampler::{Trajectory, TransitionBatch, kl_divergence, log_ratio};
 use crate::store::LearningStore;
 use crate::store::buffer::GroupSnapshot;
 
@@ -231,5 +231,23 @@ impl Transitions<'_> {
             &mu_ref.detach(),
             &sigmas,
         )?)
+    }
+
+    /// `KL(pi_policy || pi_reference)` of every stored step, per latent element, `[n]`
+    /// (`None` = the base model): how far one adapter's denoising steps sit from another's on
+    /// these states. No graph is built.
+    pub fn kl_divergence(
+        &self,
+        policy: Option<&LoraWeights>,
+        reference: Option<&LoraWeights>,
+    ) -> Result<Tensor, ModelError> {
+        let denoiser = self.model.denoiser();
+        let (mu, sigmas) =
+            self.batch
+                .policy_mean(denoiser, &AdapterBatch::Uniform(policy), Mode::Inference)?;
+        let (mu_ref, _) =
+            self.batch
+                .policy_mean(denoiser, &AdapterBatch::Uniform(reference), Mode::Inference)?;
+        Ok(kl_divergence(&mu, &mu_ref, &sigmas)?)
     }
 }

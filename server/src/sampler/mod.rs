@@ -18,7 +18,7 @@ pub use schedule::{
     BetaSchedule, DdimSchedule, PredictionType, SchedulerConfig, StepConstants, TimestepSpacing,
 };
 pub(crate) use step::per_item;
-pub use step::{log_prob, log_ratio, step_mean};
+pub use step::{kl_divergence, log_prob, log_ratio, step_mean};
 pub use trajectory::{Conditioning, Trajectory};
 pub use transitions::TransitionBatch;
 

@@ -71,6 +71,15 @@ pub fn log_prob(x_prev: &Tensor, mu: &Tensor, sigmas: &[f64]) -> Result<Tensor> 
     Ok(((sq * scale)? + offset)?)
 }
 
+/// `KL(pi_theta || pi_ref)` of each item's step, per latent element: the two Gaussians share
+/// sigma, so it is `mean[(mu_theta - mu_ref)^2] / (2 sigma^2)`. Returns `[B]`.
+pub fn kl_divergence(mu_policy: &Tensor, mu_ref: &Tensor, sigmas: &[f64]) -> Result<Tensor> {
+    let inv = inverse_two_variances(sigmas)?;
+    let per = mean_per_item(&(mu_policy - mu_ref)?.sqr()?)?;
+    let scale = Tensor::from_vec(inv, per.dim(0)?, per.device())?.to_dtype(per.dtype())?;
+    Ok((per * scale)?)
+}
+
 /// `delta = log pi_theta(x_prev | x_t) - log pi_ref(x_prev | x_t)` for each item, computed as
 /// `mean[(x_prev - mu_ref)^2 - (x_prev - mu_theta)^2] / (2 sigma^2)`: no `ln sigma` terms to
 /// cancel, and exactly 0 when the two means are equal. Gradients flow through both means.
@@ -85,4 +94,28 @@ pub fn log_ratio(
     let per = mean_per_item(&diff)?;
     let scale = Tensor::from_vec(inv, per.dim(0)?, per.device())?.to_dtype(per.dtype())?;
     Ok((per * scale)?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn kl_divergence_per_element_matches_a_hand_computation() -> candle_core::Result<()> {
+        // Item 0: every element 1 apart at sigma 0.5 -> 1 / (2 * 0.25) = 2.
+        // Item 1: one of four elements 2 apart at sigma 1 -> mean 1 / 2 = 0.5.
+        let mu_p = Tensor::from_vec(vec![1f32, 1., 1., 1., 0., 0., 2., 0.], (2, 4), &Device::Cpu)?;
+        let mu_r = Tensor::zeros((2, 4), DType::F32, &Device::Cpu)?;
+        let kl = kl_divergence(&mu_p, &mu_r, &[0.5, 1.0])
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_vec1::<f32>()?;
+        assert_eq!(kl, vec![2.0, 0.5]);
+        let same = kl_divergence(&mu_p, &mu_p, &[0.5, 1.0])
+            .map_err(|e| candle_core::Error::Msg(e.to_string()))?
+            .to_vec1::<f32>()?;
+        assert_eq!(same, vec![0.0, 0.0]);
+        assert!(kl_divergence(&mu_p, &mu_r, &[0.0, 1.0]).is_err());
+        Ok(())
+    }
 }

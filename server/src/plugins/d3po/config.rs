@@ -99,6 +99,15 @@ pub struct D3poConfig {
         allow_negative_numbers = true
     )]
     pub gate_margin: f64,
+    /// Drift budget: the gate refuses an adapter whose denoising steps diverge from the base
+    /// model's by more than this mean KL divergence per step and latent element (nats), measured
+    /// on the round's probe chains. 0 turns the guard off.
+    #[arg(
+        long = "d3po-max-drift",
+        env = "IMAGEGEN_D3PO_MAX_DRIFT",
+        default_value_t = 0.05
+    )]
+    pub max_drift: f64,
     /// Seed of adapter initialisation and time-index shuffles.
     #[arg(long = "d3po-seed", env = "IMAGEGEN_D3PO_SEED", default_value_t = 0)]
     pub seed: u64,
@@ -132,6 +141,12 @@ impl D3poConfig {
             return Err(format!(
                 "--d3po-heldout-fraction must be in [0, 1), got {}",
                 self.heldout_fraction
+            ));
+        }
+        if !(self.max_drift >= 0.0 && self.max_drift.is_finite()) {
+            return Err(format!(
+                "--d3po-max-drift must be a finite number >= 0 (0: no guard), got {}",
+                self.max_drift
             ));
         }
         if self.min_pairs == 0 || self.pairs_per_round == 0 {

@@ -10,6 +10,7 @@ pub(super) struct D3poMetrics {
     pub(super) loss: Gauge,
     pub(super) pairs_used: IntCounter,
     pub(super) heldout_accuracy: Gauge,
+    pub(super) drift: Gauge,
     pub(super) skipped_steps: IntCounter,
     pub(super) skipped_updates: IntCounter,
 }
@@ -42,6 +43,10 @@ impl D3poMetrics {
                 "imagegen_d3po_heldout_accuracy",
                 "Held-out ranking accuracy of the last trained adapter.",
             )?,
+            drift: Gauge::new(
+                "imagegen_d3po_drift",
+                "Mean KL divergence per step and latent element (nats) of the last trained adapter from the base model on its round's probe chains.",
+            )?,
             skipped_steps: IntCounter::new(
                 "imagegen_d3po_skipped_steps_total",
                 "Time indices left out of training because their loss or log-ratios were not finite.",
@@ -58,6 +63,7 @@ impl D3poMetrics {
         registry.register(Box::new(m.loss.clone()))?;
         registry.register(Box::new(m.pairs_used.clone()))?;
         registry.register(Box::new(m.heldout_accuracy.clone()))?;
+        registry.register(Box::new(m.drift.clone()))?;
         Ok(m)
     }
 }

@@ -71,3 +71,22 @@ pub(super) fn heldout_accuracy(
     }
     Ok(ranking_accuracy(&rewards))
 }
+
+/// How far `adapter` has drifted from the base model: the mean over every step of `chains` of
+/// the per-element KL divergence of its denoising step from the base model's (nats).
+pub(super) fn drift_from_base(
+    host: &PluginHost,
+    chains: &[&Trajectory],
+    adapter: &LoraWeights,
+) -> Result<f64, ModelError> {
+    let (mut total, mut steps) = (0.0, 0usize);
+    for chain in chains {
+        let items: Vec<(&Trajectory, usize)> = (0..chain.steps()).map(|j| (*chain, j)).collect();
+        let kl = host
+            .transitions(&items)?
+            .kl_divergence(Some(adapter), None)?;
+        total += kl.sum_all()?.to_dtype(DType::F64)?.to_scalar::<f64>()?;
+        steps += items.len();
+    }
+    Ok(total / steps.max(1) as f64)
+}

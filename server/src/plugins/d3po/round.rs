@@ -13,10 +13,11 @@ use rand_distr::{Distribution, StandardNormal};
 use super::D3poPlugin;
 use super::metrics::D3poMetrics;
 use super::pairs::{TrainingPair, collect_pairs};
-use super::policy::{ServerPolicy, heldout_accuracy};
+use super::policy::{ServerPolicy, drift_from_base, heldout_accuracy};
 use crate::adapters::{AdapterGeneration, TrainingStats};
 use crate::model::{LoraPair, LoraTarget, LoraWeights, TrainableLora};
 use crate::plugins::PluginHost;
+use crate::sampler::Trajectory;
 use crate::store::buffer::GroupSnapshot;
 
 /// What one round ended with.
@@ -56,6 +57,23 @@ fn split_heldout<T: Copy>(pairs: &[T], heldout_fraction: f64) -> (Vec<T>, Vec<T>
     }
     (train, heldout)
 }
+
+/// Chains the drift guard measures on: those of the held-out pairs (the states users are shown,
+/// which the round did not train on), else of the trained ones; at most [`PROBE_CHAINS`].
+fn probe_chains<'a>(
+    heldout: &[&'a TrainingPair],
+    train: &[&'a TrainingPair],
+) -> Vec<&'a Trajectory> {
+    let pairs = if heldout.is_empty() { train } else { heldout };
+    pairs
+        .iter()
+        .flat_map(|p| [p.winner.as_ref(), p.loser.as_ref()])
+        .take(PROBE_CHAINS)
+        .collect()
+}
+
+/// Enough chains for a stable mean, few enough to keep the gate cheap beside training.
+const PROBE_CHAINS: usize = 16;
 
 /// A round that stopped at `what` because of an error.
 fn skipped(what: &str) -> impl Fn(&dyn std::fmt::Display) -> RoundResult + '_ {
@@ -188,12 +206,28 @@ impl D3poPlugin {
                 self.config.gate_margin
             )));
         }
+        let mut measured_drift = None;
+        if self.config.max_drift > 0.0 {
+            let probe = probe_chains(round.heldout, round.train);
+            let drift = drift_from_base(host, &probe, &candidate)
+                .map_err(|e| skipped("measuring the drift from the base model")(&e))?;
+            metrics.drift.set(drift);
+            measured_drift = Some(drift);
+            if drift > self.config.max_drift {
+                return Ok(RoundResult::Rejected(format!(
+                    "drift from the base model {drift:.4} (mean KL per step and latent element on {} probe chains) exceeds --d3po-max-drift {}",
+                    probe.len(),
+                    self.config.max_drift
+                )));
+            }
+        }
         let stats = TrainingStats {
             pairs: round.train.len(),
             mean_loss: round.mean_loss,
             heldout_accuracy: new_acc,
             parent_heldout_accuracy: live_acc,
             seconds: round.started.elapsed().as_secs_f64(),
+            drift: measured_drift,
             trained_pairs: round.pairs.iter().map(|p| p.key.clone()).collect(),
         };
         let mut learned_from: Vec<String> =
