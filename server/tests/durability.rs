@@ -203,6 +203,9 @@ async fn a_round_or_a_swap_killed_midway_leaves_learning_consistent() {
         "0",
         "--d3po-gate-margin",
         "-1",
+        // The gate is not under test here: every round must publish.
+        "--d3po-max-drift",
+        "0",
     ];
     let s = server(dir.path(), &args);
     let channel = connect(&s.grpc).await;

@@ -62,6 +62,8 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
     let t = TestServer::start(|c| {
         c.data_dir = Some(data_dir.clone());
         c.plugins.d3po.lr = 1e-3;
+        // The random tiny model drifts far on two pairs; the guard has its own test.
+        c.plugins.d3po.max_drift = 0.0;
     })
     .await
     .unwrap();
@@ -79,6 +81,9 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
     assert_eq!(list.live, info.generation);
     assert!(info.live && info.parent.is_empty() && info.origin == "trained");
     assert_eq!(info.stats.as_ref().unwrap().pairs, 2);
+    // The drift from the base model is measured and recorded even with the guard off.
+    let drift = info.stats.as_ref().unwrap().drift.unwrap();
+    assert!(drift > 0.0 && drift.is_finite(), "{drift}");
     let mut learned = info.learned_from.clone();
     learned.sort();
     let mut expected = groups.clone();
@@ -292,10 +297,45 @@ async fn a_rejected_adapter_never_goes_live() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn generation_during_swaps_sees_no_error() {
-    let t = TestServer::start(|c| c.plugins.d3po.lr = 1e-3)
+async fn the_drift_guard_refuses_an_adapter_that_moved_beyond_its_budget() {
+    // Any trained adapter differs from the base model by more than 1e-12 nats per element.
+    let t = TestServer::start(|c| {
+        c.plugins.d3po.max_drift = 1e-12;
+        c.plugins.d3po.lr = 1e-3;
+    })
+    .await
+    .unwrap();
+    rate(&t, 3).await;
+    let status = train(&t).await;
+    assert_eq!(
+        (status.rounds_published, status.rounds_rejected),
+        (0, 1),
+        "{status:?}"
+    );
+    assert!(
+        status.last_reason.contains("exceeds --d3po-max-drift"),
+        "{}",
+        status.last_reason
+    );
+    let drift = t.metric("imagegen_d3po_drift").await.unwrap().unwrap();
+    assert!(drift > 1e-12, "{drift}");
+    let list = t
+        .adapters()
+        .list_adapters(pb::ListAdaptersRequest {})
         .await
-        .unwrap();
+        .unwrap()
+        .into_inner();
+    assert!(list.live.is_empty() && list.adapters.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_during_swaps_sees_no_error() {
+    let t = TestServer::start(|c| {
+        c.plugins.d3po.lr = 1e-3;
+        c.plugins.d3po.max_drift = 0.0; // every round must publish
+    })
+    .await
+    .unwrap();
     rate(&t, 2).await;
     assert_eq!(train(&t).await.rounds_published, 1);
     let live = t

@@ -1,6 +1,6 @@
 //! The built-in trained model through the real API: it draws the shapes and colours prompts
-//! ask for far above chance, and the demo loop (generate, rate, train, swap, evaluate) runs
-//! against it.
+//! ask for far above chance, and a short scripted round of the demo
+//! (generate, rate, train, swap, evaluate) moves the live adapter the rater's way.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -14,10 +14,9 @@ use imagegen_tests::TestServer;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builtin_model_draws_prompts_and_the_demo_loop_runs() {
+    // The default training settings: the scripted round below checks that they learn.
     let t = TestServer::start_builtin(|c| {
-        c.plugins.d3po.lr = 1e-3;
         c.plugins.d3po.min_pairs = 1_000_000; // rounds run only when the demo triggers them
-        c.plugins.d3po.heldout_fraction = 0.0;
     })
     .await
     .unwrap();
@@ -51,26 +50,32 @@ async fn builtin_model_draws_prompts_and_the_demo_loop_runs() {
     eprintln!("built-in model over gRPC: {matched}/8 held-out prompts drawn as asked");
     assert!(matched >= 5, "{matched}/8 held-out prompts drawn as asked");
 
+    // One short scripted round of the learning benchmark (50 labels of thumbs, comparisons and
+    // best-of picks): the live adapter must move the held-out score the rater's way.
     let config = DemoConfig {
         rounds: 1,
-        labels_per_round: 6,
-        eval_images: 3,
+        eval_images: 16,
         accuracy_prompts: 4,
-        steps: 4,
-        accuracy_steps: 4,
-        round_timeout: Duration::from_secs(600),
-        ..DemoConfig::new(Taste::LargerShapes)
+        accuracy_steps: 10,
+        round_timeout: Duration::from_secs(1800),
+        ..DemoConfig::new(Taste::Brighter)
     };
     let report = run(t.channel.clone(), &config, &mut |line| eprintln!("{line}"))
         .await
         .unwrap();
     assert_eq!(report.rounds.len(), 2);
-    assert_eq!(report.rounds[1].labels, 6);
-    assert!(report.rounds[1].accuracy_live.is_some());
+    let round = &report.rounds[1];
+    assert_eq!(round.labels, 50);
+    assert!(round.accuracy_live.is_some());
+    assert!(
+        round.live > round.base && round.t > 1.0,
+        "the live adapter did not move the rater's way:\n{}",
+        report.table()
+    );
     assert!(report.rounds[1].published, "{}", report.table());
     assert!(!report.rounds[1].generation.is_empty());
     assert_eq!(report.images.len(), 2);
-    assert!(report.images.iter().all(|row| row.len() == 3));
+    assert!(report.images.iter().all(|row| row.len() == 8));
     let dir = tempfile::tempdir().unwrap();
     write_figures(&report, dir.path()).unwrap();
     for file in ["grid.png", "scores.png"] {

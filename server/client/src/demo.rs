@@ -72,7 +72,7 @@ impl DemoConfig {
                 FeedbackKind::Pairwise,
                 FeedbackKind::BestOf,
             ],
-            eval_images: 32,
+            eval_images: 64,
             accuracy_prompts: 48,
             steps: 10,
             accuracy_steps: 20,

@@ -144,7 +144,7 @@ enum Command {
         #[arg(long, env = "IMAGEGEN_DEMO_IMAGES", default_value_t = 4)]
         images: u32,
         /// Held-out images scored per round (evaluation prompts and seeds, never rated).
-        #[arg(long, env = "IMAGEGEN_DEMO_EVAL_IMAGES", default_value_t = 32)]
+        #[arg(long, env = "IMAGEGEN_DEMO_EVAL_IMAGES", default_value_t = 64)]
         eval_images: usize,
         /// Held-out captions of the prompt-accuracy figure per round (0: skip).
         #[arg(long, env = "IMAGEGEN_DEMO_ACCURACY_PROMPTS", default_value_t = 48)]

@@ -32,8 +32,10 @@ pub struct D3poConfig {
         default_value_t = 64
     )]
     pub pairs_per_round: usize,
-    /// AdamW learning rate.
-    #[arg(long = "d3po-lr", env = "IMAGEGEN_D3PO_LR", default_value_t = 3e-5)]
+    /// AdamW learning rate. The reference's 3e-5 is tuned for tens of thousands of samples; a
+    /// server learns from a few hundred labels, and 1e-3 is what moved every taste of the
+    /// learning benchmark within 200 (the drift guard bounds how far it may go).
+    #[arg(long = "d3po-lr", env = "IMAGEGEN_D3PO_LR", default_value_t = 1e-3)]
     pub lr: f64,
     /// LoRA rank.
     #[arg(long = "d3po-rank", env = "IMAGEGEN_D3PO_RANK", default_value_t = 4)]
@@ -63,11 +65,13 @@ pub struct D3poConfig {
         default_value_t = 0.1
     )]
     pub clamp_eps: f64,
-    /// Fraction of each chain's time indices trained on.
+    /// Fraction of each chain's time indices trained on (a fresh random subset per pair). Half
+    /// (the reference uses all) learns as fast per label in the learning benchmark at half the
+    /// training time, which keeps a 50-label round under two minutes on two CPU cores.
     #[arg(
         long = "d3po-timestep-fraction",
         env = "IMAGEGEN_D3PO_TIMESTEP_FRACTION",
-        default_value_t = 1.0
+        default_value_t = 0.5
     )]
     pub timestep_fraction: f64,
     /// Global gradient-norm clip.
@@ -105,7 +109,7 @@ pub struct D3poConfig {
     #[arg(
         long = "d3po-max-drift",
         env = "IMAGEGEN_D3PO_MAX_DRIFT",
-        default_value_t = 0.05
+        default_value_t = 0.1
     )]
     pub max_drift: f64,
     /// Seed of adapter initialisation and time-index shuffles.

@@ -206,20 +206,17 @@ impl D3poPlugin {
                 self.config.gate_margin
             )));
         }
-        let mut measured_drift = None;
-        if self.config.max_drift > 0.0 {
-            let probe = probe_chains(round.heldout, round.train);
-            let drift = drift_from_base(host, &probe, &candidate)
-                .map_err(|e| skipped("measuring the drift from the base model")(&e))?;
-            metrics.drift.set(drift);
-            measured_drift = Some(drift);
-            if drift > self.config.max_drift {
-                return Ok(RoundResult::Rejected(format!(
-                    "drift from the base model {drift:.4} (mean KL per step and latent element on {} probe chains) exceeds --d3po-max-drift {}",
-                    probe.len(),
-                    self.config.max_drift
-                )));
-            }
+        // Measured whether or not the guard is on: every generation records how far it moved.
+        let probe = probe_chains(round.heldout, round.train);
+        let drift = drift_from_base(host, &probe, &candidate)
+            .map_err(|e| skipped("measuring the drift from the base model")(&e))?;
+        metrics.drift.set(drift);
+        if self.config.max_drift > 0.0 && drift > self.config.max_drift {
+            return Ok(RoundResult::Rejected(format!(
+                "drift from the base model {drift:.4} (mean KL per step and latent element on {} probe chains) exceeds --d3po-max-drift {}",
+                probe.len(),
+                self.config.max_drift
+            )));
         }
         let stats = TrainingStats {
             pairs: round.train.len(),
@@ -227,7 +224,7 @@ impl D3poPlugin {
             heldout_accuracy: new_acc,
             parent_heldout_accuracy: live_acc,
             seconds: round.started.elapsed().as_secs_f64(),
-            drift: measured_drift,
+            drift: Some(drift),
             trained_pairs: round.pairs.iter().map(|p| p.key.clone()).collect(),
         };
         let mut learned_from: Vec<String> =
