@@ -253,24 +253,18 @@ async fn a_round_publishes_an_adapter_that_serves_and_can_be_rolled_back_and_mov
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_rejected_adapter_never_goes_live() {
-    // An impossible margin: the gate must refuse whatever the round produces.
-    let t = TestServer::start(|c| {
-        c.plugins.d3po.gate_margin = 2.0;
-        c.plugins.d3po.lr = 1e-3;
-    })
-    .await
-    .unwrap();
-    rate(&t, 2).await;
-    let status = train(&t).await;
+/// Rates `groups`, runs one round and checks the gate refused it for `reason`, leaving no
+/// generation and nothing live.
+async fn assert_one_round_refused(t: &TestServer, groups: u64, reason: &str) {
+    rate(t, groups).await;
+    let status = train(t).await;
     assert_eq!(
         (status.rounds_published, status.rounds_rejected),
         (0, 1),
         "{status:?}"
     );
     assert!(
-        status.last_reason.contains("held-out accuracy"),
+        status.last_reason.contains(reason),
         "{}",
         status.last_reason
     );
@@ -281,6 +275,18 @@ async fn a_rejected_adapter_never_goes_live() {
         .unwrap()
         .into_inner();
     assert!(list.live.is_empty() && list.adapters.is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rejected_adapter_never_goes_live() {
+    // An impossible margin: the gate must refuse whatever the round produces.
+    let t = TestServer::start(|c| {
+        c.plugins.d3po.gate_margin = 2.0;
+        c.plugins.d3po.lr = 1e-3;
+    })
+    .await
+    .unwrap();
+    assert_one_round_refused(&t, 2, "held-out accuracy").await;
     let r = t
         .generator()
         .generate(request("x", 1, 1, ""))
@@ -305,27 +311,9 @@ async fn the_drift_guard_refuses_an_adapter_that_moved_beyond_its_budget() {
     })
     .await
     .unwrap();
-    rate(&t, 3).await;
-    let status = train(&t).await;
-    assert_eq!(
-        (status.rounds_published, status.rounds_rejected),
-        (0, 1),
-        "{status:?}"
-    );
-    assert!(
-        status.last_reason.contains("exceeds --d3po-max-drift"),
-        "{}",
-        status.last_reason
-    );
+    assert_one_round_refused(&t, 3, "exceeds --d3po-max-drift").await;
     let drift = t.metric("imagegen_d3po_drift").await.unwrap().unwrap();
     assert!(drift > 1e-12, "{drift}");
-    let list = t
-        .adapters()
-        .list_adapters(pb::ListAdaptersRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(list.live.is_empty() && list.adapters.is_empty());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
