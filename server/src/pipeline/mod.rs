@@ -27,11 +27,11 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use serde::de::DeserializeOwned;
 
-use crate::model::ModelError;
 use crate::model::clip::{ClipConfig, ClipTextModel};
 use crate::model::tokenizer::ClipTokenizer;
 use crate::model::unet::{UNet2DConditionModel, UNetConfig};
 use crate::model::vae::{VaeConfig, VaeDecoder};
+use crate::model::{DevicePlan, ModelError};
 
 /// Every part of a text-to-image latent-diffusion pipeline.
 #[derive(Debug)]
@@ -48,20 +48,17 @@ pub struct DiffusionModel {
     pub vae: VaeDecoder,
     /// Noise schedule settings.
     pub scheduler: SchedulerConfig,
-    /// Most rows (CFG halves count separately) per UNet call; larger batches run in chunks.
-    /// 4 on the CPU, where small calls keep activations in cache; unlimited on a GPU.
+    /// Most rows per UNet call (`DevicePlan::micro_batch_rows`).
     pub micro_batch_rows: usize,
 }
 
 impl DiffusionModel {
     /// Loads the pipeline in `dir` with weights in `dtype` on `device`.
     pub fn load(dir: &Path, dtype: DType, device: &Device) -> Result<Self, ModelError> {
-        if dtype == DType::BF16 && device.is_cpu() {
+        if let Some(reason) = DevicePlan::unsupported_dtype(device, dtype) {
             return Err(ModelError::InvalidRequest {
                 field: "dtype",
-                reason: "bf16 compute is not supported on the CPU (no bf16 matmul there); use f32 or f16, \
-                         bf16 weight files load into either"
-                    .into(),
+                reason: reason.into(),
             });
         }
         let index_path = dir.join("model_index.json");
@@ -138,7 +135,7 @@ impl DiffusionModel {
             .ok()
             .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
             .unwrap_or_else(|| "model".into());
-        let micro_batch_rows = if device.is_cpu() { 4 } else { usize::MAX };
+        let micro_batch_rows = DevicePlan::for_device(device).micro_batch_rows;
         Ok(Self {
             id,
             unet,

@@ -87,7 +87,7 @@ impl<F: Fn(f32) -> f32 + Copy + Send + Sync + 'static> CustomOp1 for Map<F> {
 }
 
 fn fast_path(x: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32
+    super::cpu_kernel_for(x, &[DType::F32])
 }
 
 /// `silu'(x) = s (1 + x (1 - s))`, `s = sigmoid(x)`.

@@ -73,10 +73,7 @@ impl Module for Conv2d {
         let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
         let cols = if k == 1 && s == 1 && p == 0 {
             x.clone()
-        } else if x.track_op()
-            && x.device().is_cpu()
-            && matches!(x.dtype(), DType::F32 | DType::F64)
-        {
+        } else if x.track_op() && super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
             // Training: one gather with a scatter-add backward. The composite below would
             // differentiate every window's two narrows into zero-padded copies of the input.
             x.contiguous()?.apply_op1(Im2Col {

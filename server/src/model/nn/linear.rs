@@ -2,7 +2,9 @@
 //! only (the weights never train), with the bias added by a fused row kernel on the CPU.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Module, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp2, DType, Layout, Module, Result, Shape, Tensor,
+};
 use candle_nn::VarBuilder;
 
 use super::contiguous_slice;
@@ -102,7 +104,7 @@ pub(crate) fn frozen_matmul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
         return match bias {
             // The bias gradient as a product with ones: candle's own (the backward of a
             // broadcast) is a strided reduction over rows, many times slower.
-            Some(b) if x.device().is_cpu() => y.apply_op2(b, AddRowBias),
+            Some(b) if super::cpu_kernel_for(x, &FLOATS) => y.apply_op2(b, AddRowBias),
             Some(b) => y.broadcast_add(b),
             None => Ok(y),
         };
@@ -123,6 +125,8 @@ pub(crate) fn frozen_matmul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) 
         Ok(value)
     }
 }
+
+const FLOATS: [DType; 4] = [DType::F32, DType::F64, DType::F16, DType::BF16];
 
 /// `y + b` for `y` `[rows, C]` and `b` `[C]`, whose bias gradient is `ones^T dy` (one gemm).
 #[derive(Debug, Clone, Copy)]

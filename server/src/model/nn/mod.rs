@@ -17,6 +17,39 @@ pub(crate) use conv::{Conv2d, upsample_nearest_2x};
 pub(crate) use linear::{Linear, frozen_matmul};
 pub(crate) use norm::{GroupNorm, LayerNorm};
 
+/// Whether `x` takes the hand-written CPU kernels (fused im2col with a scatter-add backward, group
+/// norm with its own backward, row bias, activations, softmax) or candle's own ops, which are
+/// correct on every device and dtype (CUDA, f16, bf16). The one place that decides it: each kernel
+/// exists for the CPU and the `dtypes` it names; everything else falls back to the portable ops,
+/// whose equality with the kernels the tests check on the CPU (`with_portable_ops`).
+pub(crate) fn cpu_kernel_for(x: &Tensor, dtypes: &[DType]) -> bool {
+    #[cfg(test)]
+    if PORTABLE_OPS.with(std::cell::Cell::get) {
+        return false;
+    }
+    x.device().is_cpu() && dtypes.contains(&x.dtype())
+}
+
+#[cfg(test)]
+thread_local! {
+    static PORTABLE_OPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with every op on its portable path, as it runs on a GPU (tests only: the choice is
+/// per thread, and candle's CPU ops never decide it on their worker threads).
+#[cfg(test)]
+pub(crate) fn with_portable_ops<R>(f: impl FnOnce() -> R) -> R {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            PORTABLE_OPS.with(|p| p.set(false));
+        }
+    }
+    PORTABLE_OPS.with(|p| p.set(true));
+    let _reset = Reset;
+    f()
+}
+
 /// Whether a forward pass will be differentiated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -72,4 +105,19 @@ pub(crate) fn input(shape: (usize, usize, usize, usize)) -> Tensor {
     let n = shape.0 * shape.1 * shape.2 * shape.3;
     let v: Vec<f32> = (0..n).map(|i| ((i as f32) * 0.37).sin()).collect();
     Tensor::from_vec(v, shape, &candle_core::Device::Cpu).unwrap_or_else(|e| panic!("{e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_takes_its_kernels_for_their_dtypes_and_the_override_is_scoped() {
+        let x = Tensor::zeros(4, DType::F32, &candle_core::Device::Cpu)
+            .unwrap_or_else(|e| panic!("{e}"));
+        assert!(cpu_kernel_for(&x, &[DType::F32]));
+        assert!(!cpu_kernel_for(&x, &[DType::F64]));
+        with_portable_ops(|| assert!(!cpu_kernel_for(&x, &[DType::F32])));
+        assert!(cpu_kernel_for(&x, &[DType::F32]));
+    }
 }

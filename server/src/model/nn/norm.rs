@@ -37,7 +37,7 @@ impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dims = x.dims().to_vec();
         let (batch, channels) = (dims[0], dims[dims.len() - 1]);
-        if x.track_op() && x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
+        if x.track_op() && super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
             // Training: one kernel with a hand-written backward. The composite below is
             // differentiated by candle as a dozen broadcasts whose backward reductions over
             // positions dominated a pretraining step.
