@@ -21,23 +21,51 @@ use crate::pipeline::save::{
 
 /// Writes the tiny pipeline into `dir` (created if needed). The same `seed` writes the same bytes.
 pub fn write_tiny_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
+    write_random_model(
+        dir,
+        &UNetConfig::tiny(),
+        &VaeConfig::tiny(),
+        &ClipConfig::tiny(),
+        seed,
+    )
+}
+
+/// Writes a pipeline of Stable Diffusion 1.5's sizes with random weights (about 4.2 GB of f32
+/// files): what the GPU check times without a model download.
+pub fn write_sd15_size_model(dir: &Path, seed: u64) -> Result<(), ModelError> {
+    write_random_model(
+        dir,
+        &UNetConfig::sd15(),
+        &VaeConfig::default(),
+        &ClipConfig::default(),
+        seed,
+    )
+}
+
+/// Writes a pipeline of the given sizes with deterministic random weights into `dir`.
+pub fn write_random_model(
+    dir: &Path,
+    unet_config: &UNetConfig,
+    vae_config: &VaeConfig,
+    clip_config: &ClipConfig,
+    seed: u64,
+) -> Result<(), ModelError> {
     let device = Device::Cpu;
     let unet_weights = SeededWeights::new(seed);
-    let unet_config = UNetConfig::tiny();
-    UNet2DConditionModel::new(&unet_config, unet_weights.var_builder(DType::F32, &device))?;
-    write_unet(dir, &unet_config, unet_weights.tensors())?;
+    UNet2DConditionModel::new(unet_config, unet_weights.var_builder(DType::F32, &device))?;
+    write_unet(dir, unet_config, unet_weights.tensors())?;
+    drop(unet_weights);
 
     let vae_weights = SeededWeights::new(seed.wrapping_add(1));
-    let vae_config = VaeConfig::tiny();
     // The whole autoencoder (encoder too), so the folder is a complete diffusers checkpoint.
-    full_autoencoder(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
-    VaeDecoder::new(&vae_config, vae_weights.var_builder(DType::F32, &device))?;
-    write_vae(dir, &vae_config, vae_weights.tensors())?;
+    full_autoencoder(vae_config, vae_weights.var_builder(DType::F32, &device))?;
+    VaeDecoder::new(vae_config, vae_weights.var_builder(DType::F32, &device))?;
+    write_vae(dir, vae_config, vae_weights.tensors())?;
+    drop(vae_weights);
 
     let clip_weights = SeededWeights::new(seed.wrapping_add(2));
-    let clip_config = ClipConfig::tiny();
-    ClipTextModel::new(&clip_config, clip_weights.var_builder(DType::F32, &device))?;
-    write_text_encoder(dir, &clip_config, clip_weights.tensors())?;
+    ClipTextModel::new(clip_config, clip_weights.var_builder(DType::F32, &device))?;
+    write_text_encoder(dir, clip_config, clip_weights.tensors())?;
 
     write_tokenizer(&dir.join("tokenizer"), clip_config.vocab_size)?;
     write_json(
