@@ -139,7 +139,7 @@ impl DemoReport {
             let adapter = match (r.round, r.published) {
                 (0, _) => "base".to_string(),
                 (_, true) => r.generation.chars().take(12).collect(),
-                (_, false) => format!("refused: {}", r.reason.chars().take(60).collect::<String>()),
+                (_, false) => format!("refused: {}", without_parentheses(&r.reason)),
             };
             let accuracy = match (r.accuracy_live, r.accuracy_base) {
                 (Some(l), Some(b)) => format!("{:.1}% / {:.1}%", 100.0 * l, 100.0 * b),
@@ -164,6 +164,21 @@ impl DemoReport {
         }
         out
     }
+}
+
+/// `reason` without its parenthesised explanations (the table's cell; the log has them whole).
+fn without_parentheses(reason: &str) -> String {
+    let mut depth = 0usize;
+    let mut out = String::with_capacity(reason.len());
+    for c in reason.chars() {
+        match c {
+            '(' => depth += 1,
+            ')' => depth = depth.saturating_sub(1),
+            c if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
 /// The paired t statistic of `after - before` (0 for fewer than two pairs or no difference).
@@ -571,6 +586,15 @@ mod tests {
         assert_eq!(paired_t(&[1.0, 2.0], &[1.0, 2.0]), 0.0);
         assert_eq!(paired_t(&[1.0, 2.0], &[2.0, 3.0]), f64::INFINITY);
         assert_eq!(paired_t(&[1.0], &[5.0]), 0.0);
+    }
+
+    #[test]
+    fn table_cells_drop_parenthesised_explanations() {
+        assert_eq!(
+            without_parentheses("drift 0.14 (mean KL (per step) on 16 chains) exceeds 0.1"),
+            "drift 0.14 exceeds 0.1"
+        );
+        assert_eq!(without_parentheses("plain"), "plain");
     }
 
     fn images(n: usize) -> Vec<pb::GeneratedImage> {

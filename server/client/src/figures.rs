@@ -64,7 +64,9 @@ fn image_grid(
     );
     for (c, name) in columns.iter().take(count as usize).enumerate() {
         let x = label + gutter + c as u32 * (cell + gutter);
-        let fits: String = name.chars().take(((cell + gutter) / 4) as usize).collect();
+        // 4 px per glyph: what fits over the image itself, without the article.
+        let name = name.strip_prefix("a ").unwrap_or(name);
+        let fits: String = name.chars().take((cell / 4) as usize).collect();
         draw_text(&mut out, &fits, x, 4, 1, INK);
     }
     for (r, row) in decoded.iter().enumerate() {
