@@ -33,6 +33,10 @@ WHEELS=(
   nvidia-cuda-nvrtc==13.2.86 nvidia-cuda-cccl==13.2.86 nvidia-cublas==13.4.1.3
   nvidia-curand==10.4.2.51 nvidia-nvvm==13.2.86
 )
+# nvcc compiles through the host C++ compiler; the stub needs gcc.
+for tool in g++ gcc objdump; do
+  command -v "$tool" >/dev/null || { echo "$tool is required (apt-get install g++ binutils)" >&2; exit 1; }
+done
 STAMP="$TOOLS/.installed-$(printf '%s\n' "${WHEELS[@]}" | sha256sum | cut -c1-16)"
 
 if [ ! -f "$STAMP" ]; then
