@@ -219,24 +219,11 @@ fn main() -> anyhow::Result<()> {
     }
     json.insert(
         "peak_rss_mib".into(),
-        peak_rss_mib().map_or(serde_json::Value::Null, serde_json::Value::from),
+        imagegen_server::allocator::peak_rss_mib()
+            .map_or(serde_json::Value::Null, serde_json::Value::from),
     );
     println!("{}", serde_json::Value::Object(json));
     Ok(())
-}
-
-/// The process's peak resident set (VmHWM), Linux only.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
 /// Median time of a 20-step, 64x64 generation of `images` images at `guidance`, prompt encoding

@@ -12,6 +12,21 @@
 /// buffers reused within a generation (even a 15 s SD-1.5 batch) stay mapped.
 pub const SERVING_PURGE_DELAY_MS: i64 = 30_000;
 
+/// The process's peak resident set (`VmHWM`) in MiB, one decimal; `None` off Linux. What the
+/// benchmarks report beside their timings.
+pub fn peak_rss_mib() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let kib: f64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some((kib / 1024.0 * 10.0).round() / 10.0)
+}
+
 /// Re-executes the current program with `MIMALLOC_PURGE_DELAY=delay_ms` (-1: never purge) unless
 /// the variable is set already; returns only if that is so, or the exec failed. Call it first
 /// in `main`, before any thread exists.

@@ -131,23 +131,12 @@ fn main() -> anyhow::Result<()> {
             .build()?;
         out.insert("swap".into(), runtime.block_on(swap_under_load(cuda))?);
     }
-    out.insert("peak_rss_mib".into(), json!(peak_rss_mib()));
+    out.insert(
+        "peak_rss_mib".into(),
+        json!(imagegen_server::allocator::peak_rss_mib()),
+    );
     println!("{}", Value::Object(out));
     Ok(())
-}
-
-/// The process's peak resident set (VmHWM) in MiB, Linux only.
-fn peak_rss_mib() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let kib: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))?
-        .trim()
-        .trim_end_matches("kB")
-        .trim()
-        .parse()
-        .ok()?;
-    Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
 fn dtype_name(dtype: DType) -> &'static str {
