@@ -3,7 +3,7 @@
 # transformers + peft, and no network, no Rust, no diffusers. Prepare it here first:
 #   scripts/gpu-bundle.sh          -> .tools/gpu-bundle/ (carry it along with the tree)
 # then on the GPU machine:
-#   scripts/gpu-check.sh           (about 5 minutes on an H100-class GPU)
+#   scripts/gpu-check.sh           (never run on a GPU yet; estimated 5 minutes: give it 480 s)
 # and as a dry run on any machine, through the same script with the CPU build and tiny sizes:
 #   scripts/gpu-check.sh --cpu     (PyTorch from $PEER_VENV or python3; about 2 minutes)
 #
