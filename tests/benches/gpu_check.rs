@@ -256,14 +256,22 @@ fn mean_pixel_diff(a: &Generation, b: &Generation) -> f64 {
     sum as f64 / n.max(1) as f64
 }
 
+/// Runs `f` as the device runs it: on the CPU (the dry run) with the portable ops, the code a
+/// GPU runs, so that the tiny suite compares the GPU's code path with the CPU kernels.
+fn on_device<T>(device: &Device, f: impl FnOnce() -> anyhow::Result<T>) -> anyhow::Result<T> {
+    if device.is_cpu() {
+        imagegen_server::model::nn::with_portable_ops(f)
+    } else {
+        f()
+    }
+}
+
 fn tiny_suite(dir: &std::path::Path, device: &Device) -> anyhow::Result<Value> {
     let cpu = DiffusionModel::load(dir, DType::F32, &Device::Cpu)?;
     let dev = DiffusionModel::load(dir, DType::F32, device)?;
     let request = sample_request(2, 64);
-    let (on_cpu, on_dev) = (
-        generate_once(&cpu, &request)?,
-        generate_once(&dev, &request)?,
-    );
+    let on_cpu = generate_once(&cpu, &request)?;
+    let on_dev = on_device(device, || generate_once(&dev, &request))?;
     let mut latent_diff = 0f64;
     let mut recorded_logp_diff = 0f64;
     for (a, b) in on_cpu.trajectories.iter().zip(&on_dev.trajectories) {
@@ -273,22 +281,25 @@ fn tiny_suite(dir: &std::path::Path, device: &Device) -> anyhow::Result<Value> {
         }
     }
     // The device's own chains re-evaluated on the device, as the trainer does.
-    let mut recompute_diff = 0f64;
-    for traj in &on_dev.trajectories {
-        let items: Vec<_> = (0..traj.steps()).map(|j| (traj, j)).collect();
-        let batch = TransitionBatch::new(dev.denoiser(), &items)?;
-        let (mu, sigmas) =
-            batch.policy_mean(dev.denoiser(), &AdapterBatch::BASE, Mode::Inference)?;
-        let recomputed: Vec<f32> = log_prob(&batch.x_prev, &mu, &sigmas)?
-            .to_dtype(DType::F32)?
-            .to_vec1()?;
-        for (p, q) in recomputed.iter().zip(&traj.log_probs) {
-            recompute_diff = recompute_diff.max(f64::from((p - q).abs()));
+    let recompute_diff = on_device(device, || {
+        let mut diff = 0f64;
+        for traj in &on_dev.trajectories {
+            let items: Vec<_> = (0..traj.steps()).map(|j| (traj, j)).collect();
+            let batch = TransitionBatch::new(dev.denoiser(), &items)?;
+            let (mu, sigmas) =
+                batch.policy_mean(dev.denoiser(), &AdapterBatch::BASE, Mode::Inference)?;
+            let recomputed: Vec<f32> = log_prob(&batch.x_prev, &mu, &sigmas)?
+                .to_dtype(DType::F32)?
+                .to_vec1()?;
+            for (p, q) in recomputed.iter().zip(&traj.log_probs) {
+                diff = diff.max(f64::from((p - q).abs()));
+            }
         }
-    }
+        Ok(diff)
+    })?;
     // The CPU's chains on both, so that only the arithmetic differs.
     let (loss_cpu, grad_cpu) = pair_gradient(&cpu, &on_cpu, &Device::Cpu)?;
-    let (loss_dev, grad_dev) = pair_gradient(&dev, &on_cpu, device)?;
+    let (loss_dev, grad_dev) = on_device(device, || pair_gradient(&dev, &on_cpu, device))?;
     let mut half = Map::new();
     if !device.is_cpu() {
         for dtype in [DType::F16, DType::BF16] {
@@ -301,6 +312,7 @@ fn tiny_suite(dir: &std::path::Path, device: &Device) -> anyhow::Result<Value> {
         }
     }
     let result = json!({
+        "device_code_path": if device.is_cpu() { "portable ops on the CPU" } else { "cuda" },
         "max_pixel_diff_vs_cpu": max_pixel_diff(&on_cpu, &on_dev),
         "mean_pixel_diff_vs_cpu": mean_pixel_diff(&on_cpu, &on_dev),
         "max_latent_diff_vs_cpu": latent_diff,

@@ -23,30 +23,24 @@ pub(crate) use norm::{GroupNorm, LayerNorm};
 /// exists for the CPU and the `dtypes` it names; everything else falls back to the portable ops,
 /// whose equality with the kernels the tests check on the CPU (`with_portable_ops`).
 pub(crate) fn cpu_kernel_for(x: &Tensor, dtypes: &[DType]) -> bool {
-    #[cfg(test)]
-    if PORTABLE_OPS.with(std::cell::Cell::get) {
-        return false;
-    }
-    x.device().is_cpu() && dtypes.contains(&x.dtype())
+    !PORTABLE_OPS.with(std::cell::Cell::get) && x.device().is_cpu() && dtypes.contains(&x.dtype())
 }
 
-#[cfg(test)]
 thread_local! {
     static PORTABLE_OPS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
-/// Runs `f` with every op on its portable path, as it runs on a GPU (tests only: the choice is
-/// per thread, and candle's CPU ops never decide it on their worker threads).
-#[cfg(test)]
-pub(crate) fn with_portable_ops<R>(f: impl FnOnce() -> R) -> R {
-    struct Reset;
-    impl Drop for Reset {
+/// Runs `f` on this thread with every op on its portable path, as it runs on a GPU: how the tests
+/// and the GPU check's CPU dry run exercise the GPU's code on the CPU. The choice is per thread
+/// (candle's CPU worker threads never make it).
+pub fn with_portable_ops<R>(f: impl FnOnce() -> R) -> R {
+    struct Restore(bool);
+    impl Drop for Restore {
         fn drop(&mut self) {
-            PORTABLE_OPS.with(|p| p.set(false));
+            PORTABLE_OPS.with(|p| p.set(self.0));
         }
     }
-    PORTABLE_OPS.with(|p| p.set(true));
-    let _reset = Reset;
+    let _restore = Restore(PORTABLE_OPS.with(|p| p.replace(true)));
     f()
 }
 
@@ -117,7 +111,13 @@ mod tests {
             .unwrap_or_else(|e| panic!("{e}"));
         assert!(cpu_kernel_for(&x, &[DType::F32]));
         assert!(!cpu_kernel_for(&x, &[DType::F64]));
-        with_portable_ops(|| assert!(!cpu_kernel_for(&x, &[DType::F32])));
+        with_portable_ops(|| {
+            with_portable_ops(|| {});
+            assert!(
+                !cpu_kernel_for(&x, &[DType::F32]),
+                "nesting keeps the outer choice"
+            );
+        });
         assert!(cpu_kernel_for(&x, &[DType::F32]));
     }
 }
