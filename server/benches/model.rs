@@ -81,7 +81,9 @@ fn millis(d: Duration) -> serde_json::Value {
 fn sgemm_gflops() -> anyhow::Result<f64> {
     let a = randn(&[1024, 1024], 21);
     let b = randn(&[1024, 1024], 22);
-    let t = time(30, || a.matmul(&b).expect("matmul"));
+    let t = time(30, || {
+        imagegen_server::model::nn::matmul(&a, &b).expect("matmul")
+    });
     Ok(2.0 * 1024f64.powi(3) / t.as_secs_f64() / 1e9)
 }
 
@@ -90,9 +92,17 @@ fn main() -> anyhow::Result<()> {
     imagegen_server::allocator::set_purge_delay(imagegen_server::allocator::SERVING_PURGE_DELAY_MS);
     let n = iters();
     let mut json = serde_json::Map::new();
-    println!("threads: {}", candle_core::utils::get_num_threads());
+    println!(
+        "threads: {}, CPU matrix products: {}",
+        candle_core::utils::get_num_threads(),
+        imagegen_server::model::nn::cpu_gemm_backend()
+    );
     let gflops = sgemm_gflops()?;
     println!("sgemm 1024^3: {gflops:.1} GFLOP/s");
+    json.insert(
+        "cpu_gemm".into(),
+        imagegen_server::model::nn::cpu_gemm_backend().into(),
+    );
     json.insert(
         "threads".into(),
         candle_core::utils::get_num_threads().into(),

@@ -198,7 +198,11 @@ fn evaluate(args: &EvaluateArgs) -> anyhow::Result<()> {
 }
 
 fn serve(config: ServeConfig) -> anyhow::Result<()> {
-    tracing::info!(?config, "starting");
+    tracing::info!(
+        ?config,
+        cpu_gemm = imagegen_server::model::nn::cpu_gemm_backend(),
+        "starting"
+    );
     let model = imagegen_server::server::load_model(&config).context("loading the model")?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -6,7 +6,7 @@ use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_nn::{Embedding, VarBuilder};
 use serde::{Deserialize, Serialize};
 
-use super::nn::{LayerNorm, Linear, Mode, softmax_last_dim};
+use super::nn::{LayerNorm, Linear, Mode, matmul, softmax_last_dim};
 
 /// `text_encoder/config.json` (the fields this encoder reads).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -201,11 +201,10 @@ impl ClipTextModel {
             let q = split((layer.q.forward(&h)? * scale)?)?;
             let k = split(layer.k.forward(&h)?)?;
             let v = split(layer.v.forward(&h)?)?;
-            let scores = q.matmul(&k.t()?)?.broadcast_add(&mask)?;
+            let scores = matmul(&q, &k.t()?)?.broadcast_add(&mask)?;
             let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, mode)?.to_dtype(dtype)?;
             let attn =
-                probs
-                    .matmul(&v)?
+                matmul(&probs, &v)?
                     .transpose(1, 2)?
                     .reshape((b, s, self.config.hidden_size))?;
             x = (layer.out.forward(&attn)? + x)?;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, Var};
 
-use super::nn::{Linear, upcast};
+use super::nn::{Linear, matmul, upcast};
 
 /// The attention projections LoRA can target (diffusers / PEFT module names).
 pub const TARGET_MODULES: [&str; 4] = ["to_q", "to_k", "to_v", "to_out.0"];
@@ -341,7 +341,7 @@ impl LoraLinear {
             .to_dtype(upcast(dtype).max_f32())?;
         let down = pair.down.to_dtype(x2.dtype())?;
         let up = pair.up.to_dtype(x2.dtype())?;
-        let h = x2.matmul(&down.t()?)?.matmul(&up.t()?)?;
+        let h = matmul(&matmul(&x2, &down.t()?)?, &up.t()?)?;
         let h = (h * w.scale())?.to_dtype(dtype)?;
         let mut out_dims = dims;
         let last = out_dims.len() - 1;

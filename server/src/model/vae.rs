@@ -5,7 +5,9 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{Conv2d, GroupNorm, Linear, Mode, silu, softmax_last_dim, upsample_nearest_2x};
+use super::nn::{
+    Conv2d, GroupNorm, Linear, Mode, matmul, silu, softmax_last_dim, upsample_nearest_2x,
+};
 use super::unet::blocks::ResnetBlock;
 
 /// `vae/config.json` (the fields the decoder reads).
@@ -129,10 +131,10 @@ impl SpatialAttention {
         let v = self.v.forward(&tokens)?;
         let outs = (0..b)
             .map(|i| {
-                let scores = q.get(i)?.matmul(&k.get(i)?.t()?)?;
+                let scores = matmul(&q.get(i)?, &k.get(i)?.t()?)?;
                 let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, Mode::Inference)?
                     .to_dtype(x.dtype())?;
-                probs.matmul(&v.get(i)?)
+                matmul(&probs, &v.get(i)?)
             })
             .collect::<Result<Vec<_>>>()?;
         self.out

@@ -99,8 +99,9 @@ impl Module for Linear {
 /// A weight that is itself tracked (a variable, as in pretraining) takes the ordinary
 /// differentiable product instead, so its gradient is computed.
 pub(crate) fn frozen_matmul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    if weight.track_op() {
-        let y = x.matmul(&weight.t()?)?;
+    // On the CPU the product differentiates only what is tracked already (`nn::matmul`).
+    if weight.track_op() || super::matmul::takes_the_cpu_gemm(x, weight) {
+        let y = super::matmul(x, &weight.t()?)?;
         return match bias {
             // The bias gradient as a product with ones: candle's own (the backward of a
             // broadcast) is a strided reduction over rows, many times slower.
@@ -174,9 +175,12 @@ impl CustomOp2 for AddRowBias {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        if !b.track_op() {
+            return Ok((Some(grad.clone()), None));
+        }
         let rows = y.dim(0)?;
         let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
-        let db = ones.matmul(&grad.contiguous()?)?.reshape(b.shape())?;
+        let db = super::matmul(&ones, &grad.contiguous()?)?.reshape(b.shape())?;
         Ok((Some(grad.clone()), Some(db)))
     }
 }

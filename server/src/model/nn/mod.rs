@@ -8,6 +8,7 @@
 mod activation;
 mod conv;
 mod linear;
+mod matmul;
 mod norm;
 
 use candle_core::{D, DType, Layout, Result, Tensor};
@@ -15,6 +16,7 @@ use candle_core::{D, DType, Layout, Result, Tensor};
 pub(crate) use activation::{gelu_erf, silu};
 pub(crate) use conv::{Conv2d, upsample_nearest_2x};
 pub(crate) use linear::{Linear, frozen_matmul};
+pub use matmul::matmul;
 pub(crate) use norm::{GroupNorm, LayerNorm};
 
 /// Whether `x` takes the hand-written CPU kernels (fused im2col with a scatter-add backward, group
@@ -42,6 +44,11 @@ pub fn with_portable_ops<R>(f: impl FnOnce() -> R) -> R {
     }
     let _restore = Restore(PORTABLE_OPS.with(|p| p.replace(true)));
     f()
+}
+
+/// The CPU's matrix-product implementation: `openblas` or `gemm-crate` (logs, benches).
+pub fn cpu_gemm_backend() -> &'static str {
+    imagegen_gemm::backend().name()
 }
 
 /// Whether a forward pass will be differentiated.

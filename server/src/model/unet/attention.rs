@@ -6,7 +6,7 @@ use candle_nn::VarBuilder;
 
 use super::Ctx;
 use crate::model::lora::{LoraLinear, LoraTarget};
-use crate::model::nn::{GroupNorm, LayerNorm, Linear, gelu_erf, softmax_last_dim};
+use crate::model::nn::{GroupNorm, LayerNorm, Linear, gelu_erf, matmul, softmax_last_dim};
 
 /// Multi-head attention (`Attention` in diffusers) with LoRA-capable projections.
 #[derive(Debug, Clone)]
@@ -75,14 +75,14 @@ impl Attention {
             };
             let (qi, ki, vi) = (heads_of(&q, n)?, heads_of(&k, m)?, heads_of(&v, m)?);
             let dtype = qi.dtype();
-            let scores = qi.matmul(&ki.t()?)?;
+            let scores = matmul(&qi, &ki.t()?)?;
             // Scores and softmax in f32 for half-precision weights (diffusers' upcast_attention).
             let probs = if matches!(dtype, DType::F16 | DType::BF16) {
                 softmax_last_dim(&scores.to_dtype(DType::F32)?, ctx.mode)?.to_dtype(dtype)?
             } else {
                 softmax_last_dim(&scores, ctx.mode)?
             };
-            outs.push(probs.matmul(&vi)?.transpose(0, 1)?.reshape((n, inner))?);
+            outs.push(matmul(&probs, &vi)?.transpose(0, 1)?.reshape((n, inner))?);
         }
         let out = Tensor::stack(&outs, 0)?;
         self.to_out.forward(&out, ctx.adapters)

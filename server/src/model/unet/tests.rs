@@ -324,7 +324,10 @@ fn unet_matches_candle_transformers() {
 /// (the activations' and softmax's kernels as well).
 #[test]
 fn portable_ops_match_the_cpu_kernels_and_their_gradients() {
-    for (dtype, tolerance) in [(DType::F64, 1e-9), (DType::F32, 1e-3)] {
+    // f32: the attention of the 4x4 level makes some LoRA gradients ill-conditioned; measured
+    // against the f64 gradients, the kernels (OpenBLAS) are within 1.0e-3 and the portable ops
+    // within 2.8e-3 of the scale, so the two f32 paths may differ by their sum.
+    for (dtype, tolerance) in [(DType::F64, 1e-9), (DType::F32, 5e-3)] {
         let mut rng = StdRng::seed_from_u64(4);
         let unet = tiny_unet(dtype);
         let (lora, vars) = random_lora(&unet, dtype, &mut rng);
@@ -347,9 +350,15 @@ fn portable_ops_match_the_cpu_kernels_and_their_gradients() {
             crate::model::nn::with_portable_ops(|| {
                 (run(Mode::Inference), run(Mode::Training), gradients())
             });
+        // Relative to the output's scale: the products' summation order differs between the
+        // backends (OpenBLAS, the gemm crate), which moves f32 sums over ~1e3 terms by ~1e-5.
+        let out_scale = max_abs_diff(&kernels, &kernels.zeros_like().unwrap()).max(1.0);
         for other in [&portable, &portable_trained] {
             let diff = max_abs_diff(&kernels, other);
-            assert!(diff < 1e-4, "{dtype:?}: outputs differ by {diff}");
+            assert!(
+                diff < 1e-4 * out_scale,
+                "{dtype:?}: outputs differ by {diff} (scale {out_scale})"
+            );
         }
         for ((name, want), (_, got)) in kernel_grads.iter().zip(&portable_grads) {
             let scale = max_abs_diff(want, &want.zeros_like().unwrap());
