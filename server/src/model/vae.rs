@@ -5,9 +5,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{
-    Conv2d, GroupNorm, Linear, Mode, matmul, silu, softmax_last_dim, upsample_nearest_2x,
-};
+use super::nn::{Conv2d, GroupNorm, Linear, Mode, attention, silu, upsample_nearest_2x};
 use super::unet::blocks::ResnetBlock;
 
 /// `vae/config.json` (the fields the decoder reads).
@@ -131,10 +129,8 @@ impl SpatialAttention {
         let v = self.v.forward(&tokens)?;
         let outs = (0..b)
             .map(|i| {
-                let scores = matmul(&q.get(i)?, &k.get(i)?.t()?)?;
-                let probs = softmax_last_dim(&scores.to_dtype(DType::F32)?, Mode::Inference)?
-                    .to_dtype(x.dtype())?;
-                matmul(&probs, &v.get(i)?)
+                let head = |t: &Tensor| t.get(i)?.unsqueeze(0);
+                attention(&head(&q)?, &head(&k)?, &head(&v)?, Mode::Inference)?.squeeze(0)
             })
             .collect::<Result<Vec<_>>>()?;
         self.out

@@ -197,6 +197,18 @@ fn reduce8(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
     acc
 }
 
+/// [`softmax_row`] over a row in place (the fused attention's scores).
+pub(super) fn softmax_row_in_place(row: &mut [f32]) {
+    let max = reduce8(row, f32::NEG_INFINITY, f32::max);
+    for d in row.iter_mut() {
+        *d = fast_exp(*d - max);
+    }
+    let inv = 1.0 / reduce8(row, 0.0, |a, b| a + b);
+    for d in row.iter_mut() {
+        *d *= inv;
+    }
+}
+
 fn softmax_row(row: &[f32], out: &mut [f32]) {
     let max = reduce8(row, f32::NEG_INFINITY, f32::max);
     for (d, &v) in out.iter_mut().zip(row) {

@@ -6,6 +6,7 @@
 //! here therefore takes a [`Mode`] and uses the fused kernel only when nothing is differentiated.
 
 mod activation;
+mod attention;
 mod conv;
 mod linear;
 mod matmul;
@@ -14,6 +15,7 @@ mod norm;
 use candle_core::{D, DType, Layout, Result, Tensor};
 
 pub(crate) use activation::{gelu_erf, silu};
+pub(crate) use attention::attention;
 pub(crate) use conv::{Conv2d, upsample_nearest_2x};
 pub(crate) use linear::{Linear, frozen_matmul};
 pub use matmul::matmul;

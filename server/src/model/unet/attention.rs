@@ -1,12 +1,12 @@
 //! The UNet's spatial transformers: `Transformer2DModel` of `BasicTransformerBlock`s, whose
 //! attention projections carry LoRA.
 
-use candle_core::{DType, Module, Result, Tensor};
+use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::Ctx;
 use crate::model::lora::{LoraLinear, LoraTarget};
-use crate::model::nn::{GroupNorm, LayerNorm, Linear, gelu_erf, matmul, softmax_last_dim};
+use crate::model::nn::{GroupNorm, LayerNorm, Linear, attention, gelu_erf};
 
 /// Multi-head attention (`Attention` in diffusers) with LoRA-capable projections.
 #[derive(Debug, Clone)]
@@ -74,15 +74,8 @@ impl Attention {
                     .transpose(0, 1)
             };
             let (qi, ki, vi) = (heads_of(&q, n)?, heads_of(&k, m)?, heads_of(&v, m)?);
-            let dtype = qi.dtype();
-            let scores = matmul(&qi, &ki.t()?)?;
-            // Scores and softmax in f32 for half-precision weights (diffusers' upcast_attention).
-            let probs = if matches!(dtype, DType::F16 | DType::BF16) {
-                softmax_last_dim(&scores.to_dtype(DType::F32)?, ctx.mode)?.to_dtype(dtype)?
-            } else {
-                softmax_last_dim(&scores, ctx.mode)?
-            };
-            outs.push(matmul(&probs, &vi)?.transpose(0, 1)?.reshape((n, inner))?);
+            let o = attention(&qi, &ki, &vi, ctx.mode)?;
+            outs.push(o.transpose(0, 1)?.reshape((n, inner))?);
         }
         let out = Tensor::stack(&outs, 0)?;
         self.to_out.forward(&out, ctx.adapters)
