@@ -112,26 +112,15 @@ pub fn sgemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize) -> Result<
         c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
         return Ok(());
     }
-    if backend() == Backend::OpenBlas
-        && let (Some(ta), Some(tb)) = (openblas::operand(&a), openblas::operand(&b))
-        && [m, n, k, ldc].iter().all(|&d| i32::try_from(d).is_ok())
-    {
-        openblas::sgemm(ta, tb, m, n, k, &a, &b, c, ldc);
+    if backend() == Backend::OpenBlas && openblas::sgemm(&a, &b, c, ldc) {
         return Ok(());
     }
-    gemm_crate(m, n, k, &a, &b, c, ldc)
+    gemm_crate(&a, &b, c, ldc)
 }
 
 #[allow(unsafe_code)]
-fn gemm_crate(
-    m: usize,
-    n: usize,
-    k: usize,
-    a: &MatRef<'_>,
-    b: &MatRef<'_>,
-    c: &mut [f32],
-    ldc: usize,
-) -> Result<(), GemmError> {
+fn gemm_crate(a: &MatRef<'_>, b: &MatRef<'_>, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
     let stride = |s: usize| {
         isize::try_from(s).map_err(|_| GemmError::Shape(format!("stride {s} is too large")))
     };
@@ -208,50 +197,47 @@ mod openblas {
 
     /// `(transpose flag, leading dimension)` of a view CBLAS can take (one unit stride, the
     /// other at least the row length), or `None`.
-    pub(super) fn operand(m: &MatRef<'_>) -> Option<(i32, usize)> {
-        if m.col_stride == 1 && m.row_stride >= m.cols.max(1) {
-            Some((NO_TRANS, m.row_stride))
+    fn operand(m: &MatRef<'_>) -> Option<(i32, i32)> {
+        let (trans, ld) = if m.col_stride == 1 && m.row_stride >= m.cols.max(1) {
+            (NO_TRANS, m.row_stride)
         } else if m.row_stride == 1 && m.col_stride >= m.rows.max(1) {
-            Some((TRANS, m.col_stride))
+            (TRANS, m.col_stride)
         } else {
-            None
-        }
-        .filter(|(_, ld)| i32::try_from(*ld).is_ok())
+            return None;
+        };
+        Some((trans, i32::try_from(ld).ok()?))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn sgemm(
-        (ta, lda): (i32, usize),
-        (tb, ldb): (i32, usize),
-        m: usize,
-        n: usize,
-        k: usize,
-        a: &MatRef<'_>,
-        b: &MatRef<'_>,
-        c: &mut [f32],
-        ldc: usize,
-    ) {
-        // SAFETY: the caller checked that the views fit their slices with these leading
-        // dimensions (`operand`, `MatRef::check`), that `c` holds m rows of n at `ldc`, and that
-        // every size fits an i32; OpenBLAS reads a and b and writes c only within those bounds.
+    /// `c = a b` when CBLAS can take the views and sizes (`false`, nothing written, otherwise).
+    pub(super) fn sgemm(a: &MatRef<'_>, b: &MatRef<'_>, c: &mut [f32], ldc: usize) -> bool {
+        let dims = [a.rows, b.cols, a.cols, ldc].map(|d| i32::try_from(d).ok());
+        let (Some((ta, lda)), Some((tb, ldb)), [Some(m), Some(n), Some(k), Some(ldc)]) =
+            (operand(a), operand(b), dims)
+        else {
+            return false;
+        };
+        // SAFETY: the caller checked that the views fit their slices (`MatRef::check`) and that
+        // `c` holds m rows of n at `ldc`; `operand` that the leading dimensions describe those
+        // same views; OpenBLAS reads a and b and writes c only within those bounds.
         unsafe {
             cblas_sgemm(
                 ROW_MAJOR,
                 ta,
                 tb,
-                m as i32,
-                n as i32,
-                k as i32,
+                m,
+                n,
+                k,
                 1.0,
                 a.data.as_ptr(),
-                lda as i32,
+                lda,
                 b.data.as_ptr(),
-                ldb as i32,
+                ldb,
                 0.0,
                 c.as_mut_ptr(),
-                ldc as i32,
+                ldc,
             );
         }
+        true
     }
 }
 
@@ -261,23 +247,9 @@ mod openblas {
 
     pub(super) fn init() {}
 
-    pub(super) fn operand(_: &MatRef<'_>) -> Option<(i32, usize)> {
-        None
-    }
-
-    #[allow(clippy::too_many_arguments)]
-    pub(super) fn sgemm(
-        _: (i32, usize),
-        _: (i32, usize),
-        _: usize,
-        _: usize,
-        _: usize,
-        _: &MatRef<'_>,
-        _: &MatRef<'_>,
-        _: &mut [f32],
-        _: usize,
-    ) {
-        unreachable!("OpenBLAS is not linked")
+    /// Not linked: never takes the product.
+    pub(super) fn sgemm(_: &MatRef<'_>, _: &MatRef<'_>, _: &mut [f32], _: usize) -> bool {
+        false
     }
 }
 
@@ -316,7 +288,7 @@ mod tests {
         sgemm(dense(&a, 2, 3), dense(&b, 3, 2), &mut c, 2).unwrap();
         assert_eq!(c, want);
         let mut c = [0.0f32; 4];
-        gemm_crate(2, 2, 3, &dense(&a, 2, 3), &dense(&b, 3, 2), &mut c, 2).unwrap();
+        gemm_crate(&dense(&a, 2, 3), &dense(&b, 3, 2), &mut c, 2).unwrap();
         assert_eq!(c, want);
         // a^T stored as [[1,4],[2,5],[3,6]], b^T as [[7,9,11],[8,10,12]].
         let at = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
@@ -352,7 +324,7 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32) - 6.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32) - 5.0).collect();
         let mut want = vec![0.0f32; m * n];
-        gemm_crate(m, n, k, &dense(&a, m, k), &dense(&b, k, n), &mut want, n).unwrap();
+        gemm_crate(&dense(&a, m, k), &dense(&b, k, n), &mut want, n).unwrap();
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {

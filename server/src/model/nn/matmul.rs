@@ -245,6 +245,12 @@ mod tests {
         assert_eq!(c, [[58.0, 64.0], [139.0, 154.0]]);
     }
 
+    /// The same matrices stored column-major: a transposed view over a transposed copy.
+    fn column_major(t: &Tensor) -> Tensor {
+        let copy = t.transpose(2, 3).unwrap().contiguous().unwrap();
+        copy.transpose(2, 3).unwrap()
+    }
+
     /// Batched, transposed and narrowed views, shapes that split into row and column bands and
     /// ones that run on one thread: all equal candle's matmul.
     #[test]
@@ -260,20 +266,7 @@ mod tests {
             let want = a.matmul(&b).unwrap();
             assert!(max_abs_diff(&matmul(&a, &b).unwrap(), &want) < 1e-4);
             // The same product through transposed views (strides, no copies).
-            let at = a
-                .transpose(2, 3)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .transpose(2, 3)
-                .unwrap();
-            let bt = b
-                .transpose(2, 3)
-                .unwrap()
-                .contiguous()
-                .unwrap()
-                .transpose(2, 3)
-                .unwrap();
+            let (at, bt) = (column_major(&a), column_major(&b));
             assert!(max_abs_diff(&matmul(&at, &bt).unwrap(), &want) < 1e-4);
         }
         // A narrowed batch (offset storage) and a 2-D product against a transposed weight.
