@@ -4,7 +4,8 @@
 # torch 2.15 + diffusers 0.42.1, fp32, 2 threads), one after the other so neither disturbs the
 # other. Prints the CPU, a table of ratios and, as its LAST line, one JSON object:
 #   {"cpu": ..., "<workload>": {"imagegen_ms", "pytorch_ms", "speedup"}, ...,
-#    "builtin_1img_20steps_ms": ..., "sd15_lora_fwd_bwd_b2_64": {... "pytorch_peak_rss_mib"}}
+#    "builtin_1img_20steps_ms": ..., "sd15_lora_fwd_bwd_b2_64": {... "imagegen_peak_rss_mib",
+#    "pytorch_peak_rss_mib"}, "sd15_d3po_pair_timestep_64": {"imagegen_ms", "imagegen_peak_rss_mib", ...}}
 # speedup = PyTorch time / imagegen time (above 1: imagegen is faster).
 #
 #   BENCH_PEER_ONLY=tiny,d3po,sd15,sd15train   peer benchmarks (default: all; sd15train needs ~9 GB)
@@ -55,9 +56,14 @@ for key, what in workloads:
     speedup = round(theirs / mine, 2) if mine and theirs else None
     out[key] = {"imagegen_ms": mine, "pytorch_ms": theirs, "speedup": speedup}
     rows.append((what, mine, theirs, speedup))
-if "sd15_lora_fwd_bwd_b2_64_peak_rss_mib" in peer:
-    out["sd15_lora_fwd_bwd_b2_64"]["pytorch_peak_rss_mib"] = peer["sd15_lora_fwd_bwd_b2_64_peak_rss_mib"]
-    out["sd15_lora_fwd_bwd_b2_64"]["imagegen_peak_rss_mib"] = ours.get("sd15_lora_fwd_bwd_b2_64_peak_rss_mib")
+out["sd15_lora_fwd_bwd_b2_64"]["pytorch_peak_rss_mib"] = peer.get("sd15_lora_fwd_bwd_b2_64_peak_rss_mib")
+out["sd15_lora_fwd_bwd_b2_64"]["imagegen_peak_rss_mib"] = ours.get("sd15_lora_fwd_bwd_b2_64_peak_rss_mib")
+# Ours only (the peer has no SD-1.5 D3PO step): its time and peak beside PyTorch's LoRA training.
+out["sd15_d3po_pair_timestep_64"] = {
+    "imagegen_ms": ours.get("sd15_d3po_pair_timestep_64_ms"),
+    "imagegen_peak_rss_mib": ours.get("sd15_d3po_pair_timestep_64_peak_rss_mib"),
+    "pytorch_lora_fwd_bwd_b2_64_peak_rss_mib": peer.get("sd15_lora_fwd_bwd_b2_64_peak_rss_mib"),
+}
 out["builtin_1img_20steps_ms"] = ours.get("builtin_1img_20steps_ms")
 out["sgemm_1024_gflops"] = {"imagegen": ours.get("sgemm_1024_gflops"), "pytorch": peer.get("sgemm_1024_gflops")}
 out["pytorch_busy_warnings"] = peer.get("busy_warnings")
@@ -68,7 +74,14 @@ print("| workload | imagegen ms | PyTorch ms | speedup (PyTorch / imagegen) |")
 print("|---|---|---|---|")
 for what, mine, theirs, speedup in rows:
     print(f"| {what} | {fmt(mine)} | {fmt(theirs)} | {'-' if speedup is None else f'{speedup:.2f}x'} |")
+d = out["sd15_d3po_pair_timestep_64"]
+print(f"| SD-1.5 D3PO step, one pair, CFG, per time index, 64x64 (ours only) | {fmt(d['imagegen_ms'])} | | |")
 print(f"| built-in model, 1 image, 20 steps | {fmt(out['builtin_1img_20steps_ms'])} | | |")
+print("\n| peak RSS, MiB | imagegen | PyTorch |")
+print("|---|---|---|")
+lora = out["sd15_lora_fwd_bwd_b2_64"]
+print(f"| SD-1.5 LoRA forward+backward, batch 2, 64x64 | {fmt(lora.get('imagegen_peak_rss_mib'))} | {fmt(lora.get('pytorch_peak_rss_mib'))} |")
+print(f"| SD-1.5 D3PO step, one pair, CFG (4 UNet rows) | {fmt(d['imagegen_peak_rss_mib'])} | (LoRA fwd+bwd b2: {fmt(d['pytorch_lora_fwd_bwd_b2_64_peak_rss_mib'])}) |")
 g = out["sgemm_1024_gflops"]
 print(f"| sgemm 1024^3 (GFLOP/s, higher is better) | {fmt(g['imagegen'])} | {fmt(g['pytorch'])} | |")
 if peer.get("busy_warnings"):

@@ -1,7 +1,8 @@
 //! Model-core benchmark: prints figures, asserts nothing.
 //!
 //! `cargo bench -p imagegen-server --bench model` runs everything; set `BENCH_SD15=0` to skip the
-//! SD-1.5-size UNet (about a minute and 8 GB), `BENCH_ITERS` to change repetitions. The last line
+//! SD-1.5-size UNet (inference, LoRA training and a D3PO step: several minutes and about 8 GB),
+//! `BENCH_ITERS` to change repetitions. The last line
 //! is one JSON object of medians in ms, keyed as the PyTorch peer's (`../shared/bench/peer`), for
 //! `scripts/bench-vs-pytorch.sh`.
 
@@ -204,7 +205,7 @@ fn main() -> anyhow::Result<()> {
             &mut |_, _| true,
         )?
         .remove(0);
-    let (line, step) = train_step(&model, &gen_.trajectories, n)?;
+    let (line, step) = train_step(model.denoiser(), &gen_.trajectories, n)?;
     println!("{line}");
     json.insert("d3po_pair_timestep_ms".into(), millis(step));
 
@@ -226,6 +227,7 @@ fn main() -> anyhow::Result<()> {
             println!("batch {batch}: {}", ms(t));
             json.insert(format!("sd15_unet_fwd_b{batch}_ms"), millis(t));
         }
+        sd15_training(&sd, &mut json)?;
     }
     json.insert(
         "peak_rss_mib".into(),
@@ -264,12 +266,99 @@ fn time_generation(model: &DiffusionModel, images: usize, n: usize, guidance: f3
     })
 }
 
+/// The peer's `sd15_lora_fwd_bwd_b2_64` (LoRA r4 on every attention projection, batch 2,
+/// `mean(y^2)` backward) and one D3PO step per time index on SD-1.5 (one pair, CFG: 4 UNet rows
+/// for the reference and 4 for the policy), each with the peak RSS it reached.
+fn sd15_training(
+    sd: &UNet2DConditionModel,
+    json: &mut serde_json::Map<String, serde_json::Value>,
+) -> anyhow::Result<()> {
+    println!(
+        "\n== SD-1.5 size, LoRA r4 on to_q/to_k/to_v/to_out.0, training (64x64 latent, 77 tokens) =="
+    );
+    let mut rng = StdRng::seed_from_u64(11);
+    let lora = TrainableLora::init(
+        sd.lora_targets(),
+        4,
+        4.0,
+        &imagegen_server::model::lora::TARGET_MODULES,
+        &Device::Cpu,
+        || StandardNormal.sample(&mut rng),
+    )?;
+    let x = randn(&[2, 4, 64, 64], 12);
+    let ctx = randn(&[2, 77, 768], 13);
+    imagegen_server::allocator::reset_peak_rss();
+    let t = time(1, || {
+        let y = sd
+            .forward(
+                &x,
+                &[501.0; 2],
+                &ctx,
+                &AdapterBatch::Uniform(Some(&lora.weights)),
+                Mode::Training,
+            )
+            .expect("forward");
+        y.sqr()
+            .and_then(|y| y.mean_all())
+            .and_then(|l| l.backward())
+            .expect("backward")
+    });
+    let peak = imagegen_server::allocator::peak_rss_mib();
+    println!(
+        "forward+backward, batch 2: {}   peak RSS {} MiB",
+        ms(t),
+        peak.map_or("?".into(), |p| format!("{p:.0}"))
+    );
+    json.insert("sd15_lora_fwd_bwd_b2_64_ms".into(), millis(t));
+    json.insert("sd15_lora_fwd_bwd_b2_64_peak_rss_mib".into(), peak.into());
+
+    let scheduler = imagegen_server::sampler::SchedulerConfig::default();
+    let schedule = imagegen_server::sampler::DdimSchedule::new(&scheduler, 20)?;
+    let embedding = |seed| std::sync::Arc::new(randn(&[1, 77, 768], seed));
+    let chain = |seed: u64| imagegen_server::sampler::Trajectory {
+        latents: randn(&[21, 4, 64, 64], seed),
+        timesteps: schedule.steps().iter().map(|s| s.t).collect(),
+        log_probs: vec![0.0; 20],
+        conditioning: imagegen_server::sampler::Conditioning {
+            prompt: "a photo".into(),
+            negative_prompt: String::new(),
+            prompt_embeddings: embedding(seed + 1),
+            negative_embeddings: embedding(seed + 2),
+        },
+        guidance_scale: 7.5,
+        eta: 1.0,
+        seed,
+        image_index: 0,
+        model_id: "sd15-random".into(),
+        adapter_generation: None,
+    };
+    let denoiser = imagegen_server::sampler::Denoiser {
+        unet: sd,
+        scheduler: &scheduler,
+        micro_batch_rows: imagegen_server::model::DevicePlan::for_device(&Device::Cpu)
+            .micro_batch_rows,
+    };
+    imagegen_server::allocator::reset_peak_rss();
+    let (line, step) = train_step(denoiser, &[chain(20), chain(30)], 1)?;
+    let peak = imagegen_server::allocator::peak_rss_mib();
+    println!(
+        "D3PO {line}   peak RSS {} MiB",
+        peak.map_or("?".into(), |p| format!("{p:.0}"))
+    );
+    json.insert("sd15_d3po_pair_timestep_64_ms".into(), millis(step));
+    json.insert(
+        "sd15_d3po_pair_timestep_64_peak_rss_mib".into(),
+        peak.into(),
+    );
+    Ok(())
+}
+
 fn train_step(
-    model: &DiffusionModel,
+    denoiser: imagegen_server::sampler::Denoiser<'_>,
     trajectories: &[imagegen_server::sampler::Trajectory],
     n: usize,
 ) -> anyhow::Result<(String, Duration)> {
-    let targets = model.unet.lora_targets().to_vec();
+    let targets = denoiser.unet.lora_targets().to_vec();
     let mut rng = StdRng::seed_from_u64(9);
     let lora = TrainableLora::init(
         &targets,
@@ -281,7 +370,7 @@ fn train_step(
     )?;
     let reference = lora.weights.detached()?;
     let items = [(&trajectories[0], 10usize), (&trajectories[1], 10usize)];
-    let batch = TransitionBatch::new(model.denoiser(), &items)?;
+    let batch = TransitionBatch::new(denoiser, &items)?;
     let sigmas = batch.sigmas();
     let cfg = D3poLossConfig::default();
     let mut fwd = Duration::ZERO;
@@ -289,14 +378,14 @@ fn train_step(
         let start = Instant::now();
         let (mu_ref, _) = batch
             .policy_mean(
-                model.denoiser(),
+                denoiser,
                 &AdapterBatch::Uniform(Some(&reference)),
                 Mode::Training,
             )
             .expect("ref");
         let (mu, _) = batch
             .policy_mean(
-                model.denoiser(),
+                denoiser,
                 &AdapterBatch::Uniform(Some(&lora.weights)),
                 Mode::Training,
             )

@@ -86,6 +86,26 @@ pub fn openblas_linked() -> bool {
 /// `c = a b` on this thread, `c` row-major `a.rows x b.cols` with rows `ldc` apart (its other
 /// elements are left alone).
 pub fn sgemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
+    product(a, b, c, ldc, false)
+}
+
+/// `c += a b` on this thread, `c` as in [`sgemm`] (gradients summed over bands of rows).
+pub fn sgemm_accumulate(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+) -> Result<(), GemmError> {
+    product(a, b, c, ldc, true)
+}
+
+fn product(
+    a: MatRef<'_>,
+    b: MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> Result<(), GemmError> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     if b.rows != k {
         return Err(GemmError::Shape(format!(
@@ -109,17 +129,25 @@ pub fn sgemm(a: MatRef<'_>, b: MatRef<'_>, c: &mut [f32], ldc: usize) -> Result<
         return Ok(());
     }
     if k == 0 {
-        c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|row| row[..n].fill(0.0));
+        }
         return Ok(());
     }
-    if backend() == Backend::OpenBlas && openblas::sgemm(&a, &b, c, ldc) {
+    if backend() == Backend::OpenBlas && openblas::sgemm(&a, &b, c, ldc, accumulate) {
         return Ok(());
     }
-    gemm_crate(&a, &b, c, ldc)
+    gemm_crate(&a, &b, c, ldc, accumulate)
 }
 
 #[allow(unsafe_code)]
-fn gemm_crate(a: &MatRef<'_>, b: &MatRef<'_>, c: &mut [f32], ldc: usize) -> Result<(), GemmError> {
+fn gemm_crate(
+    a: &MatRef<'_>,
+    b: &MatRef<'_>,
+    c: &mut [f32],
+    ldc: usize,
+    accumulate: bool,
+) -> Result<(), GemmError> {
     let (m, k, n) = (a.rows, a.cols, b.cols);
     let stride = |s: usize| {
         isize::try_from(s).map_err(|_| GemmError::Shape(format!("stride {s} is too large")))
@@ -142,14 +170,14 @@ fn gemm_crate(a: &MatRef<'_>, b: &MatRef<'_>, c: &mut [f32], ldc: usize) -> Resu
             c.as_mut_ptr(),
             1,
             c_rs,
-            false,
+            accumulate,
             a.data.as_ptr(),
             a_cs,
             a_rs,
             b.data.as_ptr(),
             b_cs,
             b_rs,
-            0.0f32,
+            1.0f32, // c's coefficient, read only when accumulating
             1.0f32,
             false,
             false,
@@ -208,8 +236,15 @@ mod openblas {
         Some((trans, i32::try_from(ld).ok()?))
     }
 
-    /// `c = a b` when CBLAS can take the views and sizes (`false`, nothing written, otherwise).
-    pub(super) fn sgemm(a: &MatRef<'_>, b: &MatRef<'_>, c: &mut [f32], ldc: usize) -> bool {
+    /// `c = a b` (or `c += a b`) when CBLAS can take the views and sizes (`false`, nothing
+    /// written, otherwise).
+    pub(super) fn sgemm(
+        a: &MatRef<'_>,
+        b: &MatRef<'_>,
+        c: &mut [f32],
+        ldc: usize,
+        accumulate: bool,
+    ) -> bool {
         let dims = [a.rows, b.cols, a.cols, ldc].map(|d| i32::try_from(d).ok());
         let (Some((ta, lda)), Some((tb, ldb)), [Some(m), Some(n), Some(k), Some(ldc)]) =
             (operand(a), operand(b), dims)
@@ -232,7 +267,7 @@ mod openblas {
                 lda,
                 b.data.as_ptr(),
                 ldb,
-                0.0,
+                if accumulate { 1.0 } else { 0.0 },
                 c.as_mut_ptr(),
                 ldc,
             );
@@ -248,7 +283,7 @@ mod openblas {
     pub(super) fn init() {}
 
     /// Not linked: never takes the product.
-    pub(super) fn sgemm(_: &MatRef<'_>, _: &MatRef<'_>, _: &mut [f32], _: usize) -> bool {
+    pub(super) fn sgemm(_: &MatRef<'_>, _: &MatRef<'_>, _: &mut [f32], _: usize, _: bool) -> bool {
         false
     }
 }
@@ -288,7 +323,7 @@ mod tests {
         sgemm(dense(&a, 2, 3), dense(&b, 3, 2), &mut c, 2).unwrap();
         assert_eq!(c, want);
         let mut c = [0.0f32; 4];
-        gemm_crate(&dense(&a, 2, 3), &dense(&b, 3, 2), &mut c, 2).unwrap();
+        gemm_crate(&dense(&a, 2, 3), &dense(&b, 3, 2), &mut c, 2, false).unwrap();
         assert_eq!(c, want);
         // a^T stored as [[1,4],[2,5],[3,6]], b^T as [[7,9,11],[8,10,12]].
         let at = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
@@ -300,6 +335,23 @@ mod tests {
         let mut c = [-1.0f32; 6];
         sgemm(dense(&a, 2, 3), dense(&b, 3, 2), &mut c, 3).unwrap();
         assert_eq!(c, [58.0, 64.0, -1.0, 139.0, 154.0, -1.0]);
+    }
+
+    /// `c += a b` on both backends: [[1,2],[3,4]] + the product above = [[59,66],[142,158]].
+    #[test]
+    fn accumulating_adds_the_product_to_what_is_there() {
+        let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+        let b = [7.0, 8.0, 9.0, 10.0, 11.0, 12.0];
+        let want = [59.0, 66.0, 142.0, 158.0];
+        let mut c = [1.0f32, 2.0, 3.0, 4.0];
+        sgemm_accumulate(dense(&a, 2, 3), dense(&b, 3, 2), &mut c, 2).unwrap();
+        assert_eq!(c, want);
+        let mut c = [1.0f32, 2.0, 3.0, 4.0];
+        gemm_crate(&dense(&a, 2, 3), &dense(&b, 3, 2), &mut c, 2, true).unwrap();
+        assert_eq!(c, want);
+        let mut c = [1.0f32, 2.0, 3.0, 4.0];
+        sgemm_accumulate(dense(&[], 2, 0), dense(&[], 0, 2), &mut c, 2).unwrap();
+        assert_eq!(c, [1.0, 2.0, 3.0, 4.0], "an empty product adds nothing");
     }
 
     #[test]
@@ -324,7 +376,7 @@ mod tests {
         let a: Vec<f32> = (0..m * k).map(|i| ((i * 7 % 13) as f32) - 6.0).collect();
         let b: Vec<f32> = (0..k * n).map(|i| ((i * 5 % 11) as f32) - 5.0).collect();
         let mut want = vec![0.0f32; m * n];
-        gemm_crate(&dense(&a, m, k), &dense(&b, k, n), &mut want, n).unwrap();
+        gemm_crate(&dense(&a, m, k), &dense(&b, k, n), &mut want, n, false).unwrap();
         std::thread::scope(|s| {
             for _ in 0..4 {
                 s.spawn(|| {

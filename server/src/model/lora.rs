@@ -152,6 +152,26 @@ impl LoraWeights {
         Ok(true)
     }
 
+    /// The same adapter with `f` applied to every factor (detached views for a forward that
+    /// builds no graph).
+    pub(crate) fn map_factors(&self, f: impl Fn(&Tensor) -> Tensor) -> Self {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.as_ref().map(|p| LoraPair {
+                    down: f(&p.down),
+                    up: f(&p.up),
+                })
+            })
+            .collect();
+        Self {
+            rank: self.rank,
+            alpha: self.alpha,
+            layers,
+        }
+    }
+
     /// A copy whose factors are detached from any autograd graph (a frozen reference policy).
     pub fn detached(&self) -> Result<Self> {
         let layers = self

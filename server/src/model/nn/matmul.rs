@@ -128,7 +128,7 @@ impl CustomOp2 for MatMul {
 
 /// The threads of candle's pool, the caller included. Read once: candle's `get_num_threads`
 /// parses `/proc/cpuinfo` on every call (5% of a tiny-UNet profile when called per product).
-fn pool_threads() -> usize {
+pub(super) fn pool_threads() -> usize {
     static THREADS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
     *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }

@@ -4,8 +4,11 @@
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
+use std::sync::Arc;
+
 use super::Ctx;
-use crate::model::lora::{LoraLinear, LoraTarget};
+use super::checkpoint::checkpointed;
+use crate::model::lora::{AdapterBatch, LoraLinear, LoraTarget, LoraWeights};
 use crate::model::nn::{GroupNorm, LayerNorm, Linear, attention, gelu_erf};
 
 /// Multi-head attention (`Attention` in diffusers) with LoRA-capable projections.
@@ -165,6 +168,8 @@ pub(crate) struct TransformerSpec {
 /// `Transformer2DModel`: group norm, projection in, transformer blocks, projection out, residual.
 #[derive(Debug, Clone)]
 pub(crate) struct Transformer2D {
+    /// The LoRA target slots of this transformer's projections (consecutive).
+    slots: std::ops::Range<usize>,
     norm: GroupNorm,
     proj_in: Linear,
     blocks: Vec<BasicTransformerBlock>,
@@ -188,6 +193,7 @@ impl Transformer2D {
                 Linear::from_conv1x1(channels, channels, vb)
             }
         };
+        let first_slot = targets.len();
         let blocks = (0..depth)
             .map(|i| {
                 BasicTransformerBlock::new(
@@ -200,6 +206,7 @@ impl Transformer2D {
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
+            slots: first_slot..targets.len(),
             norm: GroupNorm::new(spec.groups, channels, 1e-6, vb.pp("norm"))?,
             proj_in: projection(vb.pp("proj_in"))?,
             blocks,
@@ -208,6 +215,24 @@ impl Transformer2D {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, context: &Tensor, ctx: &Ctx<'_>) -> Result<Tensor> {
+        let (true, AdapterBatch::Uniform(adapter)) = (ctx.checkpoint, ctx.adapters) else {
+            return self.forward_kept(x, context, ctx);
+        };
+        let (this, context, mode) = (self.clone(), context.clone(), ctx.mode);
+        let f = move |x: &Tensor, adapter: Option<&LoraWeights>| {
+            let adapters = AdapterBatch::Uniform(adapter);
+            let ctx = Ctx {
+                mode,
+                adapters: &adapters,
+                checkpoint: false,
+            };
+            this.forward_kept(x, &context, &ctx)
+        };
+        checkpointed(x, *adapter, self.slots.clone(), Arc::new(f))
+    }
+
+    /// The forward with every intermediate in the graph.
+    fn forward_kept(&self, x: &Tensor, context: &Tensor, ctx: &Ctx<'_>) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let tokens = self.norm.forward(x)?.reshape((b, h * w, c))?;
         let mut tokens = self.proj_in.forward(&tokens)?;

@@ -1,12 +1,15 @@
 //! Resnets and the down, mid and up blocks of the UNet. Activations are channels-last
 //! `[B, H, W, C]` throughout.
 
+use std::sync::Arc;
+
 use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::Ctx;
 use super::attention::{Transformer2D, TransformerSpec};
-use crate::model::lora::LoraTarget;
+use super::checkpoint::checkpointed;
+use crate::model::lora::{LoraTarget, LoraWeights};
 use crate::model::nn::{Conv2d, GroupNorm, Linear, silu, upsample_nearest_2x};
 
 /// `ResnetBlock2D`: two norm-silu-conv stages with the time embedding added between them.
@@ -53,6 +56,21 @@ impl ResnetBlock {
     /// `temb_act` is `silu(time embedding)`, computed once per forward and shared.
     pub(crate) fn forward(&self, x: &Tensor, temb_act: &Tensor) -> Result<Tensor> {
         self.forward_with(x, Some(temb_act))
+    }
+
+    /// [`Self::forward`], recomputed in the backward when `ctx` checkpoints (the resnet is frozen:
+    /// only its input gets a gradient).
+    fn forward_in(&self, x: &Tensor, temb_act: &Tensor, ctx: &Ctx<'_>) -> Result<Tensor> {
+        if !ctx.checkpoint {
+            return self.forward(x, temb_act);
+        }
+        let (this, temb_act) = (self.clone(), temb_act.clone());
+        checkpointed(
+            x,
+            None,
+            0..0,
+            Arc::new(move |x: &Tensor, _: Option<&LoraWeights>| this.forward(x, &temb_act)),
+        )
     }
 
     pub(crate) fn forward_with(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
@@ -160,7 +178,7 @@ impl DownBlock {
     ) -> Result<Tensor> {
         let mut h = x.clone();
         for (i, resnet) in self.resnets.iter().enumerate() {
-            h = resnet.forward(&h, temb)?;
+            h = resnet.forward_in(&h, temb, ctx)?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, ctx)?;
             }
@@ -211,9 +229,9 @@ impl MidBlock {
         context: &Tensor,
         ctx: &Ctx<'_>,
     ) -> Result<Tensor> {
-        let h = self.first.forward(x, temb)?;
+        let h = self.first.forward_in(x, temb, ctx)?;
         let h = self.attention.forward(&h, context, ctx)?;
-        self.second.forward(&h, temb)
+        self.second.forward_in(&h, temb, ctx)
     }
 }
 
@@ -301,7 +319,7 @@ impl UpBlock {
             let Some(skip) = skips.pop() else {
                 candle_core::bail!("UNet skip connections exhausted");
             };
-            h = resnet.forward(&Tensor::cat(&[&h, &skip], 3)?, temb)?;
+            h = resnet.forward_in(&Tensor::cat(&[&h, &skip], 3)?, temb, ctx)?;
             if let Some(attn) = self.attentions.get(i) {
                 h = attn.forward(&h, context, ctx)?;
             }

@@ -3,6 +3,7 @@
 
 mod attention;
 pub(crate) mod blocks;
+mod checkpoint;
 mod config;
 
 use candle_core::{DType, Device, Module, Result, Tensor};
@@ -20,6 +21,9 @@ use blocks::{BlockSpec, CrossAttn, DownBlock, MidBlock, UpBlock, UpChannels};
 pub(crate) struct Ctx<'a> {
     pub(crate) mode: Mode,
     pub(crate) adapters: &'a AdapterBatch<'a>,
+    /// Whether resnets and transformers recompute their intermediates in the backward instead
+    /// of keeping them (`checkpoint`).
+    pub(crate) checkpoint: bool,
 }
 
 /// The denoising UNet.
@@ -195,12 +199,25 @@ impl UNet2DConditionModel {
         if h % factor != 0 || w % factor != 0 {
             candle_core::bail!("latent size {h}x{w} must be a multiple of {factor} for this UNet");
         }
-        let ctx = Ctx { mode, adapters };
         let temb = self.timestep_features(timesteps)?;
         let temb = self
             .time_linear_2
             .forward(&self.time_linear_1.forward(&temb).and_then(|t| silu(&t))?)?;
         let temb_act = silu(&temb)?;
+        // Checkpointing keeps gradients for a block's input and LoRA factors only: never when
+        // the base is trained (its time embedding, or the text, is then tracked).
+        let checkpoint = mode == Mode::Training
+            && self.device.is_cpu()
+            && self.dtype == DType::F32
+            && matches!(adapters, AdapterBatch::Uniform(_))
+            && !temb_act.track_op()
+            && !context.track_op()
+            && checkpoint::wanted(b * h * w * self.config.block_out_channels[0]);
+        let ctx = Ctx {
+            mode,
+            adapters,
+            checkpoint,
+        };
 
         // Channels-last inside: convolutions, norms and attention then need no transposes.
         let mut h = self

@@ -171,6 +171,50 @@ fn fused_inference_kernels_cut_the_graph() {
     assert!(norm(Mode::Training) > 0.0);
 }
 
+/// Checkpointed training (each resnet and transformer recomputed in the backward) gives the
+/// output and every LoRA gradient of the plain graph, within f32 rounding.
+#[test]
+fn checkpointed_training_gives_the_plain_gradients() {
+    let mut rng = StdRng::seed_from_u64(4);
+    let unet = tiny_unet(DType::F32);
+    let (lora, vars) = random_lora(&unet, DType::F32, &mut rng);
+    let x = inputs(DType::F32, &mut rng);
+    let run = |on: bool| {
+        super::checkpoint::forced(on, || {
+            let y = objective(&unet, &lora, &x, Mode::Training);
+            let grads = y.backward().unwrap();
+            let g: Vec<Tensor> = vars
+                .iter()
+                .map(|(name, v)| {
+                    grads
+                        .get(v.as_tensor())
+                        .unwrap_or_else(|| panic!("{name}: no gradient"))
+                        .clone()
+                })
+                .collect();
+            (y.to_scalar::<f32>().unwrap(), g)
+        })
+    };
+    let ((y1, g1), (y2, g2)) = (run(true), run(false));
+    assert!((y1 - y2).abs() <= 1e-5 * y2.abs().max(1.0), "{y1} vs {y2}");
+    for ((name, _), (a, b)) in vars.iter().zip(g1.iter().zip(&g2)) {
+        let scale = b
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        let diff = max_abs_diff(a, b);
+        // Measured against the f64 gradients, both f32 paths are within 9e-4 of the scale (the
+        // deepest layers); between them 3e-4. A lost contribution would be of the order of 1.
+        assert!(
+            scale > 0.0 && diff <= 1e-3 * scale,
+            "{name}: differ by {diff} (scale {scale})"
+        );
+    }
+}
+
 #[test]
 fn training_and_inference_modes_agree_and_lora_rows_are_independent() {
     let mut rng = StdRng::seed_from_u64(3);
