@@ -91,6 +91,9 @@ fn sgemm_gflops() -> anyhow::Result<f64> {
 fn main() -> anyhow::Result<()> {
     // As the server runs (`imagegen_server::allocator`).
     imagegen_server::allocator::set_purge_delay(imagegen_server::allocator::SERVING_PURGE_DELAY_MS);
+    if let Ok(workload) = std::env::var(TRAINING_CHILD) {
+        return sd15_training_child(&workload);
+    }
     let n = iters();
     let mut json = serde_json::Map::new();
     println!(
@@ -216,18 +219,19 @@ fn main() -> anyhow::Result<()> {
         println!(
             "\n== UNet forward, SD-1.5 size (random weights, 64x64 latent, 77 tokens), inference =="
         );
-        let start = Instant::now();
-        let sd = UNet2DConditionModel::new(
-            &UNetConfig::sd15(),
-            SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu),
-        )?;
-        println!("(built in {:.1} s)", start.elapsed().as_secs_f64());
+        let sd = sd15_unet()?;
         for batch in [1, 2] {
             let t = unet_forward(&sd, batch, 64, 77, 1);
             println!("batch {batch}: {}", ms(t));
             json.insert(format!("sd15_unet_fwd_b{batch}_ms"), millis(t));
         }
-        sd15_training(&sd, &mut json)?;
+        drop(sd);
+        println!(
+            "\n== SD-1.5 size, LoRA r4 on to_q/to_k/to_v/to_out.0, training (64x64 latent, 77 tokens; each in a process of its own, peak RSS from its start) =="
+        );
+        for workload in ["lora", "d3po"] {
+            json.extend(sd15_training_in_child(workload)?);
+        }
     }
     json.insert(
         "peak_rss_mib".into(),
@@ -266,90 +270,124 @@ fn time_generation(model: &DiffusionModel, images: usize, n: usize, guidance: f3
     })
 }
 
-/// The peer's `sd15_lora_fwd_bwd_b2_64` (LoRA r4 on every attention projection, batch 2,
-/// `mean(y^2)` backward) and one D3PO step per time index on SD-1.5 (one pair, CFG: 4 UNet rows
-/// for the reference and 4 for the policy), each with the peak RSS it reached.
-fn sd15_training(
-    sd: &UNet2DConditionModel,
-    json: &mut serde_json::Map<String, serde_json::Value>,
-) -> anyhow::Result<()> {
-    println!(
-        "\n== SD-1.5 size, LoRA r4 on to_q/to_k/to_v/to_out.0, training (64x64 latent, 77 tokens) =="
-    );
-    let mut rng = StdRng::seed_from_u64(11);
-    let lora = TrainableLora::init(
-        sd.lora_targets(),
-        4,
-        4.0,
-        &imagegen_server::model::lora::TARGET_MODULES,
-        &Device::Cpu,
-        || StandardNormal.sample(&mut rng),
+fn sd15_unet() -> anyhow::Result<UNet2DConditionModel> {
+    let start = Instant::now();
+    let sd = UNet2DConditionModel::new(
+        &UNetConfig::sd15(),
+        SeededWeights::new(0).var_builder(DType::F32, &Device::Cpu),
     )?;
-    let x = randn(&[2, 4, 64, 64], 12);
-    let ctx = randn(&[2, 77, 768], 13);
-    imagegen_server::allocator::reset_peak_rss();
-    let t = time(1, || {
-        let y = sd
-            .forward(
-                &x,
-                &[501.0; 2],
-                &ctx,
-                &AdapterBatch::Uniform(Some(&lora.weights)),
-                Mode::Training,
-            )
-            .expect("forward");
-        y.sqr()
-            .and_then(|y| y.mean_all())
-            .and_then(|l| l.backward())
-            .expect("backward")
-    });
-    let peak = imagegen_server::allocator::peak_rss_mib();
-    println!(
-        "forward+backward, batch 2: {}   peak RSS {} MiB",
-        ms(t),
-        peak.map_or("?".into(), |p| format!("{p:.0}"))
-    );
-    json.insert("sd15_lora_fwd_bwd_b2_64_ms".into(), millis(t));
-    json.insert("sd15_lora_fwd_bwd_b2_64_peak_rss_mib".into(), peak.into());
+    println!("(built in {:.1} s)", start.elapsed().as_secs_f64());
+    Ok(sd)
+}
 
-    let scheduler = imagegen_server::sampler::SchedulerConfig::default();
-    let schedule = imagegen_server::sampler::DdimSchedule::new(&scheduler, 20)?;
-    let embedding = |seed| std::sync::Arc::new(randn(&[1, 77, 768], seed));
-    let chain = |seed: u64| imagegen_server::sampler::Trajectory {
-        latents: randn(&[21, 4, 64, 64], seed),
-        timesteps: schedule.steps().iter().map(|s| s.t).collect(),
-        log_probs: vec![0.0; 20],
-        conditioning: imagegen_server::sampler::Conditioning {
-            prompt: "a photo".into(),
-            negative_prompt: String::new(),
-            prompt_embeddings: embedding(seed + 1),
-            negative_embeddings: embedding(seed + 2),
-        },
-        guidance_scale: 7.5,
-        eta: 1.0,
-        seed,
-        image_index: 0,
-        model_id: "sd15-random".into(),
-        adapter_generation: None,
-    };
-    let denoiser = imagegen_server::sampler::Denoiser {
-        unet: sd,
-        scheduler: &scheduler,
-        micro_batch_rows: imagegen_server::model::DevicePlan::for_device(&Device::Cpu)
-            .micro_batch_rows,
-    };
-    imagegen_server::allocator::reset_peak_rss();
-    let (line, step) = train_step(denoiser, &[chain(20), chain(30)], 1)?;
-    let peak = imagegen_server::allocator::peak_rss_mib();
-    println!(
-        "D3PO {line}   peak RSS {} MiB",
-        peak.map_or("?".into(), |p| format!("{p:.0}"))
-    );
-    json.insert("sd15_d3po_pair_timestep_64_ms".into(), millis(step));
-    json.insert(
-        "sd15_d3po_pair_timestep_64_peak_rss_mib".into(),
-        peak.into(),
-    );
+/// The environment variable that makes the bench one training workload's child process.
+const TRAINING_CHILD: &str = "IMAGEGEN_BENCH_SD15_TRAINING";
+
+/// Runs an SD-1.5 training workload in a fresh process of this bench, so that its peak RSS is
+/// its own (weights included, as the peer's is): the parent's freed buffers would count in it.
+fn sd15_training_in_child(
+    workload: &str,
+) -> anyhow::Result<serde_json::Map<String, serde_json::Value>> {
+    let out = std::process::Command::new(std::env::current_exe()?)
+        .env(TRAINING_CHILD, workload)
+        .stderr(std::process::Stdio::inherit())
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let mut result = serde_json::Map::new();
+    for line in stdout.lines() {
+        match serde_json::from_str::<serde_json::Value>(line) {
+            Ok(serde_json::Value::Object(map)) => result = map,
+            _ => println!("{line}"),
+        }
+    }
+    if !out.status.success() {
+        anyhow::bail!("the {workload} training workload failed: {}", out.status);
+    }
+    Ok(result)
+}
+
+/// One SD-1.5 training workload: `lora`, the peer's `sd15_lora_fwd_bwd_b2_64` (LoRA r4 on every
+/// attention projection, batch 2, `mean(y^2)` backward), or `d3po`, one D3PO step per time index
+/// (one pair, CFG: 4 UNet rows for the reference and 4 for the policy). Prints its JSON.
+fn sd15_training_child(workload: &str) -> anyhow::Result<()> {
+    let sd = sd15_unet()?;
+    let mut json = serde_json::Map::new();
+    let peak = || imagegen_server::allocator::peak_rss_mib();
+    let shown = |p: Option<f64>| p.map_or("?".into(), |p| format!("{p:.0}"));
+    match workload {
+        "lora" => {
+            let mut rng = StdRng::seed_from_u64(11);
+            let lora = TrainableLora::init(
+                sd.lora_targets(),
+                4,
+                4.0,
+                &imagegen_server::model::lora::TARGET_MODULES,
+                &Device::Cpu,
+                || StandardNormal.sample(&mut rng),
+            )?;
+            let x = randn(&[2, 4, 64, 64], 12);
+            let ctx = randn(&[2, 77, 768], 13);
+            let t = time(1, || {
+                let y = sd
+                    .forward(
+                        &x,
+                        &[501.0; 2],
+                        &ctx,
+                        &AdapterBatch::Uniform(Some(&lora.weights)),
+                        Mode::Training,
+                    )
+                    .expect("forward");
+                y.sqr()
+                    .and_then(|y| y.mean_all())
+                    .and_then(|l| l.backward())
+                    .expect("backward")
+            });
+            println!(
+                "LoRA forward+backward, batch 2: {}   peak RSS {} MiB",
+                ms(t),
+                shown(peak())
+            );
+            json.insert("sd15_lora_fwd_bwd_b2_64_ms".into(), millis(t));
+            json.insert("sd15_lora_fwd_bwd_b2_64_peak_rss_mib".into(), peak().into());
+        }
+        "d3po" => {
+            let scheduler = imagegen_server::sampler::SchedulerConfig::default();
+            let schedule = imagegen_server::sampler::DdimSchedule::new(&scheduler, 20)?;
+            let embedding = |seed| std::sync::Arc::new(randn(&[1, 77, 768], seed));
+            let chain = |seed: u64| imagegen_server::sampler::Trajectory {
+                latents: randn(&[21, 4, 64, 64], seed),
+                timesteps: schedule.steps().iter().map(|s| s.t).collect(),
+                log_probs: vec![0.0; 20],
+                conditioning: imagegen_server::sampler::Conditioning {
+                    prompt: "a photo".into(),
+                    negative_prompt: String::new(),
+                    prompt_embeddings: embedding(seed + 1),
+                    negative_embeddings: embedding(seed + 2),
+                },
+                guidance_scale: 7.5,
+                eta: 1.0,
+                seed,
+                image_index: 0,
+                model_id: "sd15-random".into(),
+                adapter_generation: None,
+            };
+            let denoiser = imagegen_server::sampler::Denoiser {
+                unet: &sd,
+                scheduler: &scheduler,
+                micro_batch_rows: imagegen_server::model::DevicePlan::for_device(&Device::Cpu)
+                    .micro_batch_rows,
+            };
+            let (line, step) = train_step(denoiser, &[chain(20), chain(30)], 1)?;
+            println!("D3PO {line}   peak RSS {} MiB", shown(peak()));
+            json.insert("sd15_d3po_pair_timestep_64_ms".into(), millis(step));
+            json.insert(
+                "sd15_d3po_pair_timestep_64_peak_rss_mib".into(),
+                peak().into(),
+            );
+        }
+        other => anyhow::bail!("unknown training workload {other}"),
+    }
+    println!("{}", serde_json::Value::Object(json));
     Ok(())
 }
 

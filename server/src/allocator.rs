@@ -27,13 +27,6 @@ pub fn peak_rss_mib() -> Option<f64> {
     Some((kib / 1024.0 * 10.0).round() / 10.0)
 }
 
-/// Resets the peak RSS to the current RSS (Linux: `5` into `/proc/self/clear_refs`), so that a
-/// benchmark can report each workload's own peak; does nothing where that is not possible.
-pub fn reset_peak_rss() {
-    // Fails only off Linux or in a locked-down /proc: the peak then stays the process's.
-    let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
 /// Re-executes the current program with `MIMALLOC_PURGE_DELAY=delay_ms` (-1: never purge) unless
 /// the variable is set already; returns only if that is so, or the exec failed. Call it first
 /// in `main`, before any thread exists.

@@ -124,17 +124,12 @@ impl SpatialAttention {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let (b, h, w, c) = x.dims4()?;
         let tokens = self.norm.forward(x)?.reshape((b, h * w, c))?;
-        let q = (self.q.forward(&tokens)? / (c as f64).sqrt())?;
+        let q = self.q.forward(&tokens)?;
         let k = self.k.forward(&tokens)?;
         let v = self.v.forward(&tokens)?;
-        let outs = (0..b)
-            .map(|i| {
-                let head = |t: &Tensor| t.get(i)?.unsqueeze(0);
-                attention(&head(&q)?, &head(&k)?, &head(&v)?, Mode::Inference)?.squeeze(0)
-            })
-            .collect::<Result<Vec<_>>>()?;
+        let scale = 1.0 / (c as f64).sqrt();
         self.out
-            .forward(&Tensor::stack(&outs, 0)?)?
+            .forward(&attention(&q, &k, &v, 1, scale, Mode::Inference)?)?
             .reshape((b, h, w, c))?
             + x
     }

@@ -197,16 +197,25 @@ fn reduce8(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
     acc
 }
 
-/// [`softmax_row`] over a row in place (the fused attention's scores).
-pub(super) fn softmax_row_in_place(row: &mut [f32]) {
+/// `exp(scale (x - max(x)))` over a row in place (`scale > 0`); returns the row's sum, the
+/// softmax's denominator, which the fused attention applies to its `dv` outputs rather than to
+/// the `m` scores. The sum is taken in the same pass as the exponentials, in eight lanes.
+pub(super) fn exp_row_in_place(row: &mut [f32], scale: f32) -> f32 {
     let max = reduce8(row, f32::NEG_INFINITY, f32::max);
-    for d in row.iter_mut() {
-        *d = fast_exp(*d - max);
+    let mut lanes = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for (l, d) in lanes.iter_mut().zip(c.iter_mut()) {
+            *d = fast_exp((*d - max) * scale);
+            *l += *d;
+        }
     }
-    let inv = 1.0 / reduce8(row, 0.0, |a, b| a + b);
-    for d in row.iter_mut() {
-        *d *= inv;
+    let mut sum: f32 = lanes.iter().sum();
+    for d in chunks.into_remainder() {
+        *d = fast_exp((*d - max) * scale);
+        sum += *d;
     }
+    sum
 }
 
 fn softmax_row(row: &[f32], out: &mut [f32]) {

@@ -1,44 +1,111 @@
 //! Scaled dot-product attention with the softmax fused between the two products, on the CPU:
-//! per head and band of query rows, `S = Q K^T` into a scratch that stays in cache, the softmax
-//! in place, `O = S V` straight into the output. The `[heads, N, M]` score and probability
-//! tensors never exist (at SD-1.5's 64x64 latent they are 512 MiB per layer and image), nor the
-//! three passes over them. The backward recomputes the probabilities band by band (as flash
-//! attention's does) instead of keeping them for the whole graph: training memory is then that
-//! of q, k, v and the output.
+//! per batch item and band of query rows, for each head, `S = Q K^T` into a scratch that stays
+//! in cache, the exponentials in place, `O = S V` straight into the output, then the softmax's
+//! denominators on the `dv` outputs. The `[B, heads, N, M]` score and probability tensors never
+//! exist (at SD-1.5's 64x64 latent they are 512 MiB per layer and image), nor the passes over
+//! them, nor the copies between the heads-last layout the projections use and a heads-first one.
+//! The backward recomputes the probabilities band by band (as flash attention's does) instead of
+//! keeping them for the whole graph: training memory is then that of q, k, v and the output.
 
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use imagegen_gemm::MatRef;
+use imagegen_gemm::{GemmError, MatRef};
 
 use super::{Mode, matmul, softmax_last_dim};
 
-/// `softmax(q k^T) v` per head: `q` `[H, N, d]` (already scaled), `k` `[H, M, d]`, `v`
-/// `[H, M, dv]`, any strides; `[H, N, dv]`. Fused on the CPU in f32, in both modes (the policy
-/// and the frozen reference of a training step must run the same kernels); the composite of
-/// [`matmul`] and [`softmax_last_dim`] elsewhere.
-pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mode: Mode) -> Result<Tensor> {
+/// Multi-head `softmax(scale q k^T) v` in the projections' layout: `q` `[B, N, heads * d]`, `k`
+/// `[B, M, heads * d]`, `v` `[B, M, heads * dv]`, any strides; `[B, N, heads * dv]`. Fused on
+/// the CPU in f32, in both modes (the policy and the frozen reference of a training step must
+/// run the same kernels); the composite of [`matmul`] and [`softmax_last_dim`] elsewhere.
+pub(crate) fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    mode: Mode,
+) -> Result<Tensor> {
+    let shape = Shapes::of(q.dims(), k.dims(), v.dims(), heads)?;
     let fused = super::cpu_kernel_for(q, &[DType::F32])
         && [k, v]
             .iter()
             .all(|t| t.device().is_cpu() && t.dtype() == DType::F32);
     if !fused {
-        return composite(q, k, v, mode);
+        return composite(q, k, v, shape, scale, mode);
     }
-    if k.dim(1)? == 0 {
-        candle_core::bail!("attention over no keys: k is {:?}", k.dims());
-    }
+    let op = FusedAttention {
+        heads,
+        scale: scale as f32,
+    };
     // Serving builds no graph, as every fused kernel of `Mode::Inference`.
     if mode == Mode::Training && (q.track_op() || k.track_op() || v.track_op()) {
-        q.apply_op3(k, v, FusedAttention)
+        q.apply_op3(k, v, op)
     } else {
-        q.apply_op3_no_bwd(k, v, &FusedAttention)
+        q.apply_op3_no_bwd(k, v, &op)
     }
 }
 
-/// The portable path: the products and the softmax as separate tensors.
-fn composite(q: &Tensor, k: &Tensor, v: &Tensor, mode: Mode) -> Result<Tensor> {
-    let scores = matmul(q, &k.t()?)?;
+/// The sizes of one attention call, checked.
+#[derive(Debug, Clone, Copy)]
+struct Shapes {
+    batch: usize,
+    n: usize,
+    m: usize,
+    heads: usize,
+    d: usize,
+    dv: usize,
+}
+
+impl Shapes {
+    fn of(q: &[usize], k: &[usize], v: &[usize], heads: usize) -> Result<Self> {
+        let fits = q.len() == 3
+            && k.len() == 3
+            && v.len() == 3
+            && heads > 0
+            && q[0] == k[0]
+            && k[0] == v[0]
+            && q[2] == k[2]
+            && k[1] == v[1]
+            && q[2].is_multiple_of(heads)
+            && v[2].is_multiple_of(heads);
+        if !fits {
+            candle_core::bail!(
+                "attention: q {q:?}, k {k:?}, v {v:?} do not fit together as [batch, tokens, \
+                 {heads} heads x dim]"
+            );
+        }
+        if k[1] == 0 {
+            candle_core::bail!("attention over no keys: k is {k:?}");
+        }
+        Ok(Self {
+            batch: q[0],
+            n: q[1],
+            m: k[1],
+            heads,
+            d: q[2] / heads,
+            dv: v[2] / heads,
+        })
+    }
+}
+
+/// The portable path: the products and the softmax as separate tensors, heads first.
+fn composite(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    s: Shapes,
+    scale: f64,
+    mode: Mode,
+) -> Result<Tensor> {
+    let heads_first = |t: &Tensor, len: usize, dim: usize| {
+        t.reshape((s.batch, len, s.heads, dim))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    let q = (heads_first(q, s.n, s.d)? * scale)?;
+    let (k, v) = (heads_first(k, s.m, s.d)?, heads_first(v, s.m, s.dv)?);
+    let scores = matmul(&q, &k.t()?)?;
     let dtype = scores.dtype();
     // Scores and softmax in f32 for half-precision weights (diffusers' upcast_attention).
     let probs = if matches!(dtype, DType::F16 | DType::BF16) {
@@ -46,33 +113,115 @@ fn composite(q: &Tensor, k: &Tensor, v: &Tensor, mode: Mode) -> Result<Tensor> {
     } else {
         softmax_last_dim(&scores, mode)?
     };
-    matmul(&probs, v)
+    matmul(&probs, &v)?
+        .transpose(1, 2)?
+        .reshape((s.batch, s.n, s.heads * s.dv))
 }
 
 /// Scratch of about this many scores per band (1 MiB: an L2's worth).
 const BAND_SCORES: usize = 1 << 18;
 
 #[derive(Debug, Clone, Copy)]
-struct FusedAttention;
-
-/// Query rows per band: the band's `rows x m` scores fill about [`BAND_SCORES`].
-fn band_rows(n: usize, m: usize) -> usize {
-    (BAND_SCORES / m.max(1)).clamp(16, 256).min(n).max(1)
+struct FusedAttention {
+    heads: usize,
+    scale: f32,
 }
 
-fn head_view<'a>(data: &'a [f32], layout: &Layout, head: usize) -> Result<MatRef<'a>> {
-    let (dims, strides) = (layout.dims(), layout.stride());
-    if dims.len() != 3 {
-        candle_core::bail!("attention: [heads, tokens, dim] expected, got {dims:?}");
+/// Query rows per band: the band's `rows x m` scores fill about [`BAND_SCORES`], and small
+/// calls still split into a few bands per pool thread.
+fn band_rows(s: Shapes) -> usize {
+    let per_thread = (s.batch * s.n).div_ceil(2 * super::matmul::pool_threads());
+    (BAND_SCORES / s.m.max(1))
+        .clamp(16, 256)
+        .min(per_thread)
+        .min(s.n)
+        .max(1)
+}
+
+/// A row-major `rows x cols` matrix with rows `ld` apart.
+fn strided(data: &[f32], rows: usize, cols: usize, ld: usize) -> MatRef<'_> {
+    MatRef {
+        data,
+        rows,
+        cols,
+        row_stride: ld,
+        col_stride: 1,
     }
-    let start = layout.start_offset() + head * strides[0];
-    Ok(MatRef {
+}
+
+/// The transpose of `x`, as a view.
+fn transpose(x: MatRef<'_>) -> MatRef<'_> {
+    MatRef {
+        rows: x.cols,
+        cols: x.rows,
+        row_stride: x.col_stride,
+        col_stride: x.row_stride,
+        ..x
+    }
+}
+
+/// Head `head` of batch item `item`, rows `rows`, of a `[B, T, heads * dim]` tensor's storage.
+fn head_view<'a>(
+    data: &'a [f32],
+    layout: &Layout,
+    item: usize,
+    head: usize,
+    rows: std::ops::Range<usize>,
+    dim: usize,
+) -> MatRef<'a> {
+    let st = layout.stride();
+    let start = layout.start_offset() + item * st[0] + rows.start * st[1] + head * dim * st[2];
+    MatRef {
         data: data.get(start..).unwrap_or(&[]),
-        rows: dims[1],
-        cols: dims[2],
-        row_stride: strides[1],
-        col_stride: strides[2],
-    })
+        rows: rows.len(),
+        cols: dim,
+        row_stride: st[1],
+        col_stride: st[2],
+    }
+}
+
+/// Rows `first..first + rows` of head `head` in a contiguous `[tokens, width]` buffer.
+fn head_rows(
+    data: &[f32],
+    first: usize,
+    rows: usize,
+    width: usize,
+    head: usize,
+    dim: usize,
+) -> MatRef<'_> {
+    strided(
+        data.get(first * width + head * dim..).unwrap_or(&[]),
+        rows,
+        dim,
+        width,
+    )
+}
+
+/// Runs `work` on every task over candle's pool; the first error wins.
+fn on_pool<T: Send>(
+    tasks: &[Mutex<T>],
+    scratch: impl Fn() -> (Vec<f32>, Vec<f32>) + Sync,
+    work: impl Fn(&mut T, &mut (Vec<f32>, Vec<f32>)) -> std::result::Result<(), GemmError> + Sync,
+) -> Result<()> {
+    let error = Mutex::new(None);
+    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
+        let mut buffers = scratch();
+        for t in range {
+            let Ok(mut task) = tasks[t].lock() else {
+                continue;
+            };
+            if let Err(e) = work(&mut task, &mut buffers)
+                && let Ok(mut slot) = error.lock()
+            {
+                slot.get_or_insert(e);
+            }
+        }
+    });
+    match error.into_inner() {
+        Ok(None) => Ok(()),
+        Ok(Some(e)) => candle_core::bail!("attention: {e}"),
+        Err(_) => candle_core::bail!("attention: a worker panicked"),
+    }
 }
 
 impl CustomOp3 for FusedAttention {
@@ -92,76 +241,55 @@ impl CustomOp3 for FusedAttention {
         let (CpuStorage::F32(q), CpuStorage::F32(k), CpuStorage::F32(v)) = (q, k, v) else {
             candle_core::bail!("attention: f32 operands expected");
         };
-        let (dq, dk, dv) = (lq.dims(), lk.dims(), lv.dims());
-        if dq.len() != 3
-            || dk.len() != 3
-            || dv.len() != 3
-            || dq[0] != dk[0]
-            || dk[0] != dv[0]
-            || dq[2] != dk[2]
-            || dk[1] != dv[1]
-        {
-            candle_core::bail!("attention: q {dq:?}, k {dk:?}, v {dv:?} do not fit together");
+        let s = Shapes::of(lq.dims(), lk.dims(), lv.dims(), self.heads)?;
+        let width = s.heads * s.dv;
+        let mut out = vec![0f32; s.batch * s.n * width];
+        let shape = Shape::from((s.batch, s.n, width));
+        if out.is_empty() {
+            return Ok((CpuStorage::F32(out), shape));
         }
-        let (heads, n, m, d_out) = (dq[0], dq[1], dk[1], dv[2]);
-        let mut out = vec![0f32; heads * n * d_out];
-        if n * d_out == 0 {
-            return Ok((CpuStorage::F32(out), Shape::from((heads, n, d_out))));
-        }
-        let band = band_rows(n, m);
-        let mut tasks = Vec::new();
-        for (h, head_out) in out.chunks_mut(n * d_out).enumerate() {
-            let (qh, kh, vh) = (
-                head_view(q, lq, h)?,
-                head_view(k, lk, h)?,
-                head_view(v, lv, h)?,
-            );
-            let kt = transpose(kh);
-            for (i, rows) in head_out.chunks_mut(band * d_out).enumerate() {
-                let qb = MatRef {
-                    data: qh.data.get(i * band * qh.row_stride..).unwrap_or(&[]),
-                    rows: rows.len() / d_out,
-                    ..qh
-                };
-                tasks.push(Mutex::new((qb, kt, vh, rows)));
-            }
-        }
-        let error = Mutex::new(None);
-        candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
-            let mut scores = Vec::new();
-            for t in range {
-                let Ok(mut task) = tasks[t].lock() else {
-                    continue;
-                };
-                let (qb, kt, vh, ref mut rows) = *task;
-                scores.resize(qb.rows * m, 0f32);
-                let mut run = || -> std::result::Result<(), imagegen_gemm::GemmError> {
-                    imagegen_gemm::sgemm(qb, kt, &mut scores, m)?;
-                    scores
-                        .chunks_mut(m)
-                        .for_each(super::activation::softmax_row_in_place);
-                    let probs = MatRef {
-                        data: &scores,
-                        rows: qb.rows,
-                        cols: m,
-                        row_stride: m,
-                        col_stride: 1,
-                    };
-                    imagegen_gemm::sgemm(probs, vh, rows, d_out)
-                };
-                if let Err(e) = run()
-                    && let Ok(mut slot) = error.lock()
-                {
-                    slot.get_or_insert(e);
+        let band = band_rows(s);
+        // (item, first row, the band's output rows: all heads of each row, contiguous)
+        let tasks: Vec<Mutex<(usize, usize, &mut [f32])>> = out
+            .chunks_mut(s.n * width)
+            .enumerate()
+            .flat_map(|(item, rows)| {
+                rows.chunks_mut(band * width)
+                    .enumerate()
+                    .map(move |(i, o)| Mutex::new((item, i * band, o)))
+            })
+            .collect();
+        let scale = self.scale;
+        on_pool(
+            &tasks,
+            || (Vec::new(), Vec::new()),
+            |(item, first, o), (scores, sums)| {
+                let rows = o.len() / width;
+                scores.resize(rows * s.m, 0.0);
+                for h in 0..s.heads {
+                    let qb = head_view(q, lq, *item, h, *first..*first + rows, s.d);
+                    let kh = head_view(k, lk, *item, h, 0..s.m, s.d);
+                    let vh = head_view(v, lv, *item, h, 0..s.m, s.dv);
+                    imagegen_gemm::sgemm(qb, transpose(kh), scores, s.m)?;
+                    sums.clear();
+                    sums.extend(
+                        scores
+                            .chunks_mut(s.m)
+                            .map(|row| super::activation::exp_row_in_place(row, scale)),
+                    );
+                    let oh = &mut o[h * s.dv..];
+                    imagegen_gemm::sgemm(strided(scores, rows, s.m, s.m), vh, oh, width)?;
+                    // The softmax's denominators, on the dv outputs rather than the m scores.
+                    for (row, sum) in oh.chunks_mut(width).zip(sums.iter()) {
+                        let inv = 1.0 / sum;
+                        row[..s.dv].iter_mut().for_each(|x| *x *= inv);
+                    }
                 }
-            }
-        });
+                Ok(())
+            },
+        )?;
         drop(tasks);
-        match error.into_inner() {
-            Ok(None) => Ok((CpuStorage::F32(out), Shape::from((heads, n, d_out)))),
-            Ok(Some(e)) => candle_core::bail!("attention: {e}"),
-            Err(_) => candle_core::bail!("attention: a worker panicked"),
-        }
+        Ok((CpuStorage::F32(out), shape))
     }
 
     fn bwd(
@@ -172,7 +300,7 @@ impl CustomOp3 for FusedAttention {
         out: &Tensor,
         d_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dq, dk, dv) = backward(q, k, v, out, d_out)?;
+        let (dq, dk, dv) = backward(q, k, v, out, d_out, self.heads, self.scale)?;
         let keep = |t: &Tensor, g: Tensor| t.track_op().then_some(g);
         Ok((keep(q, dq), keep(k, dk), keep(v, dv)))
     }
@@ -183,51 +311,30 @@ fn host_values(t: &Tensor) -> Result<Vec<f32>> {
     t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
 }
 
-/// A row-major `rows x cols` matrix.
-fn dense(data: &[f32], rows: usize, cols: usize) -> MatRef<'_> {
-    MatRef {
-        data,
-        rows,
-        cols,
-        row_stride: cols,
-        col_stride: 1,
-    }
-}
-
-/// The transpose of `x`, as a view.
-fn transpose(x: MatRef<'_>) -> MatRef<'_> {
-    MatRef {
-        rows: x.cols,
-        cols: x.rows,
-        row_stride: x.col_stride,
-        col_stride: x.row_stride,
-        ..x
-    }
-}
-
-/// One piece of the backward: a band group of one head's query rows.
+/// One piece of the backward: a group of one batch item's query rows.
 struct BackwardTask<'a> {
-    head: usize,
+    item: usize,
     first_row: usize,
-    /// This group's rows of `dQ`.
+    /// This group's rows of `dQ` (all heads).
     dq: &'a mut [f32],
-    /// This group's share of the head's `dK` and `dV`, summed over groups afterwards.
+    /// This group's share of the item's `dK` and `dV`, summed over groups afterwards.
     dk: Vec<f32>,
     dv: Vec<f32>,
 }
 
-/// The gradients of `softmax(q k^T) v` with respect to `q`, `k` and `v`, from the output and its
-/// gradient: per band of query rows, `P` recomputed, `dV += P^T dO`, `dP = dO V^T`,
-/// `dS = P (dP - rowsum(dO * O))`, `dQ = dS K`, `dK += dS^T Q`.
+/// The gradients of the attention with respect to `q`, `k` and `v`, from the output and its
+/// gradient: per band of query rows and head, `P` recomputed, `dV += P^T dO`, `dP = dO V^T`,
+/// `dS = P (dP - rowsum(dO * O))`, `dQ = scale dS K`, `dK += scale dS^T Q`.
 fn backward(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     out: &Tensor,
     d_out: &Tensor,
+    heads: usize,
+    scale: f32,
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (heads, n, d) = q.dims3()?;
-    let (m, d_v) = (k.dim(1)?, v.dim(2)?);
+    let s = Shapes::of(q.dims(), k.dims(), v.dims(), heads)?;
     let (qs, ks, vs, os, gs) = (
         host_values(q)?,
         host_values(k)?,
@@ -235,106 +342,105 @@ fn backward(
         host_values(out)?,
         host_values(d_out)?,
     );
-    let band = band_rows(n, m);
-    // Enough groups to keep every pool thread busy when there are few heads.
+    let (wq, wv) = (s.heads * s.d, s.heads * s.dv);
+    let band = band_rows(s);
+    // Enough groups to keep every pool thread busy when the batch is small; each group keeps
+    // its own dK and dV (`M x heads*d`), so no more than that.
     let groups = super::matmul::pool_threads()
-        .div_ceil(heads.max(1))
-        .min(n.div_ceil(band))
+        .div_ceil(s.batch.max(1))
+        .min(s.n.div_ceil(band))
         .max(1);
-    let group_rows = n.div_ceil(groups).div_ceil(band) * band;
-    let mut dq_all = vec![0f32; heads * n * d];
+    let group_rows = s.n.div_ceil(groups).div_ceil(band) * band;
+    let mut dq_all = vec![0f32; s.batch * s.n * wq];
     let tasks: Vec<Mutex<BackwardTask<'_>>> = dq_all
-        .chunks_mut((n * d).max(1))
+        .chunks_mut((s.n * wq).max(1))
         .enumerate()
-        .flat_map(|(head, dq_head)| {
-            dq_head
-                .chunks_mut((group_rows * d).max(1))
+        .flat_map(|(item, dq_item)| {
+            dq_item
+                .chunks_mut((group_rows * wq).max(1))
                 .enumerate()
                 .map(move |(g, dq)| {
                     Mutex::new(BackwardTask {
-                        head,
+                        item,
                         first_row: g * group_rows,
                         dq,
-                        dk: vec![0f32; m * d],
-                        dv: vec![0f32; m * d_v],
+                        dk: vec![0f32; s.m * wq],
+                        dv: vec![0f32; s.m * wv],
                     })
                 })
         })
         .collect();
-    let error = Mutex::new(None);
-    let run_task = |task: &mut BackwardTask<'_>,
-                    probs: &mut Vec<f32>,
-                    d_scores: &mut Vec<f32>|
-     -> std::result::Result<(), imagegen_gemm::GemmError> {
-        let h = task.head;
-        let kh = dense(&ks[h * m * d..(h + 1) * m * d], m, d);
-        let vh = dense(&vs[h * m * d_v..(h + 1) * m * d_v], m, d_v);
-        let group = task.dq.len() / d.max(1);
-        for start in (0..group).step_by(band) {
-            let rows = band.min(group - start);
-            let row0 = h * n + task.first_row + start;
-            let qb = dense(&qs[row0 * d..(row0 + rows) * d], rows, d);
-            let ob = &os[row0 * d_v..(row0 + rows) * d_v];
-            let gb = dense(&gs[row0 * d_v..(row0 + rows) * d_v], rows, d_v);
-            probs.resize(rows * m, 0.0);
-            d_scores.resize(rows * m, 0.0);
-            imagegen_gemm::sgemm(qb, transpose(kh), probs, m)?;
-            probs
-                .chunks_mut(m)
-                .for_each(super::activation::softmax_row_in_place);
-            let p = dense(probs, rows, m);
-            imagegen_gemm::sgemm_accumulate(transpose(p), gb, &mut task.dv, d_v)?;
-            imagegen_gemm::sgemm(gb, transpose(vh), d_scores, m)?;
-            for (i, (ds_row, p_row)) in d_scores.chunks_mut(m).zip(probs.chunks(m)).enumerate() {
-                let o_row = &ob[i * d_v..(i + 1) * d_v];
-                let g_row = &gb.data[i * d_v..(i + 1) * d_v];
-                let dot: f32 = o_row.iter().zip(g_row).map(|(o, g)| o * g).sum();
-                for (ds, &p) in ds_row.iter_mut().zip(p_row) {
-                    *ds = p * (*ds - dot);
+    on_pool(
+        &tasks,
+        || (Vec::new(), Vec::new()),
+        |task, (probs, d_scores)| {
+            let kv0 = task.item * s.m;
+            let rows_in_group = task.dq.len() / wq.max(1);
+            for start in (0..rows_in_group).step_by(band) {
+                let rows = band.min(rows_in_group - start);
+                let row0 = task.item * s.n + task.first_row + start;
+                probs.resize(rows * s.m, 0.0);
+                d_scores.resize(rows * s.m, 0.0);
+                for h in 0..s.heads {
+                    let qb = head_rows(&qs, row0, rows, wq, h, s.d);
+                    let gb = head_rows(&gs, row0, rows, wv, h, s.dv);
+                    let kh = head_rows(&ks, kv0, s.m, wq, h, s.d);
+                    let vh = head_rows(&vs, kv0, s.m, wv, h, s.dv);
+                    imagegen_gemm::sgemm(qb, transpose(kh), probs, s.m)?;
+                    for row in probs.chunks_mut(s.m) {
+                        let inv = 1.0 / super::activation::exp_row_in_place(row, scale);
+                        row.iter_mut().for_each(|p| *p *= inv);
+                    }
+                    let p = strided(probs, rows, s.m, s.m);
+                    imagegen_gemm::sgemm_accumulate(
+                        transpose(p),
+                        gb,
+                        &mut task.dv[h * s.dv..],
+                        wv,
+                    )?;
+                    imagegen_gemm::sgemm(gb, transpose(vh), d_scores, s.m)?;
+                    for (i, (ds_row, p_row)) in
+                        d_scores.chunks_mut(s.m).zip(probs.chunks(s.m)).enumerate()
+                    {
+                        let at_row = (row0 + i) * wv + h * s.dv;
+                        let o_row = &os[at_row..at_row + s.dv];
+                        let g_row = &gs[at_row..at_row + s.dv];
+                        let dot: f32 = o_row.iter().zip(g_row).map(|(o, g)| o * g).sum();
+                        for (ds, &p) in ds_row.iter_mut().zip(p_row) {
+                            *ds = scale * p * (*ds - dot);
+                        }
+                    }
+                    let ds = strided(d_scores, rows, s.m, s.m);
+                    imagegen_gemm::sgemm(ds, kh, &mut task.dq[start * wq + h * s.d..], wq)?;
+                    imagegen_gemm::sgemm_accumulate(
+                        transpose(ds),
+                        qb,
+                        &mut task.dk[h * s.d..],
+                        wq,
+                    )?;
                 }
             }
-            let ds = dense(d_scores, rows, m);
-            imagegen_gemm::sgemm(ds, kh, &mut task.dq[start * d..(start + rows) * d], d)?;
-            imagegen_gemm::sgemm_accumulate(transpose(ds), qb, &mut task.dk, d)?;
-        }
-        Ok(())
-    };
-    candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
-        let (mut probs, mut d_scores) = (Vec::new(), Vec::new());
-        for t in range {
-            let Ok(mut task) = tasks[t].lock() else {
-                continue;
-            };
-            if let Err(e) = run_task(&mut task, &mut probs, &mut d_scores)
-                && let Ok(mut slot) = error.lock()
-            {
-                slot.get_or_insert(e);
-            }
-        }
-    });
-    match error.into_inner() {
-        Ok(None) => {}
-        Ok(Some(e)) => candle_core::bail!("attention backward: {e}"),
-        Err(_) => candle_core::bail!("attention backward: a worker panicked"),
-    }
-    let mut dk_all = vec![0f32; heads * m * d];
-    let mut dv_all = vec![0f32; heads * m * d_v];
+            Ok(())
+        },
+    )?;
+    let mut dk_all = vec![0f32; s.batch * s.m * wq];
+    let mut dv_all = vec![0f32; s.batch * s.m * wv];
     for task in tasks {
         let task = task
             .into_inner()
             .map_err(|_| candle_core::Error::Msg("attention backward: a worker panicked".into()))?;
-        let h = task.head;
-        let add =
-            |into: &mut [f32], from: &[f32]| into.iter_mut().zip(from).for_each(|(a, b)| *a += b);
-        add(&mut dk_all[h * m * d..(h + 1) * m * d], &task.dk);
-        add(&mut dv_all[h * m * d_v..(h + 1) * m * d_v], &task.dv);
+        let add = |into: &mut [f32], from: &[f32]| {
+            into.iter_mut().zip(from).for_each(|(a, b)| *a += b);
+        };
+        let (i, m) = (task.item, s.m);
+        add(&mut dk_all[i * m * wq..(i + 1) * m * wq], &task.dk);
+        add(&mut dv_all[i * m * wv..(i + 1) * m * wv], &task.dv);
     }
-    let device = q.device();
-    let dtype = q.dtype();
+    let (device, dtype) = (q.device(), q.dtype());
     Ok((
-        Tensor::from_vec(dq_all, (heads, n, d), device)?.to_dtype(dtype)?,
-        Tensor::from_vec(dk_all, (heads, m, d), device)?.to_dtype(dtype)?,
-        Tensor::from_vec(dv_all, (heads, m, d_v), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(dq_all, q.shape(), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(dk_all, k.shape(), device)?.to_dtype(dtype)?,
+        Tensor::from_vec(dv_all, v.shape(), device)?.to_dtype(dtype)?,
     ))
 }
 
@@ -342,93 +448,73 @@ fn backward(
 mod tests {
     use super::*;
     use crate::model::nn::{input, max_abs_diff};
+    use candle_core::Var;
 
-    fn heads_view(t: Tensor, tokens: usize, heads: usize, dim: usize) -> Tensor {
-        // [tokens, heads * dim] -> [heads, tokens, dim]: the strided view the UNet passes.
-        t.reshape((tokens, heads, dim))
-            .unwrap()
-            .transpose(0, 1)
-            .unwrap()
+    /// `[batch, tokens, width]` with values `f(sin(0.37 i) + shift)`.
+    fn tokens(batch: usize, n: usize, width: usize, shift: f64) -> Tensor {
+        let t = input((1, batch, n, width)).squeeze(0).unwrap();
+        ((t + shift).unwrap().cos().unwrap() * 1.5).unwrap()
     }
 
-    /// The fused kernel equals the composite (products and softmax as separate tensors) on the
-    /// UNet's strided head views, for bands that divide the rows and ones that do not, and for
-    /// cross-attention (M != N, values wider than the keys).
+    /// The fused kernel equals the composite (products and softmax as separate tensors, heads
+    /// first) for bands that divide the rows and ones that do not, batches, one head and many,
+    /// cross-attention (M != N, values wider than the keys) and a strided (transposed) query.
     #[test]
     fn fused_attention_equals_the_composite() {
-        for (heads, n, m, d, dv) in [(2, 5, 5, 3, 3), (8, 256, 256, 8, 8), (3, 1100, 77, 16, 24)] {
-            let q = (input((1, 1, n, heads * d))
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                * 0.7)
-                .unwrap();
-            let k = (input((1, 1, m, heads * d))
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                + 0.3)
-                .unwrap()
-                .cos()
-                .unwrap();
-            let v = (input((1, 1, m, heads * dv))
-                .squeeze(0)
-                .unwrap()
-                .squeeze(0)
-                .unwrap()
-                * 1.3)
-                .unwrap();
-            let (q, k, v) = (
-                heads_view(q, n, heads, d),
-                heads_view(k, m, heads, d),
-                heads_view(v, m, heads, dv),
+        for (batch, heads, n, m, d, dv) in [
+            (1, 2, 5, 5, 3, 3),
+            (2, 8, 256, 256, 8, 8),
+            (1, 3, 1100, 77, 16, 24),
+            (3, 1, 64, 64, 32, 32),
+        ] {
+            let q = tokens(batch, n, heads * d, 0.0);
+            let k = tokens(batch, m, heads * d, 0.3);
+            let v = tokens(batch, m, heads * dv, 0.9);
+            let s = Shapes::of(q.dims(), k.dims(), v.dims(), heads).unwrap();
+            let scale = 1.0 / (d as f64).sqrt();
+            let fused = attention(&q, &k, &v, heads, scale, Mode::Inference).unwrap();
+            let reference = composite(&q, &k, &v, s, scale, Mode::Training).unwrap();
+            assert_eq!(fused.dims(), &[batch, n, heads * dv]);
+            let diff = max_abs_diff(&fused, &reference);
+            assert!(
+                diff < 1e-5,
+                "({batch}, {heads}, {n}, {m}): differ by {diff}"
             );
-            let fused = attention(&q, &k, &v, Mode::Inference).unwrap();
-            let composite = composite(&q, &k, &v, Mode::Training).unwrap();
-            assert_eq!(fused.dims(), &[heads, n, dv]);
-            let diff = max_abs_diff(&fused, &composite);
-            assert!(diff < 1e-5, "({heads}, {n}, {m}): differ by {diff}");
         }
+        // A query that is a transposed view: [B, width, N] stored, read as [B, N, width].
+        let stored = tokens(2, 12, 10, 0.1);
+        let q = stored.transpose(1, 2).unwrap();
+        let k = tokens(2, 10, 12, 0.5);
+        let s = Shapes::of(q.dims(), k.dims(), k.dims(), 3).unwrap();
+        let fused = attention(&q, &k, &k, 3, 0.5, Mode::Inference).unwrap();
+        let reference =
+            composite(&q.contiguous().unwrap(), &k, &k, s, 0.5, Mode::Training).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
     }
 
-    /// The recomputing backward equals the composite's gradients, in q, k and v, through
-    /// strided head views, with one head (the rows split into groups over the pool), bands that
-    /// do not divide the rows, and cross-attention; an untracked operand gets none.
+    /// The recomputing backward equals the composite's gradients, in q, k and v, with one
+    /// item and one head (the rows split into groups over the pool), batches, bands that do not
+    /// divide the rows, and cross-attention; an untracked operand gets none.
     #[test]
     fn fused_gradients_equal_the_composite_ones() {
-        use candle_core::Var;
-        for (heads, n, m, d, dv) in [(1, 300, 300, 4, 4), (3, 70, 77, 8, 12), (2, 5, 5, 3, 3)] {
-            let make = |tokens: usize, dim: usize, shift: f64| {
-                let t = input((1, 1, tokens, heads * dim))
-                    .squeeze(0)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap();
-                Var::from_tensor(&((t + shift).unwrap().cos().unwrap() * 1.5).unwrap()).unwrap()
-            };
-            let (q, k, v) = (make(n, d, 0.0), make(m, d, 0.4), make(m, dv, 0.9));
-            let weights = heads_view(
-                input((1, 1, n, heads * dv))
-                    .squeeze(0)
-                    .unwrap()
-                    .squeeze(0)
-                    .unwrap(),
-                n,
-                heads,
-                dv,
-            );
+        for (batch, heads, n, m, d, dv) in [
+            (1, 1, 300, 300, 4, 4),
+            (2, 3, 70, 77, 8, 12),
+            (3, 2, 5, 5, 3, 3),
+        ] {
+            let var = |t: Tensor| Var::from_tensor(&t).unwrap();
+            let q = var(tokens(batch, n, heads * d, 0.0));
+            let k = var(tokens(batch, m, heads * d, 0.4));
+            let v = var(tokens(batch, m, heads * dv, 0.9));
+            let weights = input((1, batch, n, heads * dv)).squeeze(0).unwrap();
+            let s = Shapes::of(q.dims(), k.dims(), v.dims(), heads).unwrap();
+            let scale = 0.6;
             let grads = |fused: bool| {
-                let (qh, kh, vh) = (
-                    heads_view(q.as_tensor().clone(), n, heads, d),
-                    heads_view(k.as_tensor().clone(), m, heads, d),
-                    heads_view(v.as_tensor().clone(), m, heads, dv),
-                );
+                let (qt, kt, vt) = (q.as_tensor(), k.as_tensor(), v.as_tensor());
                 let y = if fused {
-                    attention(&qh, &kh, &vh, Mode::Training).unwrap()
+                    attention(qt, kt, vt, heads, scale, Mode::Training).unwrap()
                 } else {
-                    composite(&qh, &kh, &vh, Mode::Training).unwrap()
+                    composite(qt, kt, vt, s, scale, Mode::Training).unwrap()
                 };
                 let g = (y * &weights)
                     .unwrap()
@@ -450,27 +536,31 @@ mod tests {
                 let diff = max_abs_diff(a, b);
                 assert!(
                     diff <= 1e-4 * scale.max(1.0),
-                    "({heads}, {n}, {m}) d{name}: differ by {diff} (scale {scale})"
+                    "({batch}, {heads}, {n}, {m}) d{name}: differ by {diff} (scale {scale})"
                 );
             }
         }
-        // Only the tracked operand gets a gradient.
-        let q = Var::from_tensor(&input((1, 2, 6, 3)).squeeze(0).unwrap()).unwrap();
-        let k = input((1, 2, 7, 3)).squeeze(0).unwrap();
-        let y = attention(q.as_tensor(), &k, &k, Mode::Training).unwrap();
+        // Only the tracked operand gets a gradient; serving builds no graph.
+        let q = Var::from_tensor(&tokens(1, 6, 6, 0.0)).unwrap();
+        let k = tokens(1, 7, 6, 0.2);
+        let y = attention(q.as_tensor(), &k, &k, 2, 1.0, Mode::Training).unwrap();
         let g = y.sum_all().unwrap().backward().unwrap();
         assert!(g.get(q.as_tensor()).is_some());
         assert!(g.get(&k).is_none());
+        let y = attention(q.as_tensor(), &k, &k, 2, 1.0, Mode::Inference).unwrap();
+        assert!(!y.track_op());
     }
 
     #[test]
     fn mismatched_operands_are_refused() {
-        let q = input((1, 2, 4, 3)).squeeze(0).unwrap();
-        let k = input((1, 2, 5, 4)).squeeze(0).unwrap();
-        assert!(attention(&q, &k, &k, Mode::Inference).is_err());
-        let none = Tensor::zeros((2, 0, 3), DType::F32, &candle_core::Device::Cpu).unwrap();
-        let q = input((1, 2, 4, 3)).squeeze(0).unwrap();
-        let err = attention(&q, &none, &none, Mode::Inference).unwrap_err();
+        let q = tokens(1, 4, 6, 0.0);
+        let k = tokens(1, 5, 8, 0.0);
+        let err = attention(&q, &k, &k, 2, 1.0, Mode::Inference).unwrap_err();
+        assert!(err.to_string().contains("do not fit"), "{err}");
+        let err = attention(&q, &q, &q, 4, 1.0, Mode::Inference).unwrap_err();
+        assert!(err.to_string().contains("4 heads"), "{err}");
+        let none = Tensor::zeros((1, 0, 6), DType::F32, &candle_core::Device::Cpu).unwrap();
+        let err = attention(&q, &none, &none, 2, 1.0, Mode::Inference).unwrap_err();
         assert!(err.to_string().contains("no keys"), "{err}");
     }
 }

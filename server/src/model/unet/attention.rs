@@ -63,24 +63,7 @@ impl Attention {
         let q = self.to_q.forward(x, ctx.adapters)?;
         let k = self.to_k.forward(context, ctx.adapters)?;
         let v = self.to_v.forward(context, ctx.adapters)?;
-        let (b, n, inner) = q.dims3()?;
-        let m = k.dim(1)?;
-        let head_dim = inner / self.heads;
-        // One batch item at a time: `[N, H, d] -> [H, N, d]` is then a strided view the gemm
-        // reads directly (no copies of q, k, v), and the score matrix is B times smaller.
-        let q = (q * self.scale)?; // scaling q touches N*d values instead of N*M
-        let mut outs = Vec::with_capacity(b);
-        for item in 0..b {
-            let heads_of = |t: &Tensor, len: usize| -> Result<Tensor> {
-                t.get(item)?
-                    .reshape((len, self.heads, head_dim))?
-                    .transpose(0, 1)
-            };
-            let (qi, ki, vi) = (heads_of(&q, n)?, heads_of(&k, m)?, heads_of(&v, m)?);
-            let o = attention(&qi, &ki, &vi, ctx.mode)?;
-            outs.push(o.transpose(0, 1)?.reshape((n, inner))?);
-        }
-        let out = Tensor::stack(&outs, 0)?;
+        let out = attention(&q, &k, &v, self.heads, self.scale, ctx.mode)?;
         self.to_out.forward(&out, ctx.adapters)
     }
 }
