@@ -5,7 +5,7 @@ use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 use serde::{Deserialize, Serialize};
 
-use super::nn::{Conv2d, GroupNorm, Linear, Mode, attention, silu, upsample_nearest_2x};
+use super::nn::{Conv2d, GroupNorm, Linear, Mode, attention, upsample_nearest_2x};
 use super::unet::blocks::ResnetBlock;
 
 /// `vae/config.json` (the fields the decoder reads).
@@ -230,8 +230,7 @@ impl VaeDecoder {
                 h = conv.forward(&upsample_nearest_2x(&h)?)?;
             }
         }
-        self.conv_out
-            .forward(&self.norm_out.forward(&h).and_then(|h| silu(&h))?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&h)?)
     }
 
     /// Decodes latents into RGB images, `h*f * w*f * 3` bytes per image.

@@ -43,7 +43,7 @@ fn fast_erf(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn silu_f32(x: f32) -> f32 {
+pub(super) fn silu_f32(x: f32) -> f32 {
     x / (1.0 + fast_exp(-x))
 }
 

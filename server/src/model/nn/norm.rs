@@ -4,7 +4,7 @@
 use candle_core::{CpuStorage, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{Mode, contiguous_slice, upcast};
+use super::{Mode, contiguous_slice, group_norm_cpu, upcast};
 
 /// Group normalisation over **channels-last** `[B, ..., C]`: channels split into groups along
 /// the last dimension, statistics over every position and the group's channels (in f32 for
@@ -33,8 +33,66 @@ impl GroupNorm {
     }
 }
 
+impl GroupNorm {
+    /// `silu(GroupNorm(x))`, as every resnet normalises: one pass on the CPU when nothing is
+    /// tracked.
+    pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        match self.untracked_cpu(x, true)? {
+            Some(y) => Ok(y),
+            None => super::silu(&self.forward(x)?),
+        }
+    }
+
+    /// The CPU kernel's result for an untracked f32 `x` (`None`: not that case).
+    fn untracked_cpu(&self, x: &Tensor, silu: bool) -> Result<Option<Tensor>> {
+        if x.track_op() || !super::cpu_kernel_for(x, &[DType::F32]) {
+            return Ok(None);
+        }
+        let problem = group_norm_cpu::Problem {
+            batch: x.dim(0)?,
+            groups: self.groups,
+            eps: self.eps,
+            silu,
+        };
+        let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
+        let (w, b) = (values(&self.weight)?, values(&self.bias)?);
+        if w.len() != x.dims().last().copied().unwrap_or(0) {
+            candle_core::bail!("group norm over {} channels got {:?}", w.len(), x.dims());
+        }
+        let out = x
+            .contiguous()?
+            .apply_op1_no_bwd(&GroupNormCpu { w, b, problem })?;
+        Ok(Some(out))
+    }
+}
+
+/// [`group_norm_cpu::forward`] as an op (weights copied in: a few hundred values).
+struct GroupNormCpu {
+    w: Vec<f32>,
+    b: Vec<f32>,
+    problem: group_norm_cpu::Problem,
+}
+
+impl candle_core::CustomOp1 for GroupNormCpu {
+    fn name(&self) -> &'static str {
+        "group-norm-cpu"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = x else {
+            candle_core::bail!("group-norm-cpu: f32 expected");
+        };
+        let x = contiguous_slice(data, layout)?;
+        let out = group_norm_cpu::forward(x, &self.w, &self.b, self.problem);
+        Ok((CpuStorage::F32(out), layout.shape().clone()))
+    }
+}
+
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if let Some(y) = self.untracked_cpu(x, false)? {
+            return Ok(y);
+        }
         let dims = x.dims().to_vec();
         let (batch, channels) = (dims[0], dims[dims.len() - 1]);
         if x.track_op() && super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
@@ -181,11 +239,19 @@ impl candle_core::CustomOp3 for GroupNormOp {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let out = match (x, w, b) {
+            // The untracked path's kernel, so that a tracked and an untracked forward (a
+            // policy and its frozen reference) agree to the bit.
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                CpuStorage::F32(self.forward(
+                CpuStorage::F32(group_norm_cpu::forward(
                     contiguous_slice(x, lx)?,
                     contiguous_slice(w, lw)?,
                     contiguous_slice(b, lb)?,
+                    group_norm_cpu::Problem {
+                        batch: self.batch,
+                        groups: self.groups,
+                        eps: self.eps,
+                        silu: false,
+                    },
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {

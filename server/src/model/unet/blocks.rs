@@ -10,7 +10,7 @@ use super::Ctx;
 use super::attention::{Transformer2D, TransformerSpec};
 use super::checkpoint::checkpointed;
 use crate::model::lora::{LoraTarget, LoraWeights};
-use crate::model::nn::{Conv2d, GroupNorm, Linear, silu, upsample_nearest_2x};
+use crate::model::nn::{Conv2d, GroupNorm, Linear, upsample_nearest_2x};
 
 /// `ResnetBlock2D`: two norm-silu-conv stages with the time embedding added between them.
 #[derive(Debug, Clone)]
@@ -74,15 +74,11 @@ impl ResnetBlock {
     }
 
     pub(crate) fn forward_with(&self, x: &Tensor, temb_act: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self
-            .conv1
-            .forward(&self.norm1.forward(x).and_then(|h| silu(&h))?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(proj), Some(temb)) = (&self.time_emb_proj, temb_act) {
             h = h.broadcast_add(&proj.forward(temb)?.unsqueeze(1)?.unsqueeze(1)?)?;
         }
-        let h = self
-            .conv2
-            .forward(&self.norm2.forward(&h).and_then(|h| silu(&h))?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         match &self.shortcut {
             Some(s) => s.forward(x)? + h,
             None => x + h,

@@ -232,7 +232,7 @@ impl UNet2DConditionModel {
             h = block.forward(&h, &temb_act, context, &ctx, &mut skips)?;
         }
         self.conv_out
-            .forward(&self.norm_out.forward(&h).and_then(|h| silu(&h))?)?
+            .forward(&self.norm_out.forward_silu(&h)?)?
             .permute((0, 3, 1, 2))?
             .contiguous()
     }
