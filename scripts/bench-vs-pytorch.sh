@@ -77,13 +77,13 @@ for what, mine, theirs, speedup in rows:
 d = out["sd15_d3po_pair_timestep_64"]
 print(f"| SD-1.5 D3PO step, one pair, CFG, per time index, 64x64 (ours only) | {fmt(d['imagegen_ms'])} | | |")
 print(f"| built-in model, 1 image, 20 steps | {fmt(out['builtin_1img_20steps_ms'])} | | |")
+g = out["sgemm_1024_gflops"]
+print(f"| sgemm 1024^3 (GFLOP/s, higher is better) | {fmt(g['imagegen'])} | {fmt(g['pytorch'])} | |")
 print("\n| peak RSS, MiB | imagegen | PyTorch |")
 print("|---|---|---|")
 lora = out["sd15_lora_fwd_bwd_b2_64"]
 print(f"| SD-1.5 LoRA forward+backward, batch 2, 64x64 | {fmt(lora.get('imagegen_peak_rss_mib'))} | {fmt(lora.get('pytorch_peak_rss_mib'))} |")
 print(f"| SD-1.5 D3PO step, one pair, CFG (4 UNet rows) | {fmt(d['imagegen_peak_rss_mib'])} | (LoRA fwd+bwd b2: {fmt(d['pytorch_lora_fwd_bwd_b2_64_peak_rss_mib'])}) |")
-g = out["sgemm_1024_gflops"]
-print(f"| sgemm 1024^3 (GFLOP/s, higher is better) | {fmt(g['imagegen'])} | {fmt(g['pytorch'])} | |")
 if peer.get("busy_warnings"):
     print(f"\nnote: the PyTorch side saw {peer['busy_warnings']} busy warning(s): rerun on an idle machine")
 print(json.dumps(out))
