@@ -1,7 +1,7 @@
 //! Training benchmark: prints figures, asserts nothing.
 //!
 //! - one D3PO update per pair and per time index, tiny pipeline (20-step chains) and an
-//!   SD-1.5-size UNet (random weights, 32x32 latent; see the note on 64x64 below);
+//!   SD-1.5-size UNet (random weights, 64x64 latent, two time indices) with the peak RSS;
 //! - adapter swap latency (in memory, and persisted to a store);
 //! - serving p50/p99 at concurrency 4 without and with a training round running.
 //!
@@ -231,18 +231,23 @@ fn main() -> anyhow::Result<()> {
         .map(|v| v != "0")
         .unwrap_or(true)
     {
-        // Backward keeps every activation of the 4 rows (2 chains x CFG): at a 64x64 or 32x32
-        // latent that exceeds this machine's 24 GB (the process is killed), so the SD-1.5-size
-        // figure is taken at 16x16 (128 px). BENCH_SD15_SIDE overrides it.
+        // SD-1.5 at the size people use (64x64 latent, 512 px): the training forward
+        // checkpoints every resnet and transformer and the attention recomputes its
+        // probabilities in the backward, so the 4 rows fit in PyTorch's memory for 2.
+        // BENCH_SD15_SIDE picks another latent side.
         let side = std::env::var("BENCH_SD15_SIDE")
             .ok()
             .and_then(|v| v.parse().ok())
-            .unwrap_or(16);
+            .unwrap_or(64);
         update_time(
             &UNetConfig::sd15(),
             side,
             &format!("SD-1.5-size UNet, {side}x{side} latent"),
         )?;
+        println!(
+            "peak RSS of the process so far (weights included): {} MiB",
+            imagegen_server::allocator::peak_rss_mib().map_or("?".into(), |p| format!("{p:.0}"))
+        );
     }
     swap_latency()?;
 
