@@ -39,7 +39,12 @@ pub fn guided_mean(
     // On the CPU, UNet calls of a few rows run faster per row than one large call (the
     // activations stay in cache): 8 images (16 rows) in chunks of 4 rows take 240 ms per image
     // against 286 ms in one call. Mixed-adapter batches run whole.
-    let chunk = max_rows.max(1);
+    let mut chunk = max_rows.max(1);
+    // A checkpointed training forward's peak is one block recomputed over the call's rows:
+    // two rows per call halve it (the rows' graphs are small and kept either way).
+    if mode == Mode::Training && unet.checkpoints(2, x_t.dim(2)?, x_t.dim(3)?) {
+        chunk = chunk.min(2);
+    }
     let out = if matches!(adapters, AdapterBatch::Uniform(_)) && 2 * n > chunk {
         let parts = (0..2 * n)
             .step_by(chunk)

@@ -175,6 +175,14 @@ impl UNet2DConditionModel {
         Tensor::from_vec(data, (timesteps.len(), dim), &self.device)?.to_dtype(self.dtype)
     }
 
+    /// Whether a training forward of `rows` latents of `h x w` recomputes its blocks in the
+    /// backward instead of keeping their intermediates (large latents on the CPU).
+    pub(crate) fn checkpoints(&self, rows: usize, h: usize, w: usize) -> bool {
+        self.device.is_cpu()
+            && self.dtype == DType::F32
+            && checkpoint::wanted(rows * h * w * self.config.block_out_channels[0])
+    }
+
     /// Predicts noise (or v) for `sample` `[B, C, H, W]` at one timestep per item, conditioned on
     /// `context` `[B, S, cross_attention_dim]`, with the adapters `adapters` assigns to the rows.
     /// In [`Mode::Training`] every operation has a backward pass, so gradients reach the LoRA
@@ -207,12 +215,10 @@ impl UNet2DConditionModel {
         // Checkpointing keeps gradients for a block's input and LoRA factors only: never when
         // the base is trained (its time embedding, or the text, is then tracked).
         let checkpoint = mode == Mode::Training
-            && self.device.is_cpu()
-            && self.dtype == DType::F32
             && matches!(adapters, AdapterBatch::Uniform(_))
             && !temb_act.track_op()
             && !context.track_op()
-            && checkpoint::wanted(b * h * w * self.config.block_out_channels[0]);
+            && self.checkpoints(b, h, w);
         let ctx = Ctx {
             mode,
             adapters,
