@@ -460,7 +460,7 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn::{input, max_abs_diff};
+    use crate::model::nn::{input, max_abs, max_abs_diff};
     use candle_core::Var;
 
     /// `[batch, tokens, width]` with values `f(sin(0.37 i) + shift)`.
@@ -539,13 +539,7 @@ mod tests {
             };
             let (fused, reference) = (grads(true), grads(false));
             for (name, (a, b)) in ["q", "k", "v"].iter().zip(fused.iter().zip(&reference)) {
-                let scale = b
-                    .abs()
-                    .unwrap()
-                    .max_all()
-                    .unwrap()
-                    .to_scalar::<f32>()
-                    .unwrap();
+                let scale = max_abs(b);
                 let diff = max_abs_diff(a, b);
                 assert!(
                     diff <= 1e-4 * scale.max(1.0),

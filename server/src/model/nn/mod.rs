@@ -103,6 +103,16 @@ pub(crate) fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .unwrap_or(f32::NAN)
 }
 
+/// Largest absolute value of a tensor: the scale a difference is judged against.
+#[cfg(test)]
+pub(crate) fn max_abs(t: &Tensor) -> f32 {
+    t.abs()
+        .and_then(|a| a.max_all())
+        .and_then(|m| m.to_dtype(DType::F32))
+        .and_then(|m| m.to_scalar::<f32>())
+        .unwrap_or(f32::NAN)
+}
+
 /// A deterministic NCHW test input (`sin(0.37 i)`).
 #[cfg(test)]
 pub(crate) fn input(shape: (usize, usize, usize, usize)) -> Tensor {
