@@ -73,16 +73,24 @@ impl Module for Conv2d {
         let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
         let cols = if k == 1 && s == 1 && p == 0 {
             x.clone()
-        } else if x.track_op() && super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
-            // Training: one gather with a scatter-add backward. The composite below would
-            // differentiate every window's two narrows into zero-padded copies of the input.
-            x.contiguous()?.apply_op1(Im2Col {
+        } else if super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
+            // One gather (with a scatter-add backward when training). The composite below makes
+            // k*k padded window copies and concatenates them (candle's serial `cat`: 6% of a
+            // tiny-UNet forward); differentiated, every window's narrows into zero-padded
+            // copies of the input.
+            let gather = Im2Col {
                 kernel: k,
                 stride: s,
                 padding: p,
                 height: h,
                 width: w,
-            })?
+            };
+            let x = x.contiguous()?;
+            if x.track_op() {
+                x.apply_op1(gather)?
+            } else {
+                x.apply_op1_no_bwd(&gather)?
+            }
         } else {
             // Pad so that every window of s*o rows fits (strided windows are then subsampled).
             let bottom = (k - 1 + s * oh).saturating_sub(h + p);
@@ -136,43 +144,66 @@ impl Im2Col {
         (o(self.height), o(self.width))
     }
 
-    /// Calls `visit(col_offset, input_offset, channels)` for every in-bounds tap of image `b`.
+    /// Calls `visit(col_offset, input_offset)` for every in-bounds tap of image `b`.
     fn for_each_tap(&self, channels: usize, mut visit: impl FnMut(usize, usize)) {
         let (oh, ow) = self.out_size();
-        let (k, s, p) = (self.kernel, self.stride, self.padding);
         for oy in 0..oh {
-            for ox in 0..ow {
-                let row = (oy * ow + ox) * k * k * channels;
-                for ky in 0..k {
-                    let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&y| y < self.height) else {
+            let row = oy * ow * self.kernel * self.kernel * channels;
+            self.for_each_tap_in_row(oy, channels, |col, inp| visit(row + col, inp));
+        }
+    }
+
+    /// [`Self::for_each_tap`] for output row `oy`, column offsets from that row's start.
+    fn for_each_tap_in_row(&self, oy: usize, channels: usize, mut visit: impl FnMut(usize, usize)) {
+        let (_, ow) = self.out_size();
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        for ox in 0..ow {
+            let col = ox * k * k * channels;
+            for ky in 0..k {
+                let Some(iy) = (oy * s + ky).checked_sub(p).filter(|&y| y < self.height) else {
+                    continue;
+                };
+                for kx in 0..k {
+                    let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&x| x < self.width) else {
                         continue;
                     };
-                    for kx in 0..k {
-                        let Some(ix) = (ox * s + kx).checked_sub(p).filter(|&x| x < self.width)
-                        else {
-                            continue;
-                        };
-                        visit(
-                            row + (ky * k + kx) * channels,
-                            (iy * self.width + ix) * channels,
-                        );
-                    }
+                    visit(
+                        col + (ky * k + kx) * channels,
+                        (iy * self.width + ix) * channels,
+                    );
                 }
             }
         }
     }
 
-    fn gather<T: Copy + Default>(&self, x: &[T], batch: usize, channels: usize) -> Vec<T> {
+    /// The columns, output row by output row over candle's pool.
+    fn gather<T: Copy + Default + Send + Sync>(
+        &self,
+        x: &[T],
+        batch: usize,
+        channels: usize,
+    ) -> Vec<T> {
         let (oh, ow) = self.out_size();
-        let per_col = oh * ow * self.kernel * self.kernel * channels;
+        let per_row = ow * self.kernel * self.kernel * channels;
         let per_img = self.height * self.width * channels;
-        let mut out = vec![T::default(); batch * per_col];
-        for b in 0..batch {
-            let (dst, src) = (&mut out[b * per_col..], &x[b * per_img..]);
-            self.for_each_tap(channels, |col, inp| {
-                dst[col..col + channels].copy_from_slice(&src[inp..inp + channels]);
-            });
+        let mut out = vec![T::default(); batch * oh * per_row];
+        if out.is_empty() {
+            return out;
         }
+        let rows: Vec<std::sync::Mutex<&mut [T]>> =
+            out.chunks_mut(per_row).map(std::sync::Mutex::new).collect();
+        candle_core::utils::barrier_pool().execute_chunked(rows.len(), |range| {
+            for t in range {
+                let Ok(mut dst) = rows[t].lock() else {
+                    continue;
+                };
+                let src = &x[(t / oh) * per_img..];
+                self.for_each_tap_in_row(t % oh, channels, |col, inp| {
+                    dst[col..col + channels].copy_from_slice(&src[inp..inp + channels]);
+                });
+            }
+        });
+        drop(rows);
         out
     }
 
