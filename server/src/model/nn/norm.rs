@@ -1,6 +1,8 @@
 //! Normalisation layers: group norm over channels-last activations (a fused kernel with a
 //! closed-form backward) and layer norm over the last dimension.
 
+use std::sync::Arc;
+
 use candle_core::{CpuStorage, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
@@ -15,6 +17,9 @@ pub(crate) struct GroupNorm {
     bias: Tensor,
     groups: usize,
     eps: f64,
+    /// Weight and bias as host f32 for the CPU kernel, read once: frozen weights only (trained
+    /// ones, a variable's, are read at each call).
+    frozen_affine: Option<Arc<(Vec<f32>, Vec<f32>)>>,
 }
 
 impl GroupNorm {
@@ -24,16 +29,24 @@ impl GroupNorm {
         }
         let weight = vb.get_with_hints(channels, "weight", candle_nn::Init::Const(1.0))?;
         let bias = vb.get_with_hints(channels, "bias", candle_nn::Init::Const(0.0))?;
+        Self::from_tensors(weight, bias, groups, eps)
+    }
+
+    fn from_tensors(weight: Tensor, bias: Tensor, groups: usize, eps: f64) -> Result<Self> {
+        let frozen_affine = if weight.device().is_cpu() && !weight.track_op() && !bias.track_op() {
+            Some(Arc::new((host_f32(&weight)?, host_f32(&bias)?)))
+        } else {
+            None
+        };
         Ok(Self {
             weight,
             bias,
             groups,
             eps,
+            frozen_affine,
         })
     }
-}
 
-impl GroupNorm {
     /// `silu(GroupNorm(x))`, as every resnet normalises: one pass on the CPU when nothing is
     /// tracked.
     pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
@@ -54,22 +67,31 @@ impl GroupNorm {
             eps: self.eps,
             silu,
         };
-        let values = |t: &Tensor| t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>();
-        let (w, b) = (values(&self.weight)?, values(&self.bias)?);
-        if w.len() != x.dims().last().copied().unwrap_or(0) {
-            candle_core::bail!("group norm over {} channels got {:?}", w.len(), x.dims());
+        let affine = match &self.frozen_affine {
+            Some(a) => a.clone(),
+            None => Arc::new((host_f32(&self.weight)?, host_f32(&self.bias)?)),
+        };
+        if affine.0.len() != x.dims().last().copied().unwrap_or(0) {
+            candle_core::bail!(
+                "group norm over {} channels got {:?}",
+                affine.0.len(),
+                x.dims()
+            );
         }
         let out = x
             .contiguous()?
-            .apply_op1_no_bwd(&GroupNormCpu { w, b, problem })?;
+            .apply_op1_no_bwd(&GroupNormCpu { affine, problem })?;
         Ok(Some(out))
     }
 }
 
-/// [`group_norm_cpu::forward`] as an op (weights copied in: a few hundred values).
+fn host_f32(t: &Tensor) -> Result<Vec<f32>> {
+    t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()
+}
+
+/// [`group_norm_cpu::forward`] as an op over `(weight, bias)` on the host.
 struct GroupNormCpu {
-    w: Vec<f32>,
-    b: Vec<f32>,
+    affine: Arc<(Vec<f32>, Vec<f32>)>,
     problem: group_norm_cpu::Problem,
 }
 
@@ -83,7 +105,8 @@ impl candle_core::CustomOp1 for GroupNormCpu {
             candle_core::bail!("group-norm-cpu: f32 expected");
         };
         let x = contiguous_slice(data, layout)?;
-        let out = group_norm_cpu::forward(x, &self.w, &self.b, self.problem);
+        let (w, b) = &*self.affine;
+        let out = group_norm_cpu::forward(x, w, b, self.problem);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -398,11 +421,9 @@ mod tests {
         let b = candle_core::Var::from_tensor(&weights["n.bias"].to_dtype(DType::F64).unwrap())
             .unwrap();
         let w = w.as_tensor().clone();
-        let trainable = GroupNorm {
-            weight: w.clone(),
-            bias: b.as_tensor().clone(),
-            ..norm
-        };
+        let trainable =
+            GroupNorm::from_tensors(w.clone(), b.as_tensor().clone(), norm.groups, norm.eps)
+                .unwrap();
         let x = candle_core::Var::from_tensor(
             &(input((3, 4, 5, 6)).to_dtype(DType::F64).unwrap() * 2.0).unwrap(),
         )
@@ -452,9 +473,6 @@ mod tests {
 
     #[test]
     fn group_norm_matches_candle_group_norm_on_nchw() {
-        let seeded = SeededWeights::new(3);
-        let vb = seeded.var_builder(DType::F32, &Device::Cpu);
-        let ours = GroupNorm::new(4, 8, 1e-5, vb.pp("n")).unwrap();
         // Non-trivial affine parameters.
         let w = Tensor::arange(0f32, 8., &Device::Cpu)
             .unwrap()
@@ -464,11 +482,7 @@ mod tests {
             .unwrap()
             .affine(-0.2, 0.3)
             .unwrap();
-        let ours = GroupNorm {
-            weight: w.clone(),
-            bias: b.clone(),
-            ..ours
-        };
+        let ours = GroupNorm::from_tensors(w.clone(), b.clone(), 4, 1e-5).unwrap();
         let reference = candle_nn::GroupNorm::new(w, b, 8, 4, 1e-5).unwrap();
         let x = input((2, 8, 3, 5));
         let want = reference.forward(&x).unwrap();
