@@ -5,6 +5,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use super::conv_cpu::FusedConv;
 use super::{contiguous_slice, frozen_matmul};
 
 /// A 2-D convolution with square kernel over **channels-last** activations `[B, H, W, C]`,
@@ -71,6 +72,26 @@ impl Module for Conv2d {
             candle_core::bail!("{h}x{w} input is smaller than the {k}x{k} kernel");
         }
         let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
+        let out_ch = self.weight_cols.dim(0)?;
+        let geometry = Im2Col {
+            kernel: k,
+            stride: s,
+            padding: p,
+            height: h,
+            width: w,
+        };
+        let fused = FusedConv { geometry };
+        if k > 1
+            && super::cpu_kernel_for(x, &[DType::F32])
+            && [&self.weight_cols, &self.bias]
+                .iter()
+                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            && fused.band_rows(b, c, out_ch).is_some()
+        {
+            return x
+                .contiguous()?
+                .apply_op3(&self.weight_cols, &self.bias, fused);
+        }
         let cols = if k == 1 && s == 1 && p == 0 {
             x.clone()
         } else if super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
@@ -78,13 +99,7 @@ impl Module for Conv2d {
             // k*k padded window copies and concatenates them (candle's serial `cat`: 6% of a
             // tiny-UNet forward); differentiated, every window's narrows into zero-padded
             // copies of the input.
-            let gather = Im2Col {
-                kernel: k,
-                stride: s,
-                padding: p,
-                height: h,
-                width: w,
-            };
+            let gather = geometry;
             let x = x.contiguous()?;
             if x.track_op() {
                 x.apply_op1(gather)?
@@ -117,7 +132,6 @@ impl Module for Conv2d {
                 .collect::<Result<Vec<_>>>()?;
             Tensor::cat(&windows, 3)?
         };
-        let out_ch = self.weight_cols.dim(0)?;
         frozen_matmul(
             &cols.reshape((b * oh * ow, k * k * c))?,
             &self.weight_cols,
@@ -130,16 +144,16 @@ impl Module for Conv2d {
 /// im2col of channels-last `[B, H, W, C]` into `[B, OH, OW, k*k*C]`, columns ordered
 /// `(kh, kw, c)` as [`Conv2d`]'s weights; positions in the zero padding read 0. CPU only.
 #[derive(Debug, Clone, Copy)]
-struct Im2Col {
-    kernel: usize,
-    stride: usize,
-    padding: usize,
-    height: usize,
-    width: usize,
+pub(super) struct Im2Col {
+    pub(super) kernel: usize,
+    pub(super) stride: usize,
+    pub(super) padding: usize,
+    pub(super) height: usize,
+    pub(super) width: usize,
 }
 
 impl Im2Col {
-    fn out_size(&self) -> (usize, usize) {
+    pub(super) fn out_size(&self) -> (usize, usize) {
         let o = |n: usize| (n + 2 * self.padding - self.kernel) / self.stride + 1;
         (o(self.height), o(self.width))
     }
@@ -171,6 +185,40 @@ impl Im2Col {
                         col + (ky * k + kx) * channels,
                         (iy * self.width + ix) * channels,
                     );
+                }
+            }
+        }
+    }
+
+    /// The columns of output rows `rows` of one image `x` (`[H, W, C]`) into `dst`, every entry
+    /// written (zeros for taps in the padding), so `dst` may be reused scratch.
+    pub(super) fn fill_rows(
+        &self,
+        x: &[f32],
+        rows: std::ops::Range<usize>,
+        channels: usize,
+        dst: &mut [f32],
+    ) {
+        let (_, ow) = self.out_size();
+        let (k, s, p) = (self.kernel, self.stride, self.padding);
+        let mut taps = dst.chunks_exact_mut(channels.max(1));
+        for oy in rows {
+            for ox in 0..ow {
+                for ky in 0..k {
+                    let iy = (oy * s + ky).checked_sub(p).filter(|&y| y < self.height);
+                    for kx in 0..k {
+                        let Some(tap) = taps.next() else {
+                            return;
+                        };
+                        let ix = (ox * s + kx).checked_sub(p).filter(|&x| x < self.width);
+                        match iy.zip(ix) {
+                            Some((iy, ix)) => {
+                                let at = (iy * self.width + ix) * channels;
+                                tap.copy_from_slice(&x[at..at + channels]);
+                            }
+                            None => tap.fill(0.0),
+                        }
+                    }
                 }
             }
         }
@@ -262,7 +310,7 @@ impl candle_core::CustomOp1 for Im2Col {
 
 /// The adjoint of [`Im2Col`]: every column entry added back to the input position it read.
 #[derive(Debug, Clone, Copy)]
-struct Col2Im(Im2Col);
+pub(super) struct Col2Im(pub(super) Im2Col);
 
 impl candle_core::CustomOp1 for Col2Im {
     fn name(&self) -> &'static str {

@@ -101,7 +101,11 @@ impl Module for Linear {
 pub(crate) fn frozen_matmul(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     // On the CPU the product differentiates only what is tracked already (`nn::matmul`).
     if weight.track_op() || super::matmul::takes_the_cpu_gemm(x, weight) {
-        let y = super::matmul(x, &weight.t()?)?;
+        let wt = weight.t()?;
+        if let Some(b) = bias.filter(|b| super::matmul::takes_the_cpu_gemm(x, b)) {
+            return super::matmul::matmul_bias(x, &wt, b);
+        }
+        let y = super::matmul(x, &wt)?;
         return match bias {
             // The bias gradient as a product with ones: candle's own (the backward of a
             // broadcast) is a strided reduction over rows, many times slower.

@@ -8,7 +8,7 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use imagegen_gemm::{GemmError, MatRef};
 
 /// `a b` over the last two dimensions, leading (batch) dimensions equal as in candle's matmul;
@@ -19,6 +19,17 @@ pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
         a.apply_op2(b, MatMul)
     } else {
         a.matmul(b)
+    }
+}
+
+/// `a b + bias` (`bias` over the last dimension), differentiable in every tracked operand. On the
+/// CPU the bias goes onto each band of the product as it is computed (a separate pass over the
+/// result ran serially: 4% of a tiny-UNet forward).
+pub(crate) fn matmul_bias(a: &Tensor, b: &Tensor, bias: &Tensor) -> Result<Tensor> {
+    if takes_the_cpu_gemm(a, b) && bias.device().is_cpu() && bias.dtype() == DType::F32 {
+        a.apply_op3(b, bias, MatMulBias)
+    } else {
+        a.matmul(b)?.broadcast_add(bias)
     }
 }
 
@@ -69,6 +80,39 @@ fn gemm_error(e: GemmError) -> candle_core::Error {
     candle_core::Error::Msg(e.to_string())
 }
 
+/// The product of two f32 storages (shapes as candle's matmul), plus `bias` on every row.
+fn product(
+    a: &CpuStorage,
+    la: &Layout,
+    b: &CpuStorage,
+    lb: &Layout,
+    bias: Option<&[f32]>,
+) -> Result<(CpuStorage, Shape)> {
+    let (CpuStorage::F32(a), CpuStorage::F32(b)) = (a, b) else {
+        candle_core::bail!("matmul: f32 operands expected");
+    };
+    let (da, db) = (la.dims(), lb.dims());
+    let r = da.len();
+    if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
+        candle_core::bail!("matmul: shapes {da:?} and {db:?} do not multiply");
+    }
+    let (m, n) = (da[r - 2], db[r - 1]);
+    let batch_dims = &da[..r - 2];
+    let problems: Vec<Problem<'_>> = batch_offsets(la, batch_dims)
+        .into_iter()
+        .zip(batch_offsets(lb, batch_dims))
+        .map(|(oa, ob)| Problem {
+            a: view(a, la, oa),
+            b: view(b, lb, ob),
+        })
+        .collect();
+    let mut out = vec![0f32; problems.len() * m * n];
+    run(&problems, m, n, &mut out, bias)?;
+    let mut shape = da.to_vec();
+    shape[r - 1] = n;
+    Ok((CpuStorage::F32(out), Shape::from(shape)))
+}
+
 impl CustomOp2 for MatMul {
     fn name(&self) -> &'static str {
         "matmul"
@@ -81,29 +125,7 @@ impl CustomOp2 for MatMul {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (CpuStorage::F32(a), CpuStorage::F32(b)) = (a, b) else {
-            candle_core::bail!("matmul: f32 operands expected");
-        };
-        let (da, db) = (la.dims(), lb.dims());
-        let r = da.len();
-        if r < 2 || db.len() != r || da[..r - 2] != db[..r - 2] || da[r - 1] != db[r - 2] {
-            candle_core::bail!("matmul: shapes {da:?} and {db:?} do not multiply");
-        }
-        let (m, n) = (da[r - 2], db[r - 1]);
-        let batch_dims = &da[..r - 2];
-        let problems: Vec<Problem<'_>> = batch_offsets(la, batch_dims)
-            .into_iter()
-            .zip(batch_offsets(lb, batch_dims))
-            .map(|(oa, ob)| Problem {
-                a: view(a, la, oa),
-                b: view(b, lb, ob),
-            })
-            .collect();
-        let mut out = vec![0f32; problems.len() * m * n];
-        run(&problems, m, n, &mut out)?;
-        let mut shape = da.to_vec();
-        shape[r - 1] = n;
-        Ok((CpuStorage::F32(out), Shape::from(shape)))
+        product(a, la, b, lb, None)
     }
 
     /// `da = g b^T`, `db = a^T g`, each only for a tracked operand.
@@ -126,6 +148,51 @@ impl CustomOp2 for MatMul {
     }
 }
 
+#[derive(Debug, Clone, Copy)]
+struct MatMulBias;
+
+impl CustomOp3 for MatMulBias {
+    fn name(&self) -> &'static str {
+        "matmul-bias"
+    }
+
+    fn cpu_fwd(
+        &self,
+        a: &CpuStorage,
+        la: &Layout,
+        b: &CpuStorage,
+        lb: &Layout,
+        bias: &CpuStorage,
+        lbias: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(bias) = bias else {
+            candle_core::bail!("matmul-bias: an f32 bias expected");
+        };
+        product(a, la, b, lb, Some(super::contiguous_slice(bias, lbias)?))
+    }
+
+    /// As [`MatMul`]'s, and `dbias = ones^T g` (one product) when the bias is tracked.
+    fn bwd(
+        &self,
+        a: &Tensor,
+        b: &Tensor,
+        bias: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let (da, db) = MatMul.bwd(a, b, res, grad)?;
+        let dbias = if bias.track_op() {
+            let n = grad.dim(candle_core::D::Minus1)?;
+            let rows = grad.elem_count() / n.max(1);
+            let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
+            Some(matmul(&ones, &grad.contiguous()?.reshape((rows, n))?)?.reshape(bias.shape())?)
+        } else {
+            None
+        };
+        Ok((da, db, dbias))
+    }
+}
+
 /// The threads of candle's pool, the caller included. Read once: candle's `get_num_threads`
 /// parses `/proc/cpuinfo` on every call (5% of a tiny-UNet profile when called per product).
 pub(super) fn pool_threads() -> usize {
@@ -133,16 +200,38 @@ pub(super) fn pool_threads() -> usize {
     *THREADS.get_or_init(|| candle_core::utils::get_num_threads().max(1))
 }
 
-/// Every problem's `m x n` result into its block of `out`, split into about two pieces per pool
-/// thread: whole problems when there are enough, else bands of rows (or of columns, into
-/// scratch, when the result is wide and short, as a bias gradient's `1 x C`).
-fn run(problems: &[Problem<'_>], m: usize, n: usize, out: &mut [f32]) -> Result<()> {
+/// `rows[i] += bias` for every row of `rows` (`bias.len()` columns each).
+pub(super) fn add_bias_rows(rows: &mut [f32], bias: &[f32]) {
+    for row in rows.chunks_exact_mut(bias.len().max(1)) {
+        for (v, b) in row.iter_mut().zip(bias) {
+            *v += *b;
+        }
+    }
+}
+
+/// Every problem's `m x n` result into its block of `out`, plus `bias` (`n` values) on every row
+/// when given, each piece's bias added while its result is still in cache. Split into about two
+/// pieces per pool thread: whole problems when there are enough, else bands of rows (or of
+/// columns, into scratch, when the result is wide and short, as a bias gradient's `1 x C`).
+fn run(
+    problems: &[Problem<'_>],
+    m: usize,
+    n: usize,
+    out: &mut [f32],
+    bias: Option<&[f32]>,
+) -> Result<()> {
+    if bias.is_some_and(|b| b.len() != n) {
+        candle_core::bail!("matmul: a bias of {n} values expected");
+    }
     let k = problems.first().map_or(0, |p| p.a.cols);
     let threads = pool_threads();
     let flops = problems.len() * m * n * k;
     if threads == 1 || flops < PARALLEL_MIN_FLOPS || m * n == 0 {
         for (p, c) in problems.iter().zip(out.chunks_mut((m * n).max(1))) {
             imagegen_gemm::sgemm(p.a, p.b, c, n).map_err(gemm_error)?;
+            if let Some(bias) = bias {
+                add_bias_rows(c, bias);
+            }
         }
         return Ok(());
     }
@@ -171,8 +260,13 @@ fn run(problems: &[Problem<'_>], m: usize, n: usize, out: &mut [f32]) -> Result<
             for t in range {
                 if let Ok(mut task) = tasks[t].lock() {
                     let (a, b, ref mut c) = *task;
-                    if let Err(e) = imagegen_gemm::sgemm(a, b, c, n) {
-                        fail(e);
+                    match imagegen_gemm::sgemm(a, b, c, n) {
+                        Ok(()) => {
+                            if let Some(bias) = bias {
+                                add_bias_rows(c, bias);
+                            }
+                        }
+                        Err(e) => fail(e),
                     }
                 }
             }
@@ -195,9 +289,14 @@ fn run(problems: &[Problem<'_>], m: usize, n: usize, out: &mut [f32]) -> Result<
         candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
             for t in range {
                 if let Ok(mut task) = tasks[t].lock() {
-                    let (_, _, a, b, ref mut c) = *task;
-                    if let Err(e) = imagegen_gemm::sgemm(a, b, c, b.cols) {
-                        fail(e);
+                    let (_, start, a, b, ref mut c) = *task;
+                    match imagegen_gemm::sgemm(a, b, c, b.cols) {
+                        Ok(()) => {
+                            if let Some(bias) = bias {
+                                add_bias_rows(c, &bias[start..start + b.cols]);
+                            }
+                        }
+                        Err(e) => fail(e),
                     }
                 }
             }

@@ -8,6 +8,7 @@
 mod activation;
 mod attention;
 mod conv;
+mod conv_cpu;
 mod group_norm_cpu;
 mod linear;
 mod matmul;
