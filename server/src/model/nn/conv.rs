@@ -6,6 +6,7 @@ use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
 use super::conv_cpu::FusedConv;
+use super::matmul::takes_the_cpu_gemm;
 use super::{contiguous_slice, frozen_matmul};
 
 /// A 2-D convolution with square kernel over **channels-last** activations `[B, H, W, C]`,
@@ -71,8 +72,6 @@ impl Module for Conv2d {
         if h + 2 * p < k || w + 2 * p < k {
             candle_core::bail!("{h}x{w} input is smaller than the {k}x{k} kernel");
         }
-        let (oh, ow) = ((h + 2 * p - k) / s + 1, (w + 2 * p - k) / s + 1);
-        let out_ch = self.weight_cols.dim(0)?;
         let geometry = Im2Col {
             kernel: k,
             stride: s,
@@ -80,12 +79,12 @@ impl Module for Conv2d {
             height: h,
             width: w,
         };
+        let (oh, ow) = geometry.out_size();
+        let out_ch = self.weight_cols.dim(0)?;
         let fused = FusedConv { geometry };
         if k > 1
-            && super::cpu_kernel_for(x, &[DType::F32])
-            && [&self.weight_cols, &self.bias]
-                .iter()
-                .all(|t| t.device().is_cpu() && t.dtype() == DType::F32)
+            && takes_the_cpu_gemm(x, &self.weight_cols)
+            && takes_the_cpu_gemm(x, &self.bias)
             && fused.band_rows(b, c, out_ch).is_some()
         {
             return x

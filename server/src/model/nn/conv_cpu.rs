@@ -15,7 +15,7 @@ use imagegen_gemm::MatRef;
 
 use super::contiguous_slice;
 use super::conv::{Col2Im, Im2Col};
-use super::matmul::{add_bias_rows, pool_threads};
+use super::matmul::{add_bias_rows, column_sums, pool_threads};
 
 /// Most columns one band gathers (16 MiB of f32).
 const MAX_BAND_COLUMNS: usize = 4 << 20;
@@ -197,13 +197,7 @@ impl CustomOp3 for FusedConv {
                 super::matmul(&g.t()?, &cols)
             })
             .transpose()?;
-        let db = bias
-            .track_op()
-            .then(|| {
-                let ones = Tensor::ones((1, pixels), g.dtype(), g.device())?;
-                super::matmul(&ones, &g)?.reshape(out_ch)
-            })
-            .transpose()?;
+        let db = bias.track_op().then(|| column_sums(&g)).transpose()?;
         Ok((dx, dw, db))
     }
 }

@@ -181,16 +181,19 @@ impl CustomOp3 for MatMulBias {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (da, db) = MatMul.bwd(a, b, res, grad)?;
-        let dbias = if bias.track_op() {
-            let n = grad.dim(candle_core::D::Minus1)?;
-            let rows = grad.elem_count() / n.max(1);
-            let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
-            Some(matmul(&ones, &grad.contiguous()?.reshape((rows, n))?)?.reshape(bias.shape())?)
-        } else {
-            None
-        };
+        let dbias = bias.track_op().then(|| column_sums(grad)).transpose()?;
         Ok((da, db, dbias))
     }
+}
+
+/// A bias gradient: the sums over every leading position of `grad`, `[n]` for the last
+/// dimension `n`, as one product `ones^T g` (candle's reduction over rows runs strided, many times
+/// slower).
+pub(super) fn column_sums(grad: &Tensor) -> Result<Tensor> {
+    let n = grad.dim(candle_core::D::Minus1)?;
+    let rows = grad.elem_count() / n.max(1);
+    let ones = Tensor::ones((1, rows), grad.dtype(), grad.device())?;
+    matmul(&ones, &grad.contiguous()?.reshape((rows, n))?)?.reshape(n)
 }
 
 /// The threads of candle's pool, the caller included. Read once: candle's `get_num_threads`
