@@ -9,6 +9,7 @@ use candle_core::cpu_backend::unary_map_vec_par;
 use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
 
 use super::contiguous_slice;
+use super::simd::vectorized;
 
 /// `e^x` for f32, relative error below 3e-7 (about 2 ulp) on [-87, 88] (below: a tiny positive number, not 0; above: the
 /// largest finite power). Range reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, then a degree-6
@@ -20,15 +21,21 @@ pub(crate) fn fast_exp(x: f32) -> f32 {
     // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer with plain arithmetic.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.0, 88.0);
-    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let shifted = x * std::f32::consts::LOG2_E + ROUND;
+    let n = shifted - ROUND;
     let r = (x - n * LN2_HI) - n * LN2_LO;
     let p = 1.0
         + r * (1.0
             + r * (0.5
                 + r * (1.666_666_7e-1 + r * (4.166_662e-2 + r * (8.333_452e-3 + r * 1.388_0e-3)))));
-    // n is integral and in [-126, 127]: its bits shifted into the exponent field give 2^n.
-    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
-    p * scale
+    // n is integral and in [-126, 127], and `shifted`'s bits are ROUND's plus n: n + 127 shifted
+    // into the exponent field gives 2^n. Integer arithmetic on the bits, not `n as i32` (Rust's
+    // saturating float-to-int cast kept the loops around it scalar).
+    let biased = shifted
+        .to_bits()
+        .wrapping_sub(ROUND.to_bits())
+        .wrapping_add(127);
+    p * f32::from_bits(biased << 23)
 }
 
 /// `erf(x)` within 1.5e-7 (Abramowitz and Stegun 7.1.26), branch-free.
@@ -74,9 +81,14 @@ impl<F: Fn(f32) -> f32 + Copy + Send + Sync + 'static> CustomOp1 for Map<F> {
         // candle's parallel element-wise driver (its thread pool, any layout); the inner loop
         // over a chunk is what the compiler vectorises.
         let out = unary_map_vec_par(data, layout, f, |src: &[f32], dst: &mut [f32]| {
-            for (d, &v) in dst.iter_mut().zip(src) {
-                *d = f(v);
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (d, &v) in dst.iter_mut().zip(src) {
+                        *d = f(v);
+                    }
+                },
+            )
         });
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
@@ -168,9 +180,14 @@ impl CustomOp1 for SoftmaxRows {
                     continue;
                 };
                 let src = &x[b * rows_per_block * cols..][..dst.len()];
-                for (row, out) in src.chunks(cols).zip(dst.chunks_mut(cols)) {
-                    softmax_row(row, out);
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for (row, out) in src.chunks(cols).zip(dst.chunks_mut(cols)) {
+                            softmax_row(row, out);
+                        }
+                    },
+                );
             }
         });
         drop(blocks);
@@ -178,12 +195,12 @@ impl CustomOp1 for SoftmaxRows {
     }
 }
 
-/// Eight independent lanes: a reduction the compiler can keep in one vector register (a plain
+/// Sixteen independent lanes: a reduction the compiler can keep in vector registers (a plain
 /// fold is a serial dependency chain it may not reorder).
 #[inline(always)]
-fn reduce8(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
-    let mut lanes = [init; 8];
-    let chunks = xs.chunks_exact(8);
+fn reduce16(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+    let mut lanes = [init; 16];
+    let chunks = xs.chunks_exact(16);
     let tail = chunks.remainder();
     for c in chunks {
         for (l, &v) in lanes.iter_mut().zip(c) {
@@ -200,30 +217,32 @@ fn reduce8(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
 /// `exp(scale (x - max(x)))` over a row in place (`scale > 0`); returns the row's sum, the
 /// softmax's denominator, which the fused attention applies to its `dv` outputs rather than to
 /// the `m` scores. The sum is taken in the same pass as the exponentials, in eight lanes.
+/// Inlined, so that a caller inside [`vectorized`] gets it compiled for the wide vectors.
+#[inline(always)]
 pub(super) fn exp_row_in_place(row: &mut [f32], scale: f32) -> f32 {
-    let max = reduce8(row, f32::NEG_INFINITY, f32::max);
-    let mut lanes = [0f32; 8];
-    let mut chunks = row.chunks_exact_mut(8);
-    for c in &mut chunks {
-        for (l, d) in lanes.iter_mut().zip(c.iter_mut()) {
-            *d = fast_exp((*d - max) * scale);
-            *l += *d;
-        }
-    }
-    let mut sum: f32 = lanes.iter().sum();
-    for d in chunks.into_remainder() {
+    let max = reduce16(row, f32::NEG_INFINITY, max_of);
+    // Three plain passes over a row in L1 (max, exponentials, sum): each is a loop the
+    // compiler vectorises at the full width, where one fused pass kept eight lanes.
+    for d in row.iter_mut() {
         *d = fast_exp((*d - max) * scale);
-        sum += *d;
     }
-    sum
+    reduce16(row, 0.0, |a, b| a + b)
 }
 
+/// The larger of two scores, as one `max` instruction (`f32::max`'s NaN rule costs a compare and
+/// a blend per lane; scores are finite).
+#[inline(always)]
+fn max_of(a: f32, b: f32) -> f32 {
+    if b > a { b } else { a }
+}
+
+#[inline(always)]
 fn softmax_row(row: &[f32], out: &mut [f32]) {
-    let max = reduce8(row, f32::NEG_INFINITY, f32::max);
+    let max = reduce16(row, f32::NEG_INFINITY, max_of);
     for (d, &v) in out.iter_mut().zip(row) {
         *d = fast_exp(v - max);
     }
-    let inv = 1.0 / reduce8(out, 0.0, |a, b| a + b);
+    let inv = 1.0 / reduce16(out, 0.0, |a, b| a + b);
     for d in out.iter_mut() {
         *d *= inv;
     }

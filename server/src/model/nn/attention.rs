@@ -12,6 +12,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use imagegen_gemm::{GemmError, MatRef};
 
+use super::simd::vectorized;
 use super::{Mode, matmul, softmax_last_dim};
 
 /// Multi-head `softmax(scale q k^T) v` in the projections' layout: `q` `[B, N, heads * d]`, `k`
@@ -283,10 +284,13 @@ impl CustomOp3 for FusedAttention {
                         scores.resize(rows * s.m, 0.0);
                         imagegen_gemm::sgemm(qb, transpose(kh), scores, s.m)?;
                         sums.clear();
-                        sums.extend(
-                            scores
-                                .chunks_mut(s.m)
-                                .map(|row| super::activation::exp_row_in_place(row, scale)),
+                        vectorized(
+                            #[inline(always)]
+                            || {
+                                for row in scores.chunks_mut(s.m) {
+                                    sums.push(super::activation::exp_row_in_place(row, scale));
+                                }
+                            },
                         );
                         let oh = &mut o[start * width + h * s.dv..];
                         imagegen_gemm::sgemm(strided(scores, rows, s.m, s.m), vh, oh, width)?;
@@ -400,10 +404,15 @@ fn backward(
                     let qb = head_rows(&qs, row0, rows, wq, h, s.d);
                     let gb = head_rows(&gs, row0, rows, wv, h, s.dv);
                     imagegen_gemm::sgemm(qb, transpose(kh), probs, s.m)?;
-                    for row in probs.chunks_mut(s.m) {
-                        let inv = 1.0 / super::activation::exp_row_in_place(row, scale);
-                        row.iter_mut().for_each(|p| *p *= inv);
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for row in probs.chunks_mut(s.m) {
+                                let inv = 1.0 / super::activation::exp_row_in_place(row, scale);
+                                row.iter_mut().for_each(|p| *p *= inv);
+                            }
+                        },
+                    );
                     let p = strided(probs, rows, s.m, s.m);
                     imagegen_gemm::sgemm_accumulate(
                         transpose(p),
@@ -412,17 +421,22 @@ fn backward(
                         wv,
                     )?;
                     imagegen_gemm::sgemm(gb, transpose(vh), d_scores, s.m)?;
-                    for (i, (ds_row, p_row)) in
-                        d_scores.chunks_mut(s.m).zip(probs.chunks(s.m)).enumerate()
-                    {
-                        let at_row = (row0 + i) * wv + h * s.dv;
-                        let o_row = &os[at_row..at_row + s.dv];
-                        let g_row = &gs[at_row..at_row + s.dv];
-                        let dot: f32 = o_row.iter().zip(g_row).map(|(o, g)| o * g).sum();
-                        for (ds, &p) in ds_row.iter_mut().zip(p_row) {
-                            *ds = scale * p * (*ds - dot);
-                        }
-                    }
+                    vectorized(
+                        #[inline(always)]
+                        || {
+                            for (i, (ds_row, p_row)) in
+                                d_scores.chunks_mut(s.m).zip(probs.chunks(s.m)).enumerate()
+                            {
+                                let at_row = (row0 + i) * wv + h * s.dv;
+                                let o_row = &os[at_row..at_row + s.dv];
+                                let g_row = &gs[at_row..at_row + s.dv];
+                                let dot: f32 = o_row.iter().zip(g_row).map(|(o, g)| o * g).sum();
+                                for (ds, &p) in ds_row.iter_mut().zip(p_row) {
+                                    *ds = scale * p * (*ds - dot);
+                                }
+                            }
+                        },
+                    );
                     let ds = strided(d_scores, rows, s.m, s.m);
                     imagegen_gemm::sgemm(ds, kh, &mut task.dq[start * wq + h * s.d..], wq)?;
                     imagegen_gemm::sgemm_accumulate(

@@ -6,6 +6,8 @@
 
 use std::sync::Mutex;
 
+use super::simd::vectorized;
+
 /// Rows whose per-channel sums stay in f32 before they are folded into the f64 totals.
 const FOLD_ROWS: usize = 64;
 
@@ -50,14 +52,19 @@ pub(super) fn forward(x: &[f32], w: &[f32], b: &[f32], p: Problem) -> Vec<f32> {
             for fold in (first..last).step_by(FOLD_ROWS) {
                 sum.fill(0.0);
                 sq.fill(0.0);
-                for row in x[fold * channels..(fold + FOLD_ROWS).min(last) * channels]
-                    .chunks_exact(channels)
-                {
-                    for ((s, q), &v) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
-                        *s += v;
-                        *q += v * v;
-                    }
-                }
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for row in x[fold * channels..(fold + FOLD_ROWS).min(last) * channels]
+                            .chunks_exact(channels)
+                        {
+                            for ((s, q), &v) in sum.iter_mut().zip(sq.iter_mut()).zip(row) {
+                                *s += v;
+                                *q += v * v;
+                            }
+                        }
+                    },
+                );
                 for (g, total) in totals.iter_mut().enumerate() {
                     let span = g * per_group..(g + 1) * per_group;
                     total.0 += sum[span.clone()].iter().map(|&v| f64::from(v)).sum::<f64>();
@@ -111,19 +118,25 @@ pub(super) fn forward(x: &[f32], w: &[f32], b: &[f32], p: Problem) -> Vec<f32> {
             let start = (item * per_item + (t % blocks_per_item) * block) * channels;
             let (scale, shift) = &affine[item];
             let src = &x[start..start + dst.len()];
-            for (d_row, s_row) in dst
-                .chunks_exact_mut(channels)
-                .zip(src.chunks_exact(channels))
-            {
-                for (((d, &v), &a), &s) in d_row.iter_mut().zip(s_row).zip(scale).zip(shift) {
-                    *d = v * a + s;
-                }
-                if p.silu {
-                    d_row
-                        .iter_mut()
-                        .for_each(|d| *d = super::activation::silu_f32(*d));
-                }
-            }
+            vectorized(
+                #[inline(always)]
+                || {
+                    for (d_row, s_row) in dst
+                        .chunks_exact_mut(channels)
+                        .zip(src.chunks_exact(channels))
+                    {
+                        for (((d, &v), &a), &s) in d_row.iter_mut().zip(s_row).zip(scale).zip(shift)
+                        {
+                            *d = v * a + s;
+                        }
+                        if p.silu {
+                            d_row
+                                .iter_mut()
+                                .for_each(|d| *d = super::activation::silu_f32(*d));
+                        }
+                    }
+                },
+            );
         }
     });
     drop(outputs);

@@ -13,6 +13,7 @@ mod group_norm_cpu;
 mod linear;
 mod matmul;
 mod norm;
+mod simd;
 
 use candle_core::{D, DType, Layout, Result, Tensor};
 
@@ -22,6 +23,7 @@ pub(crate) use conv::{Conv2d, upsample_nearest_2x};
 pub(crate) use linear::{Linear, frozen_matmul};
 pub use matmul::matmul;
 pub(crate) use norm::{GroupNorm, LayerNorm};
+pub use simd::vector_isa;
 
 /// Whether `x` takes the hand-written CPU kernels (fused im2col with a scatter-add backward, group
 /// norm with its own backward, row bias, activations, softmax) or candle's own ops, which are

@@ -1,0 +1,61 @@
+//! Element-wise CPU kernels compiled for the widest vectors the CPU has, chosen at run time.
+//!
+//! The workspace builds for baseline x86-64 (SSE2: four f32 lanes), so that one binary runs on
+//! every x86-64 CPU. The kernels' loops (exponentials, norms, activations) vectorise, but only as
+//! wide as the build allows: the attention's exponentials were 19.5% of a tiny-model profile at
+//! four lanes. [`vectorized`] runs a closure inside a function compiled for AVX-512 or AVX2+FMA
+//! when the CPU has them (`pulp`'s dispatch, which checks the CPU once), so the loops inlined into
+//! it use 16 or 8 lanes. The code and the order of every sum are the same on each path; the
+//! policy and reference forwards of D3PO run on one machine and so on one path (d3po.md's
+//! same-kernel pitfall).
+
+use std::sync::OnceLock;
+
+/// The instruction set the kernels run with on this CPU.
+fn arch() -> pulp::Arch {
+    static ARCH: OnceLock<pulp::Arch> = OnceLock::new();
+    *ARCH.get_or_init(pulp::Arch::new)
+}
+
+/// Runs `f` compiled for the CPU's widest vectors. `f` itself and everything it calls must be
+/// inlined to be compiled with them (`vectorized(#[inline(always)] || ...)`, kernels marked
+/// `#[inline(always)]`, plain loops rather than `map`/`fold` closures): a call that is not
+/// inlined runs baseline code.
+/// Call it once per band of work, not per element (the dispatch is a branch and a call).
+#[inline(always)]
+pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
+    arch().dispatch(f)
+}
+
+/// The widest instruction set the kernels use here: `avx512`, `avx2` or `baseline` (logs, benches).
+pub fn vector_isa() -> &'static str {
+    match arch() {
+        #[cfg(target_arch = "x86_64")]
+        pulp::Arch::V4(_) => "avx512",
+        #[cfg(target_arch = "x86_64")]
+        pulp::Arch::V3(_) => "avx2",
+        _ => "baseline",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same sums on whichever path the CPU takes, to the bit, as the baseline code's.
+    #[test]
+    fn the_dispatched_loop_computes_what_the_plain_loop_does() {
+        let xs: Vec<f32> = (0..1000).map(|i| (i as f32 * 0.37).sin()).collect();
+        let plain = |xs: &[f32]| -> Vec<f32> {
+            xs.iter()
+                .map(|&x| super::super::activation::fast_exp(x) * 2.0 + 1.0)
+                .collect()
+        };
+        let wide = vectorized(
+            #[inline(always)]
+            || plain(&xs),
+        );
+        assert_eq!(wide, plain(&xs));
+        assert!(["avx512", "avx2", "baseline"].contains(&vector_isa()));
+    }
+}
