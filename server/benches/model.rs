@@ -2,6 +2,7 @@
 //!
 //! `cargo bench -p imagegen-server --bench model` runs everything; set `BENCH_SD15=0` to skip the
 //! SD-1.5-size UNet (inference, LoRA training and a D3PO step: several minutes and about 8 GB),
+//! `BENCH_TINY=0` to run only those, `BENCH_SD15_TRAINING=0` to skip their training workloads,
 //! `BENCH_ITERS` to change repetitions. The last line
 //! is one JSON object of medians in ms, keyed as the PyTorch peer's (`../shared/bench/peer`), for
 //! `scripts/bench-vs-pytorch.sh`.
@@ -97,15 +98,20 @@ fn main() -> anyhow::Result<()> {
     let n = iters();
     let mut json = serde_json::Map::new();
     println!(
-        "threads: {}, CPU matrix products: {}",
+        "threads: {}, CPU matrix products: {}, element-wise kernels: {}",
         candle_core::utils::get_num_threads(),
-        imagegen_server::model::nn::cpu_gemm_backend()
+        imagegen_server::model::nn::cpu_gemm_backend(),
+        imagegen_server::model::nn::vector_isa()
     );
     let gflops = sgemm_gflops()?;
     println!("sgemm 1024^3: {gflops:.1} GFLOP/s");
     json.insert(
         "cpu_gemm".into(),
         imagegen_server::model::nn::cpu_gemm_backend().into(),
+    );
+    json.insert(
+        "vector_isa".into(),
+        imagegen_server::model::nn::vector_isa().into(),
     );
     json.insert(
         "threads".into(),
@@ -115,6 +121,49 @@ fn main() -> anyhow::Result<()> {
         "sgemm_1024_gflops".into(),
         serde_json::json!((gflops * 10.0).round() / 10.0),
     );
+    // BENCH_TINY=0: the SD-1.5-size workloads only.
+    if std::env::var("BENCH_TINY").map_or(true, |v| v != "0") {
+        tiny_workloads(&mut json, n)?;
+    }
+
+    if std::env::var("BENCH_SD15")
+        .map(|v| v != "0")
+        .unwrap_or(true)
+    {
+        println!(
+            "\n== UNet forward, SD-1.5 size (random weights, 64x64 latent, 77 tokens), inference =="
+        );
+        let sd = sd15_unet()?;
+        for batch in [1, 2] {
+            let t = unet_forward(&sd, batch, 64, 77, 1);
+            println!("batch {batch}: {}", ms(t));
+            json.insert(format!("sd15_unet_fwd_b{batch}_ms"), millis(t));
+        }
+        drop(sd);
+        println!(
+            "\n== SD-1.5 size, LoRA r4 on to_q/to_k/to_v/to_out.0, training (64x64 latent, 77 tokens; each in a process of its own, peak RSS from its start) =="
+        );
+        // BENCH_SD15_TRAINING=0: the forwards only (the training children take minutes).
+        if std::env::var("BENCH_SD15_TRAINING").map_or(true, |v| v != "0") {
+            for workload in ["lora", "d3po"] {
+                json.extend(sd15_training_in_child(workload)?);
+            }
+        }
+    }
+    json.insert(
+        "peak_rss_mib".into(),
+        imagegen_server::allocator::peak_rss_mib()
+            .map_or(serde_json::Value::Null, serde_json::Value::from),
+    );
+    println!("{}", serde_json::Value::Object(json));
+    Ok(())
+}
+
+/// The tiny UNet's forwards, the tiny and built-in pipelines, recording, and the tiny D3PO step.
+fn tiny_workloads(
+    json: &mut serde_json::Map<String, serde_json::Value>,
+    n: usize,
+) -> anyhow::Result<()> {
     println!("\n== UNet forward, tiny config (32x32 latent, 77 tokens), inference ==");
     let tiny = UNet2DConditionModel::new(
         &UNetConfig::tiny(),
@@ -211,34 +260,6 @@ fn main() -> anyhow::Result<()> {
     let (line, step) = train_step(model.denoiser(), &gen_.trajectories, n)?;
     println!("{line}");
     json.insert("d3po_pair_timestep_ms".into(), millis(step));
-
-    if std::env::var("BENCH_SD15")
-        .map(|v| v != "0")
-        .unwrap_or(true)
-    {
-        println!(
-            "\n== UNet forward, SD-1.5 size (random weights, 64x64 latent, 77 tokens), inference =="
-        );
-        let sd = sd15_unet()?;
-        for batch in [1, 2] {
-            let t = unet_forward(&sd, batch, 64, 77, 1);
-            println!("batch {batch}: {}", ms(t));
-            json.insert(format!("sd15_unet_fwd_b{batch}_ms"), millis(t));
-        }
-        drop(sd);
-        println!(
-            "\n== SD-1.5 size, LoRA r4 on to_q/to_k/to_v/to_out.0, training (64x64 latent, 77 tokens; each in a process of its own, peak RSS from its start) =="
-        );
-        for workload in ["lora", "d3po"] {
-            json.extend(sd15_training_in_child(workload)?);
-        }
-    }
-    json.insert(
-        "peak_rss_mib".into(),
-        imagegen_server::allocator::peak_rss_mib()
-            .map_or(serde_json::Value::Null, serde_json::Value::from),
-    );
-    println!("{}", serde_json::Value::Object(json));
     Ok(())
 }
 

@@ -201,6 +201,7 @@ fn serve(config: ServeConfig) -> anyhow::Result<()> {
     tracing::info!(
         ?config,
         cpu_gemm = imagegen_server::model::nn::cpu_gemm_backend(),
+        cpu_vectors = imagegen_server::model::nn::vector_isa(),
         "starting"
     );
     let model = imagegen_server::server::load_model(&config).context("loading the model")?;

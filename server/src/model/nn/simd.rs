@@ -14,7 +14,25 @@ use std::sync::OnceLock;
 /// The instruction set the kernels run with on this CPU.
 fn arch() -> pulp::Arch {
     static ARCH: OnceLock<pulp::Arch> = OnceLock::new();
-    *ARCH.get_or_init(pulp::Arch::new)
+    *ARCH.get_or_init(|| {
+        capped(
+            pulp::Arch::new(),
+            std::env::var("IMAGEGEN_SIMD").ok().as_deref(),
+        )
+    })
+}
+
+/// `IMAGEGEN_SIMD=avx2` or `baseline` caps the instruction set below what the CPU has, so that
+/// the narrower paths can be measured side by side on a wider CPU; it never widens it.
+fn capped(detected: pulp::Arch, cap: Option<&str>) -> pulp::Arch {
+    match cap {
+        Some("baseline") => pulp::Arch::Scalar,
+        #[cfg(target_arch = "x86_64")]
+        Some("avx2") if matches!(detected, pulp::Arch::V4(_)) => {
+            pulp::x86::V3::try_new().map_or(pulp::Arch::Scalar, pulp::Arch::V3)
+        }
+        _ => detected,
+    }
 }
 
 /// Runs `f` compiled for the CPU's widest vectors. `f` itself and everything it calls must be
@@ -57,5 +75,29 @@ mod tests {
         );
         assert_eq!(wide, plain(&xs));
         assert!(["avx512", "avx2", "baseline"].contains(&vector_isa()));
+    }
+
+    #[test]
+    fn a_cap_narrows_and_never_widens() {
+        let detected = pulp::Arch::new();
+        assert!(matches!(
+            capped(detected, Some("baseline")),
+            pulp::Arch::Scalar
+        ));
+        assert!(matches!(
+            capped(pulp::Arch::Scalar, Some("avx2")),
+            pulp::Arch::Scalar
+        ));
+        #[cfg(target_arch = "x86_64")]
+        if let pulp::Arch::V4(_) = detected {
+            assert!(matches!(capped(detected, Some("avx2")), pulp::Arch::V3(_)));
+        }
+        #[cfg(target_arch = "x86_64")]
+        assert!(matches!(
+            (capped(detected, None), detected),
+            (pulp::Arch::Scalar, pulp::Arch::Scalar)
+                | (pulp::Arch::V3(_), pulp::Arch::V3(_))
+                | (pulp::Arch::V4(_), pulp::Arch::V4(_))
+        ));
     }
 }
