@@ -11,6 +11,10 @@
 #   BENCH_PEER_ONLY=tiny,d3po,sd15,sd15train   peer benchmarks (default: all; sd15train needs ~9 GB)
 #   BENCH_SD15=0                              skip the SD-1.5-size workloads on both sides
 #   PEER_DIR=dir                              the peer (default ../shared/bench/peer)
+# An AVX2-only CPU's code paths on an AVX-512 machine, both sides capped in one run (ours: the
+# element-wise kernels and OpenBLAS; PyTorch: ATen, MKL and oneDNN):
+#   IMAGEGEN_SIMD=avx2 OPENBLAS_CORETYPE=Haswell ATEN_CPU_CAPABILITY=avx2 \
+#   MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 scripts/bench-vs-pytorch.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PEER_DIR="${PEER_DIR:-../shared/bench/peer}"
@@ -69,7 +73,8 @@ out["sgemm_1024_gflops"] = {"imagegen": ours.get("sgemm_1024_gflops"), "pytorch"
 out["pytorch_busy_warnings"] = peer.get("busy_warnings")
 
 fmt = lambda v: "-" if v is None else f"{v:,.1f}"
-print(f"\nCPU: {out['cpu']}; {ours.get('threads', '?')} threads (imagegen), {peer.get('threads', '?')} (PyTorch {peer.get('torch', '?')}, {peer.get('cpu_capability', '?')})\n")
+out["imagegen_kernels"] = {"cpu_gemm": ours.get("cpu_gemm"), "vector_isa": ours.get("vector_isa")}
+print(f"\nCPU: {out['cpu']}; {ours.get('threads', '?')} threads (imagegen: {ours.get('cpu_gemm', '?')} products, {ours.get('vector_isa', '?')} element-wise kernels), {peer.get('threads', '?')} (PyTorch {peer.get('torch', '?')}, {peer.get('cpu_capability', '?')})\n")
 print("| workload | imagegen ms | PyTorch ms | speedup (PyTorch / imagegen) |")
 print("|---|---|---|---|")
 for what, mine, theirs, speedup in rows:
