@@ -5,8 +5,11 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
+use std::sync::{Arc, OnceLock};
+
 use super::conv_cpu::FusedConv;
 use super::matmul::takes_the_cpu_gemm;
+use super::winograd::{MAX_CHANNEL_PAIRS, MIN_CHANNELS, WinogradConv, WinogradWeights};
 use super::{contiguous_slice, frozen_matmul};
 
 /// A 2-D convolution with square kernel over **channels-last** activations `[B, H, W, C]`,
@@ -25,6 +28,9 @@ pub(crate) struct Conv2d {
     kernel: usize,
     padding: usize,
     stride: usize,
+    /// The weights transformed for Winograd's 3x3 algorithm, made on the first call that takes it
+    /// and shared by the layer's clones (the weights are constants whenever it is taken).
+    winograd: Arc<OnceLock<Arc<WinogradWeights>>>,
 }
 
 impl Conv2d {
@@ -60,9 +66,41 @@ impl Conv2d {
             kernel,
             padding,
             stride,
+            winograd: Arc::default(),
         })
     }
+
+    /// The Winograd op for `x` (`[b, h, w, c]`) when this layer takes it: 3x3, stride 1,
+    /// padding 1, constant f32 weights on the CPU, channel counts in the range where it pays,
+    /// and enough tiles to keep the pool busy. A choice made from the layer and the shape only,
+    /// so every forward of one shape (D3PO's policy and reference among them) runs one kernel.
+    fn winograd_for(&self, x: &Tensor, (b, h, w, c): Dims4) -> Result<Option<WinogradConv>> {
+        let out_ch = self.weight_cols.dim(0)?;
+        let takes = (self.kernel, self.stride, self.padding) == (3, 1, 1)
+            && super::winograd::enabled()
+            && c.min(out_ch) >= MIN_CHANNELS
+            && c * out_ch <= MAX_CHANNEL_PAIRS
+            && takes_the_cpu_gemm(x, &self.weight_cols)
+            && takes_the_cpu_gemm(x, &self.bias)
+            && !self.weight_cols.track_op()
+            && !self.bias.track_op()
+            && WinogradConv::worth_it(b, h, w);
+        if !takes {
+            return Ok(None);
+        }
+        let weights = match self.winograd.get() {
+            Some(weights) => weights.clone(),
+            None => {
+                let cols: Vec<f32> = self.weight_cols.flatten_all()?.to_vec1()?;
+                let made = Arc::new(WinogradWeights::new(&cols, c, out_ch));
+                self.winograd.get_or_init(|| made).clone()
+            }
+        };
+        Ok(Some(WinogradConv { weights }))
+    }
 }
+
+type Dims4 = (usize, usize, usize, usize);
 
 impl Module for Conv2d {
     /// `[B, H, W, in] -> [B, H', W', out]`.
@@ -79,6 +117,9 @@ impl Module for Conv2d {
             height: h,
             width: w,
         };
+        if let Some(op) = self.winograd_for(x, (b, h, w, c))? {
+            return x.contiguous()?.apply_op3(&self.weight_cols, &self.bias, op);
+        }
         let (oh, ow) = geometry.out_size();
         let out_ch = self.weight_cols.dim(0)?;
         let fused = FusedConv { geometry };

@@ -14,6 +14,7 @@ mod linear;
 mod matmul;
 mod norm;
 mod simd;
+mod winograd;
 
 use candle_core::{D, DType, Layout, Result, Tensor};
 
