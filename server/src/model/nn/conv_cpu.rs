@@ -11,7 +11,7 @@ use std::cell::RefCell;
 use std::sync::Mutex;
 
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
-use imagegen_gemm::MatRef;
+use imagegen_gemm::{GemmError, MatRef};
 
 use super::contiguous_slice;
 use super::conv::{Col2Im, Im2Col};
@@ -150,20 +150,12 @@ impl CustomOp3 for FusedConv {
                 });
                 match result {
                     Ok(()) => add_bias_rows(&mut dst[..], bias),
-                    Err(e) => {
-                        if let Ok(mut slot) = error.lock() {
-                            slot.get_or_insert(e);
-                        }
-                    }
+                    Err(e) => record_first(&error, e),
                 }
             }
         });
         drop(bands);
-        match error.into_inner() {
-            Ok(None) => Ok((CpuStorage::F32(out), Shape::from((b, oh, ow, out_ch)))),
-            Ok(Some(e)) => Err(candle_core::Error::Msg(e.to_string())),
-            Err(_) => candle_core::bail!("conv2d: a worker panicked"),
-        }
+        output_or_first_error(error, out, Shape::from((b, oh, ow, out_ch)))
     }
 
     /// `dx = col2im(g W)`, `dW = g^T im2col(x)`, `db = ones^T g`, each only when tracked.
@@ -199,6 +191,26 @@ impl CustomOp3 for FusedConv {
             .transpose()?;
         let db = bias.track_op().then(|| column_sums(&g)).transpose()?;
         Ok((dx, dw, db))
+    }
+}
+
+/// Keeps the first error a band met (the others are its consequences or alike).
+pub(super) fn record_first(error: &Mutex<Option<GemmError>>, e: GemmError) {
+    if let Ok(mut slot) = error.lock() {
+        slot.get_or_insert(e);
+    }
+}
+
+/// How a banded convolution ends: its output, or the first error a band met.
+pub(super) fn output_or_first_error(
+    error: Mutex<Option<GemmError>>,
+    out: Vec<f32>,
+    shape: Shape,
+) -> Result<(CpuStorage, Shape)> {
+    match error.into_inner() {
+        Ok(None) => Ok((CpuStorage::F32(out), shape)),
+        Ok(Some(e)) => Err(candle_core::Error::Msg(e.to_string())),
+        Err(_) => candle_core::bail!("conv2d: a worker panicked"),
     }
 }
 

@@ -21,7 +21,7 @@ use imagegen_gemm::MatRef;
 
 use super::contiguous_slice;
 use super::conv::Im2Col;
-use super::conv_cpu::FusedConv;
+use super::conv_cpu::{FusedConv, output_or_first_error, record_first};
 use super::simd::vectorized;
 
 /// Fewest input and output channels for which the transform pays.
@@ -198,19 +198,13 @@ impl CustomOp3 for WinogradConv {
                     );
                     Ok::<(), imagegen_gemm::GemmError>(())
                 });
-                if let Err(e) = result
-                    && let Ok(mut slot) = error.lock()
-                {
-                    slot.get_or_insert(e);
+                if let Err(e) = result {
+                    record_first(&error, e);
                 }
             }
         });
         drop(bands);
-        match error.into_inner() {
-            Ok(None) => Ok((CpuStorage::F32(out), Shape::from((b, h, w, k)))),
-            Ok(Some(e)) => Err(candle_core::Error::Msg(e.to_string())),
-            Err(_) => candle_core::bail!("conv2d: a worker panicked"),
-        }
+        output_or_first_error(error, out, Shape::from((b, h, w, k)))
     }
 
     /// The convolution's exact gradient, as after an im2col forward.
