@@ -216,8 +216,8 @@ fn reduce16(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
 
 /// `exp(scale (x - max(x)))` over a row in place (`scale > 0`); returns the row's sum, the
 /// softmax's denominator, which the fused attention applies to its `dv` outputs rather than to
-/// the `m` scores. The sum is taken in the same pass as the exponentials, in eight lanes.
-/// Inlined, so that a caller inside [`vectorized`] gets it compiled for the wide vectors.
+/// the `m` scores. Inlined, so that a caller inside [`vectorized`] gets it compiled for the
+/// wide vectors.
 #[inline(always)]
 pub(super) fn exp_row_in_place(row: &mut [f32], scale: f32) -> f32 {
     let max = reduce16(row, f32::NEG_INFINITY, max_of);

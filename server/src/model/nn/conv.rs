@@ -1,11 +1,11 @@
 //! Channels-last 2-D convolution as im2col + one gemm (gather with a scatter-add backward for
 //! training), and nearest-neighbour upsampling.
 
+use std::sync::{Arc, OnceLock};
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
-
-use std::sync::{Arc, OnceLock};
 
 use super::conv_cpu::FusedConv;
 use super::matmul::takes_the_cpu_gemm;
@@ -70,11 +70,12 @@ impl Conv2d {
         })
     }
 
-    /// The Winograd op for `x` (`[b, h, w, c]`) when this layer takes it: 3x3, stride 1,
+    /// The Winograd op for `x` (`[B, H, W, C]`) when this layer takes it: 3x3, stride 1,
     /// padding 1, constant f32 weights on the CPU, channel counts in the range where it pays,
     /// and enough tiles to keep the pool busy. A choice made from the layer and the shape only,
     /// so every forward of one shape (D3PO's policy and reference among them) runs one kernel.
-    fn winograd_for(&self, x: &Tensor, (b, h, w, c): Dims4) -> Result<Option<WinogradConv>> {
+    fn winograd_for(&self, x: &Tensor) -> Result<Option<WinogradConv>> {
+        let (b, h, w, c) = x.dims4()?;
         let out_ch = self.weight_cols.dim(0)?;
         let takes = (self.kernel, self.stride, self.padding) == (3, 1, 1)
             && super::winograd::enabled()
@@ -100,8 +101,6 @@ impl Conv2d {
     }
 }
 
-type Dims4 = (usize, usize, usize, usize);
-
 impl Module for Conv2d {
     /// `[B, H, W, in] -> [B, H', W', out]`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -117,7 +116,7 @@ impl Module for Conv2d {
             height: h,
             width: w,
         };
-        if let Some(op) = self.winograd_for(x, (b, h, w, c))? {
+        if let Some(op) = self.winograd_for(x)? {
             return x.contiguous()?.apply_op3(&self.weight_cols, &self.bias, op);
         }
         let (oh, ow) = geometry.out_size();

@@ -239,7 +239,8 @@ struct Tiles {
 }
 
 /// `out = x + y` (`sign` 1) or `x - y` (`sign` -1), element-wise over equal lengths: every step
-/// of both transforms is one of these (or [`sum3`]), a loop the compiler vectorises.
+/// of both transforms is one of these (or [`sum3`], [`sum3_bias`]), a loop the compiler
+/// vectorises.
 #[inline(always)]
 fn sum2(out: &mut [f32], x: &[f32], y: &[f32], sign: f32) {
     for ((o, &a), &b) in out.iter_mut().zip(x).zip(y) {
@@ -247,10 +248,18 @@ fn sum2(out: &mut [f32], x: &[f32], y: &[f32], sign: f32) {
     }
 }
 
-/// `out = x + sy * y + sz * z + add` element-wise (`add` a slice of the same length).
+/// `out = x + sy * y + sz * z` element-wise.
 #[inline(always)]
-fn sum3(out: &mut [f32], x: &[f32], y: &[f32], z: &[f32], (sy, sz): (f32, f32), add: &[f32]) {
-    for ((((o, &a), &b), &c), &d) in out.iter_mut().zip(x).zip(y).zip(z).zip(add) {
+fn sum3(out: &mut [f32], x: &[f32], y: &[f32], z: &[f32], (sy, sz): (f32, f32)) {
+    for (((o, &a), &b), &c) in out.iter_mut().zip(x).zip(y).zip(z) {
+        *o = a + sy * b + sz * c;
+    }
+}
+
+/// [`sum3`] plus `bias` (a slice of the same length): the output transform's last step.
+#[inline(always)]
+fn sum3_bias(out: &mut [f32], x: &[f32], y: &[f32], z: &[f32], (sy, sz): (f32, f32), bias: &[f32]) {
+    for ((((o, &a), &b), &c), &d) in out.iter_mut().zip(x).zip(y).zip(z).zip(bias) {
         *o = a + sy * b + sz * c + d;
     }
 }
@@ -304,7 +313,6 @@ impl Tiles {
         // A^T's rows as (first, second, third, signs of the second and third): m0+m1+m2, m1-m2-m3.
         const AT: [(usize, usize, usize, (f32, f32)); 2] =
             [(0, 1, 2, (1.0, 1.0)), (1, 2, 3, (-1.0, -1.0))];
-        let zeros = vec![0f32; k];
         let mut s = vec![0f32; 8 * k];
         for t in 0..tiles {
             let (ty, tx) = (t / self.tiles_x, t % self.tiles_x);
@@ -312,14 +320,7 @@ impl Tiles {
             // Rows: s[dy][b] = (A^T M)[dy][b].
             for (idx, out) in s.chunks_exact_mut(k).enumerate() {
                 let ((p, q, r, signs), b) = (AT[idx / 4], idx % 4);
-                sum3(
-                    out,
-                    tap(p * 4 + b),
-                    tap(q * 4 + b),
-                    tap(r * 4 + b),
-                    signs,
-                    &zeros,
-                );
+                sum3(out, tap(p * 4 + b), tap(q * 4 + b), tap(r * 4 + b), signs);
             }
             // Columns, plus the bias, into the output pixels that exist.
             for dy in 0..2 {
@@ -332,7 +333,7 @@ impl Tiles {
                     }
                     let row = |b: usize| &s[(dy * 4 + b) * k..][..k];
                     let at = ((2 * ty + dy) * self.w + 2 * tx + dx) * k;
-                    sum3(&mut dst[at..at + k], row(p), row(q), row(r), signs, bias);
+                    sum3_bias(&mut dst[at..at + k], row(p), row(q), row(r), signs, bias);
                 }
             }
         }
