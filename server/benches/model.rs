@@ -2,7 +2,8 @@
 //!
 //! `cargo bench -p imagegen-server --bench model` runs everything; set `BENCH_SD15=0` to skip the
 //! SD-1.5-size UNet (inference, LoRA training and a D3PO step: several minutes and about 8 GB),
-//! `BENCH_TINY=0` to run only those, `BENCH_SD15_TRAINING=0` to skip their training workloads,
+//! `BENCH_TINY=0` to run only those (`BENCH_TINY=d3po`: of the tiny ones only the D3PO step, for
+//! profiling), `BENCH_SD15_TRAINING=0` to skip their training workloads,
 //! `BENCH_ITERS` to change repetitions. The last line
 //! is one JSON object of medians in ms, keyed as the PyTorch peer's (`../shared/bench/peer`), for
 //! `scripts/bench-vs-pytorch.sh`.
@@ -164,6 +165,46 @@ fn tiny_workloads(
     json: &mut serde_json::Map<String, serde_json::Value>,
     n: usize,
 ) -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    write_tiny_model(dir.path(), 0)?;
+    let model = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
+    if std::env::var("BENCH_TINY").map_or(true, |v| v != "d3po") {
+        tiny_inference_workloads(json, &model, n)?;
+    }
+    println!(
+        "\n== D3PO LoRA training step, tiny: one pair (2 images x CFG), policy fwd+bwd + reference fwd =="
+    );
+    let req = SampleRequest {
+        num_images: 2,
+        seed: 5,
+        steps: 20,
+        guidance_scale: 5.0,
+        eta: 1.0,
+        width: 64,
+        height: 64,
+        shared_noise: false,
+    };
+    let cond = model.conditioning("a small red circle on a blue background", "")?;
+    let gen_ = model
+        .generate(
+            std::slice::from_ref(&req),
+            std::slice::from_ref(&cond),
+            AdapterChoice::default(),
+            &mut |_, _| true,
+        )?
+        .remove(0);
+    let (line, step) = train_step(model.denoiser(), &gen_.trajectories, n)?;
+    println!("{line}");
+    json.insert("d3po_pair_timestep_ms".into(), millis(step));
+    Ok(())
+}
+
+/// The tiny UNet's forwards, the tiny and built-in pipelines, and recording.
+fn tiny_inference_workloads(
+    json: &mut serde_json::Map<String, serde_json::Value>,
+    model: &DiffusionModel,
+    n: usize,
+) -> anyhow::Result<()> {
     println!("\n== UNet forward, tiny config (32x32 latent, 77 tokens), inference ==");
     let tiny = UNet2DConditionModel::new(
         &UNetConfig::tiny(),
@@ -178,11 +219,8 @@ fn tiny_workloads(
     println!(
         "\n== 20-step generation, tiny pipeline, CFG 5, eta 1, 64x64 px (recording on, prompt encoding included) =="
     );
-    let dir = tempfile::tempdir()?;
-    write_tiny_model(dir.path(), 0)?;
-    let model = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
     for images in [1, 4] {
-        let t = time_generation(&model, images, n, 5.0);
+        let t = time_generation(model, images, n, 5.0);
         println!("{images} image(s): {}", ms(t));
         json.insert(format!("tiny_pipe_{images}img_20steps_ms"), millis(t));
     }
@@ -235,31 +273,6 @@ fn tiny_workloads(
         ms(record)
     );
 
-    println!(
-        "\n== D3PO LoRA training step, tiny: one pair (2 images x CFG), policy fwd+bwd + reference fwd =="
-    );
-    let req = SampleRequest {
-        num_images: 2,
-        seed: 5,
-        steps: 20,
-        guidance_scale: 5.0,
-        eta: 1.0,
-        width: 64,
-        height: 64,
-        shared_noise: false,
-    };
-    let cond = model.conditioning("a small red circle on a blue background", "")?;
-    let gen_ = model
-        .generate(
-            std::slice::from_ref(&req),
-            std::slice::from_ref(&cond),
-            AdapterChoice::default(),
-            &mut |_, _| true,
-        )?
-        .remove(0);
-    let (line, step) = train_step(model.denoiser(), &gen_.trajectories, n)?;
-    println!("{line}");
-    json.insert("d3po_pair_timestep_ms".into(), millis(step));
     Ok(())
 }
 

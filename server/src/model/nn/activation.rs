@@ -54,6 +54,13 @@ pub(super) fn silu_f32(x: f32) -> f32 {
     x / (1.0 + fast_exp(-x))
 }
 
+/// `dy * silu'(x)`, `silu'(x) = s (1 + x (1 - s))` with `s = sigmoid(x)`.
+#[inline(always)]
+pub(super) fn silu_grad_f32(x: f32, dy: f32) -> f32 {
+    let s = 1.0 / (1.0 + fast_exp(-x));
+    dy * s * (1.0 + x * (1.0 - s))
+}
+
 #[inline(always)]
 fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))

@@ -50,10 +50,35 @@ impl GroupNorm {
     /// `silu(GroupNorm(x))`, as every resnet normalises: one pass on the CPU when nothing is
     /// tracked.
     pub(crate) fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        match self.untracked_cpu(x, true)? {
-            Some(y) => Ok(y),
-            None => super::silu(&self.forward(x)?),
+        if let Some(y) = self.untracked_cpu(x, true)? {
+            return Ok(y);
         }
+        if x.track_op() && super::cpu_kernel_for(x, &[DType::F32]) {
+            return self.tracked_kernel(x, true);
+        }
+        super::silu(&self.forward(x)?)
+    }
+
+    /// Training: one kernel with a hand-written backward (f32 with SiLU, f32 or f64 without).
+    /// The composite in [`Module::forward`] is differentiated by candle as a dozen broadcasts
+    /// whose backward reductions over positions dominated a pretraining step.
+    fn tracked_kernel(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
+        let dims = x.dims().to_vec();
+        let (batch, channels) = (dims[0], dims[dims.len() - 1]);
+        let rows = x.elem_count() / channels;
+        x.contiguous()?
+            .reshape((rows, channels))?
+            .apply_op3(
+                &self.weight.to_dtype(x.dtype())?,
+                &self.bias.to_dtype(x.dtype())?,
+                GroupNormOp {
+                    batch,
+                    groups: self.groups,
+                    eps: self.eps,
+                    silu,
+                },
+            )?
+            .reshape(dims.as_slice())
     }
 
     /// The CPU kernel's result for an untracked f32 `x` (`None`: not that case).
@@ -116,27 +141,11 @@ impl Module for GroupNorm {
         if let Some(y) = self.untracked_cpu(x, false)? {
             return Ok(y);
         }
+        if x.track_op() && super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
+            return self.tracked_kernel(x, false);
+        }
         let dims = x.dims().to_vec();
         let (batch, channels) = (dims[0], dims[dims.len() - 1]);
-        if x.track_op() && super::cpu_kernel_for(x, &[DType::F32, DType::F64]) {
-            // Training: one kernel with a hand-written backward. The composite below is
-            // differentiated by candle as a dozen broadcasts whose backward reductions over
-            // positions dominated a pretraining step.
-            let rows = x.elem_count() / channels;
-            return x
-                .contiguous()?
-                .reshape((rows, channels))?
-                .apply_op3(
-                    &self.weight.to_dtype(x.dtype())?,
-                    &self.bias.to_dtype(x.dtype())?,
-                    GroupNormOp {
-                        batch,
-                        groups: self.groups,
-                        eps: self.eps,
-                    },
-                )?
-                .reshape(dims.as_slice());
-        }
         let dtype = x.dtype();
         let per_group = channels / self.groups;
         let positions = x.elem_count() / (batch * channels);
@@ -157,12 +166,32 @@ impl Module for GroupNorm {
     }
 }
 
-/// Group norm with affine over `[rows, C]` (rows = batch x positions), CPU, f32/f64.
+/// Group norm with affine over `[rows, C]` (rows = batch x positions), CPU, f32/f64; then
+/// SiLU when `silu` (f32 only).
 #[derive(Debug, Clone, Copy)]
 struct GroupNormOp {
     batch: usize,
     groups: usize,
     eps: f64,
+    silu: bool,
+}
+
+impl GroupNormOp {
+    fn problem(&self) -> group_norm_cpu::Problem {
+        group_norm_cpu::Problem {
+            batch: self.batch,
+            groups: self.groups,
+            eps: self.eps,
+            silu: self.silu,
+        }
+    }
+
+    fn no_silu(&self) -> Result<()> {
+        if self.silu {
+            candle_core::bail!("group-norm: the fused SiLU is f32-only");
+        }
+        Ok(())
+    }
 }
 
 impl GroupNormOp {
@@ -269,15 +298,11 @@ impl candle_core::CustomOp3 for GroupNormOp {
                     contiguous_slice(x, lx)?,
                     contiguous_slice(w, lw)?,
                     contiguous_slice(b, lb)?,
-                    group_norm_cpu::Problem {
-                        batch: self.batch,
-                        groups: self.groups,
-                        eps: self.eps,
-                        silu: false,
-                    },
+                    self.problem(),
                 ))
             }
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                self.no_silu()?;
                 CpuStorage::F64(self.forward(
                     contiguous_slice(x, lx)?,
                     contiguous_slice(w, lw)?,
@@ -293,21 +318,31 @@ impl candle_core::CustomOp3 for GroupNormOp {
         &self,
         x: &Tensor,
         w: &Tensor,
-        _b: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (n, c) = (x.elem_count(), w.elem_count());
-        let packed = x.apply_op3_no_bwd(w, &grad.contiguous()?, &GroupNormBackward(*self))?;
+        // Weight and bias in one argument: the SiLU's derivative needs the bias too.
+        let affine = Tensor::cat(&[w, b], 0)?;
+        let packed = x.apply_op3_no_bwd(&affine, &grad.contiguous()?, &GroupNormBackward(*self))?;
+        // Frozen weights (the UNet's, under LoRA) need no gradient: none is handed to candle.
+        let weight_grad = |t: &Tensor, at: usize| -> Result<Option<Tensor>> {
+            Ok(if t.track_op() {
+                Some(packed.narrow(0, at, c)?)
+            } else {
+                None
+            })
+        };
         Ok((
             Some(packed.narrow(0, 0, n)?.reshape(x.shape())?),
-            Some(packed.narrow(0, n, c)?),
-            Some(packed.narrow(0, n + c, c)?),
+            weight_grad(w, n)?,
+            weight_grad(b, n + c)?,
         ))
     }
 }
 
-/// The backward of [`GroupNormOp`] as a kernel over `(x, weight, dy)`.
+/// The backward of [`GroupNormOp`] as a kernel over `(x, [weight; bias], dy)`.
 #[derive(Debug, Clone, Copy)]
 struct GroupNormBackward(GroupNormOp);
 
@@ -325,18 +360,23 @@ impl candle_core::CustomOp3 for GroupNormBackward {
         dy: &CpuStorage,
         ldy: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
+        let channels = lw.shape().elem_count() / 2;
         let out = match (x, w, dy) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(dy)) => {
-                CpuStorage::F32(self.0.backward(
+            (CpuStorage::F32(x), CpuStorage::F32(wb), CpuStorage::F32(dy)) => {
+                let (w, b) = contiguous_slice(wb, lw)?.split_at(channels);
+                CpuStorage::F32(group_norm_cpu::backward(
                     contiguous_slice(x, lx)?,
-                    contiguous_slice(w, lw)?,
+                    w,
+                    b,
                     contiguous_slice(dy, ldy)?,
+                    self.0.problem(),
                 ))
             }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(dy)) => {
+            (CpuStorage::F64(x), CpuStorage::F64(wb), CpuStorage::F64(dy)) => {
+                self.0.no_silu()?;
                 CpuStorage::F64(self.0.backward(
                     contiguous_slice(x, lx)?,
-                    contiguous_slice(w, lw)?,
+                    &contiguous_slice(wb, lw)?[..channels],
                     contiguous_slice(dy, ldy)?,
                 ))
             }
@@ -344,7 +384,7 @@ impl candle_core::CustomOp3 for GroupNormBackward {
                 candle_core::bail!("group-norm backward: f32 or f64 tensors of one dtype expected")
             }
         };
-        let len = lx.shape().elem_count() + 2 * lw.shape().elem_count();
+        let len = lx.shape().elem_count() + 2 * channels;
         Ok((out, Shape::from(len)))
     }
 }
@@ -468,6 +508,63 @@ mod tests {
         };
         for (a, c) in grads(&kernel).iter().zip(grads(&composite).iter()) {
             assert!(max_abs_diff(a, c) < 1e-9, "{}", max_abs_diff(a, c));
+        }
+    }
+
+    /// The f32 kernel's values and gradients (input, weight, bias), with and without the fused
+    /// SiLU, against the f64 path (checked against the composite above), over several blocks and
+    /// folds of rows per item.
+    #[test]
+    fn f32_group_norm_kernel_and_its_backward_match_f64() {
+        for (batch, h, w_, silu) in [(2, 15, 20, true), (3, 7, 11, false), (1, 40, 40, true)] {
+            let x64 = (input((batch, h, w_, 12)).to_dtype(DType::F64).unwrap() * 3.0)
+                .and_then(|t| t + 0.5)
+                .unwrap();
+            let r64 = x64.cos().unwrap();
+            let weight = input((1, 1, 1, 12))
+                .flatten_all()
+                .unwrap()
+                .affine(0.7, 1.0)
+                .unwrap();
+            let bias = (weight.cos().unwrap() * 0.3).unwrap();
+            let run = |dtype: DType| {
+                let var = |t: &Tensor| candle_core::Var::from_tensor(&t.to_dtype(dtype).unwrap());
+                let (x, w, b) = (
+                    var(&x64).unwrap(),
+                    var(&weight).unwrap(),
+                    var(&bias).unwrap(),
+                );
+                let norm =
+                    GroupNorm::from_tensors(w.as_tensor().clone(), b.as_tensor().clone(), 3, 1e-5)
+                        .unwrap();
+                let y = if silu {
+                    norm.forward_silu(x.as_tensor())
+                } else {
+                    norm.forward(x.as_tensor())
+                }
+                .unwrap();
+                let g = (&y * r64.to_dtype(dtype).unwrap())
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .backward()
+                    .unwrap();
+                let f = |t: &Tensor| t.to_dtype(DType::F64).unwrap();
+                [
+                    f(&y),
+                    f(g.get(x.as_tensor()).unwrap()),
+                    f(g.get(w.as_tensor()).unwrap()),
+                    f(g.get(b.as_tensor()).unwrap()),
+                ]
+            };
+            let (ours, want) = (run(DType::F32), run(DType::F64));
+            for (name, (a, b)) in ["y", "dx", "dw", "db"].iter().zip(ours.iter().zip(&want)) {
+                let err = max_abs_diff(a, b) / super::super::max_abs(b).max(1.0);
+                assert!(
+                    err < 2e-5,
+                    "{name} ({batch}, {h}, {w_}, silu {silu}): {err}"
+                );
+            }
         }
     }
 
