@@ -4,7 +4,7 @@
 //! SD-1.5-size UNet (inference, LoRA training and a D3PO step: several minutes and about 8 GB),
 //! `BENCH_TINY=0` to run only those (`BENCH_TINY=d3po`: of the tiny ones only the D3PO step, for
 //! profiling), `BENCH_SD15_TRAINING=0` to skip their training workloads,
-//! `BENCH_ITERS` to change repetitions. The last line
+//! `BENCH_ITERS` to change repetitions, `BENCH_STAT=min` to report minimums. The last line
 //! is one JSON object of medians in ms, keyed as the PyTorch peer's (`../shared/bench/peer`), for
 //! `scripts/bench-vs-pytorch.sh`.
 
@@ -29,7 +29,8 @@ fn iters() -> usize {
         .unwrap_or(5)
 }
 
-/// Runs `f` once to warm up, then `n` times; returns the median.
+/// Runs `f` once to warm up, then `n` times; returns the median (the minimum with
+/// `BENCH_STAT=min`, the steadier figure for A/B runs of two builds on a noisy machine).
 fn time<T>(n: usize, mut f: impl FnMut() -> T) -> Duration {
     std::hint::black_box(f());
     let mut samples: Vec<Duration> = (0..n.max(1))
@@ -40,6 +41,9 @@ fn time<T>(n: usize, mut f: impl FnMut() -> T) -> Duration {
         })
         .collect();
     samples.sort();
+    if std::env::var("BENCH_STAT").is_ok_and(|v| v == "min") {
+        return samples[0];
+    }
     samples[samples.len() / 2]
 }
 

@@ -162,7 +162,7 @@ impl ClipTextModel {
 
     fn activation(&self, x: &Tensor) -> Result<Tensor> {
         match self.config.hidden_act.as_str() {
-            "gelu" => x.gelu_erf(),
+            "gelu" => crate::model::nn::gelu_erf(x),
             _ => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
         }
     }

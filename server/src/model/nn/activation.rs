@@ -2,14 +2,13 @@
 //! vectorises. candle's CPU versions call libm's scalar `expf`/`erff` per element: 17% of a tiny
 //! UNet forward went to them (perf, AMD EPYC). Other devices and dtypes use candle's ops. The
 //! same kernel runs whether or not the input is tracked, so a policy and a reference forward agree
-//! to the bit while their adapters do; the backward passes are candle compositions of the
-//! derivative.
+//! to the bit while their adapters do; the backward passes are single kernels too.
 
-use candle_core::cpu_backend::unary_map_vec_par;
-use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Result, Shape, Tensor};
+use candle_core::cpu_backend::{binary_map_vec_par, unary_map_vec_par};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
 use super::contiguous_slice;
-use super::simd::vectorized;
+use super::simd::{for_row_blocks, vectorized};
 
 /// `e^x` for f32, relative error below 3e-7 (about 2 ulp) on [-87, 88] (below: a tiny positive number, not 0; above: the
 /// largest finite power). Range reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, then a degree-6
@@ -66,16 +65,31 @@ fn gelu_f32(x: f32) -> f32 {
     0.5 * x * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2))
 }
 
-/// An element-wise f32 map on the CPU with `f`, whose gradient is `grad * derivative(x)`. `F` is
-/// a function item, so the map is monomorphised and its loop vectorised (a `fn` pointer would
-/// be one indirect call per element).
-struct Map<F> {
-    name: &'static str,
-    f: F,
-    derivative: fn(&Tensor) -> Result<Tensor>,
+/// `dy * gelu'(x)`, `gelu'(x) = Phi(x) + x phi(x)`.
+#[inline(always)]
+fn gelu_grad_f32(x: f32, dy: f32) -> f32 {
+    let cdf = 0.5 * (1.0 + fast_erf(x * std::f32::consts::FRAC_1_SQRT_2));
+    // 1 / sqrt(2 pi)
+    let pdf = 0.398_942_3 * fast_exp(-0.5 * x * x);
+    dy * (cdf + x * pdf)
 }
 
-impl<F: Fn(f32) -> f32 + Copy + Send + Sync + 'static> CustomOp1 for Map<F> {
+/// An element-wise f32 map on the CPU with `f`, whose gradient `grad(x, dy) = dy f'(x)` is one
+/// kernel too (candle's composite of the derivative was five to ten tensors per activation).
+/// `F` and `G` are function items, so the loops are monomorphised and vectorised (a `fn`
+/// pointer would be one indirect call per element).
+#[derive(Clone, Copy)]
+struct Map<F, G> {
+    name: &'static str,
+    f: F,
+    grad: G,
+}
+
+impl<F, G> CustomOp1 for Map<F, G>
+where
+    F: Fn(f32) -> f32 + Copy + Send + Sync + 'static,
+    G: Fn(f32, f32) -> f32 + Copy + Send + Sync + 'static,
+{
     fn name(&self) -> &'static str {
         self.name
     }
@@ -101,26 +115,69 @@ impl<F: Fn(f32) -> f32 + Copy + Send + Sync + 'static> CustomOp1 for Map<F> {
     }
 
     fn bwd(&self, arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(grad.mul(&(self.derivative)(&arg.detach())?)?))
+        Ok(Some(arg.detach().apply_op2_no_bwd(grad, &MapGrad(*self))?))
+    }
+}
+
+/// The backward of a [`Map`] over `(x, dy)`.
+struct MapGrad<F, G>(Map<F, G>);
+
+impl<F, G> CustomOp2 for MapGrad<F, G>
+where
+    F: Fn(f32) -> f32 + Copy + Send + Sync + 'static,
+    G: Fn(f32, f32) -> f32 + Copy + Send + Sync + 'static,
+{
+    fn name(&self) -> &'static str {
+        "activation-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        lx: &Layout,
+        dy: &CpuStorage,
+        ldy: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(x), CpuStorage::F32(dy)) = (x, dy) else {
+            candle_core::bail!("{} backward: f32 expected", self.0.name);
+        };
+        if lx.shape() != ldy.shape() {
+            candle_core::bail!(
+                "{} backward: input {:?} and gradient {:?} differ in shape",
+                self.0.name,
+                lx.shape(),
+                ldy.shape()
+            );
+        }
+        let g = self.0.grad;
+        let out = binary_map_vec_par(
+            lx,
+            ldy,
+            x,
+            dy,
+            g,
+            |x: &[f32], dy: &[f32], out: &mut [f32]| {
+                vectorized(
+                    #[inline(always)]
+                    || {
+                        for ((o, &v), &d) in out.iter_mut().zip(x).zip(dy) {
+                            *o = g(v, d);
+                        }
+                    },
+                )
+            },
+            |x: f32, dy: &[f32], out: &mut [f32]| {
+                for (o, &d) in out.iter_mut().zip(dy) {
+                    *o = g(x, d);
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), lx.shape().clone()))
     }
 }
 
 fn fast_path(x: &Tensor) -> bool {
     super::cpu_kernel_for(x, &[DType::F32])
-}
-
-/// `silu'(x) = s (1 + x (1 - s))`, `s = sigmoid(x)`.
-fn silu_derivative(x: &Tensor) -> Result<Tensor> {
-    let s = candle_nn::ops::sigmoid(x)?;
-    let one_minus = s.affine(-1.0, 1.0)?;
-    s.mul(&(x.mul(&one_minus)? + 1.0)?)
-}
-
-/// `gelu'(x) = Phi(x) + x phi(x)`.
-fn gelu_derivative(x: &Tensor) -> Result<Tensor> {
-    let cdf = ((x * std::f64::consts::FRAC_1_SQRT_2)?.erf()? + 1.0)? * 0.5;
-    let pdf = (x.sqr()? * -0.5)?.exp()? * (1.0 / (2.0 * std::f64::consts::PI).sqrt());
-    cdf? + x.mul(&pdf?)?
 }
 
 /// `x * sigmoid(x)`; differentiable.
@@ -131,7 +188,7 @@ pub(crate) fn silu(x: &Tensor) -> Result<Tensor> {
     x.apply_op1(Map {
         name: "silu",
         f: silu_f32,
-        derivative: silu_derivative,
+        grad: silu_grad_f32,
     })
 }
 
@@ -143,8 +200,125 @@ pub(crate) fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.apply_op1(Map {
         name: "gelu-erf",
         f: gelu_f32,
-        derivative: gelu_derivative,
+        grad: gelu_grad_f32,
     })
+}
+
+/// diffusers' GEGLU activation, `hidden * gelu(gate)` with `[hidden, gate]` the two halves of
+/// `h`'s last dimension; differentiable. On the CPU in f32 one pass forward and one backward,
+/// where the composite copied out each half and ran the GELU and the product apart (and their
+/// four backwards).
+pub(crate) fn geglu(h: &Tensor) -> Result<Tensor> {
+    let last = h.rank().saturating_sub(1);
+    let width = h.dim(last)?;
+    if !width.is_multiple_of(2) {
+        candle_core::bail!("geglu: the last dimension of {:?} is odd", h.dims());
+    }
+    let inner = width / 2;
+    if !fast_path(h) {
+        return h.narrow(last, 0, inner)? * h.narrow(last, inner, inner)?.gelu_erf()?;
+    }
+    h.contiguous()?.apply_op1(Geglu { inner })
+}
+
+#[derive(Clone, Copy)]
+struct Geglu {
+    inner: usize,
+}
+
+impl CustomOp1 for Geglu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let CpuStorage::F32(data) = storage else {
+            candle_core::bail!("geglu: f32 expected");
+        };
+        let h = contiguous_slice(data, layout)?;
+        let inner = self.inner;
+        let mut out = vec![0f32; h.len() / 2];
+        for_row_blocks(
+            &mut out,
+            inner,
+            #[inline(always)]
+            |first, dst| {
+                let src = &h[first * 2 * inner..][..2 * dst.len()];
+                for (o, row) in dst.chunks_exact_mut(inner).zip(src.chunks_exact(2 * inner)) {
+                    let (hidden, gate) = row.split_at(inner);
+                    for ((o, &a), &g) in o.iter_mut().zip(hidden).zip(gate) {
+                        *o = a * gelu_f32(g);
+                    }
+                }
+            },
+        );
+        let mut dims = layout.shape().dims().to_vec();
+        if let Some(last) = dims.last_mut() {
+            *last = inner;
+        }
+        Ok((CpuStorage::F32(out), Shape::from(dims)))
+    }
+
+    fn bwd(&self, h: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(h.detach().apply_op2_no_bwd(
+            &grad.contiguous()?,
+            &GegluGrad(*self),
+        )?))
+    }
+}
+
+/// The backward of [`Geglu`] over `(h, dy)`: `d hidden = dy gelu(gate)`,
+/// `d gate = dy hidden gelu'(gate)`.
+struct GegluGrad(Geglu);
+
+impl CustomOp2 for GegluGrad {
+    fn name(&self) -> &'static str {
+        "geglu-backward"
+    }
+
+    fn cpu_fwd(
+        &self,
+        h: &CpuStorage,
+        lh: &Layout,
+        dy: &CpuStorage,
+        ldy: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (CpuStorage::F32(h), CpuStorage::F32(dy)) = (h, dy) else {
+            candle_core::bail!("geglu backward: f32 expected");
+        };
+        let (h, dy) = (contiguous_slice(h, lh)?, contiguous_slice(dy, ldy)?);
+        let inner = self.0.inner;
+        if dy.len() * 2 != h.len() {
+            candle_core::bail!(
+                "geglu backward: gradient {:?} does not fit input {:?}",
+                ldy.shape(),
+                lh.shape()
+            );
+        }
+        let mut out = vec![0f32; h.len()];
+        for_row_blocks(
+            &mut out,
+            2 * inner,
+            #[inline(always)]
+            |first, dst| {
+                let src = &h[first * 2 * inner..][..dst.len()];
+                let dy = &dy[first * inner..][..dst.len() / 2];
+                for ((d, row), g) in dst
+                    .chunks_exact_mut(2 * inner)
+                    .zip(src.chunks_exact(2 * inner))
+                    .zip(dy.chunks_exact(inner))
+                {
+                    let (hidden, gate) = row.split_at(inner);
+                    let (d_hidden, d_gate) = d.split_at_mut(inner);
+                    for j in 0..inner {
+                        d_hidden[j] = g[j] * gelu_f32(gate[j]);
+                        d_gate[j] = gelu_grad_f32(gate[j], g[j] * hidden[j]);
+                    }
+                }
+            },
+        );
+        Ok((CpuStorage::F32(out), lh.shape().clone()))
+    }
 }
 
 /// Row-wise softmax over the last dimension of a contiguous CPU f32 tensor (inference only:
@@ -174,30 +348,17 @@ impl CustomOp1 for SoftmaxRows {
         let x = contiguous_slice(data, layout)?;
         let cols = self.cols.max(1);
         let mut out = vec![0f32; x.len()];
-        // Blocks of whole rows, spread over candle's thread pool; each block's lock is taken
-        // once, by the one worker given that block.
-        let rows_per_block = (16_384 / cols).max(1);
-        let blocks: Vec<std::sync::Mutex<&mut [f32]>> = out
-            .chunks_mut(rows_per_block * cols)
-            .map(std::sync::Mutex::new)
-            .collect();
-        candle_core::utils::barrier_pool().execute_chunked(blocks.len(), |range| {
-            for b in range {
-                let Ok(mut dst) = blocks[b].lock() else {
-                    continue;
-                };
-                let src = &x[b * rows_per_block * cols..][..dst.len()];
-                vectorized(
-                    #[inline(always)]
-                    || {
-                        for (row, out) in src.chunks(cols).zip(dst.chunks_mut(cols)) {
-                            softmax_row(row, out);
-                        }
-                    },
-                );
-            }
-        });
-        drop(blocks);
+        for_row_blocks(
+            &mut out,
+            cols,
+            #[inline(always)]
+            |first, dst| {
+                let src = &x[first * cols..][..dst.len()];
+                for (row, out) in src.chunks(cols).zip(dst.chunks_mut(cols)) {
+                    softmax_row(row, out);
+                }
+            },
+        );
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
@@ -205,7 +366,7 @@ impl CustomOp1 for SoftmaxRows {
 /// Sixteen independent lanes: a reduction the compiler can keep in vector registers (a plain
 /// fold is a serial dependency chain it may not reorder).
 #[inline(always)]
-fn reduce16(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
+pub(super) fn reduce16(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
     let mut lanes = [init; 16];
     let chunks = xs.chunks_exact(16);
     let tail = chunks.remainder();
@@ -217,6 +378,24 @@ fn reduce16(xs: &[f32], init: f32, op: impl Fn(f32, f32) -> f32 + Copy) -> f32 {
     let mut acc = lanes.into_iter().fold(init, op);
     for &v in tail {
         acc = op(acc, v);
+    }
+    acc
+}
+
+/// `sum a_i b_i` in sixteen independent lanes, as [`reduce16`].
+#[inline(always)]
+pub(super) fn dot16(a: &[f32], b: &[f32]) -> f32 {
+    let mut lanes = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for ((l, &x), &y) in lanes.iter_mut().zip(x).zip(y) {
+            *l += x * y;
+        }
+    }
+    let mut acc = lanes.into_iter().fold(0.0, |s, l| s + l);
+    for (&x, &y) in ta.iter().zip(tb) {
+        acc += x * y;
     }
     acc
 }
@@ -278,6 +457,42 @@ mod tests {
         assert!(fast_exp(f32::NEG_INFINITY) < 1e-37);
     }
 
+    /// The fused GEGLU equals the composite of candle's ops, values and gradients.
+    #[test]
+    fn geglu_matches_the_composite_and_its_gradient() {
+        let values: Vec<f32> = (0..3 * 5 * 2 * 24)
+            .map(|i| (i as f32 * 0.377).sin() * 4.0)
+            .collect();
+        let h = candle_core::Var::from_vec(values, (3, 5 * 2, 24), &Device::Cpu).unwrap();
+        let dy = Tensor::arange(0f32, (3 * 10 * 12) as f32, &Device::Cpu)
+            .unwrap()
+            .reshape((3, 10, 12))
+            .unwrap()
+            .cos()
+            .unwrap();
+        let fused = geglu(h.as_tensor()).unwrap();
+        let composite = (h.narrow(2, 0, 12).unwrap()
+            * h.narrow(2, 12, 12).unwrap().gelu_erf().unwrap())
+        .unwrap();
+        assert_eq!(fused.dims(), &[3, 10, 12]);
+        let diff = super::super::max_abs_diff(&fused, &composite);
+        assert!(diff < 1e-5, "{diff}");
+        let grad = |y: &Tensor| {
+            (y * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap()
+                .get(h.as_tensor())
+                .unwrap()
+                .clone()
+        };
+        let diff = super::super::max_abs_diff(&grad(&fused), &grad(&composite));
+        assert!(diff < 1e-5, "{diff}");
+        assert!(geglu(&Tensor::zeros((2, 3), DType::F32, &Device::Cpu).unwrap()).is_err());
+    }
+
     #[test]
     fn kernels_match_candle_and_keep_the_gradient() {
         let values: Vec<f32> = (0..4096).map(|i| (i as f32 * 0.731).sin() * 12.0).collect();
@@ -294,14 +509,21 @@ mod tests {
         for (ours, theirs) in pairs {
             let tracked = ours(var.as_tensor()).unwrap();
             assert_eq!(diff(&tracked, &ours(&x).unwrap()), 0.0);
-            let g1 = tracked.sum_all().unwrap().backward().unwrap();
-            let g2 = theirs(var.as_tensor())
+            // A gradient that differs per element, so that x and dy cannot be confused.
+            let dy = (x.cos().unwrap() * 3.0).unwrap();
+            let g1 = (tracked * &dy)
                 .unwrap()
                 .sum_all()
                 .unwrap()
                 .backward()
                 .unwrap();
-            assert!(diff(g1.get(&var).unwrap(), g2.get(&var).unwrap()) < 2e-6);
+            let g2 = (theirs(var.as_tensor()).unwrap() * &dy)
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .backward()
+                .unwrap();
+            assert!(diff(g1.get(&var).unwrap(), g2.get(&var).unwrap()) < 6e-6);
         }
     }
 }

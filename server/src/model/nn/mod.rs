@@ -10,6 +10,7 @@ mod attention;
 mod conv;
 mod conv_cpu;
 mod group_norm_cpu;
+mod layer_norm_cpu;
 mod linear;
 mod matmul;
 mod norm;
@@ -18,7 +19,7 @@ mod winograd;
 
 use candle_core::{D, DType, Layout, Result, Tensor};
 
-pub(crate) use activation::{gelu_erf, silu};
+pub(crate) use activation::{geglu, gelu_erf, silu};
 pub(crate) use attention::attention;
 pub(crate) use conv::{Conv2d, upsample_nearest_2x};
 pub(crate) use linear::{Linear, frozen_matmul};

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, D, DType, Layout, Module, Result, Shape, Tensor};
 use candle_nn::VarBuilder;
 
-use super::{Mode, contiguous_slice, group_norm_cpu, upcast};
+use super::{Mode, contiguous_slice, group_norm_cpu, layer_norm_cpu, upcast};
 
 /// Group normalisation over **channels-last** `[B, ..., C]`: channels split into groups along
 /// the last dimension, statistics over every position and the group's channels (in f32 for
@@ -405,7 +405,10 @@ impl LayerNorm {
     }
 
     pub(crate) fn forward(&self, x: &Tensor, mode: Mode) -> Result<Tensor> {
-        // The fused kernel has no backward and no f64 variant.
+        if super::cpu_kernel_for(x, &[DType::F32]) && self.weight.dtype() == DType::F32 {
+            return layer_norm_cpu::layer_norm(x, &self.weight, &self.bias, self.eps, mode);
+        }
+        // candle's fused kernel has no backward and no f64 variant.
         if mode == Mode::Inference && x.is_contiguous() && x.dtype() != DType::F64 {
             return candle_nn::ops::layer_norm(x, &self.weight, &self.bias, self.eps as f32);
         }

@@ -45,6 +45,36 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     arch().dispatch(f)
 }
 
+/// Values per block of [`for_row_blocks`]: enough to amortise the pool's hand-off, small
+/// enough that a layer's rows spread over every thread.
+const BLOCK_VALUES: usize = 16_384;
+
+/// Runs `f(first_row, block)` over `out` cut into blocks of whole rows of `row_len` values,
+/// spread over candle's thread pool; each block's lock is taken once, by the worker given it.
+/// `f` is run inside [`vectorized`].
+pub(crate) fn for_row_blocks(
+    out: &mut [f32],
+    row_len: usize,
+    f: impl Fn(usize, &mut [f32]) + Sync,
+) {
+    let row_len = row_len.max(1);
+    let rows_per_block = (BLOCK_VALUES / row_len).max(1);
+    let blocks: Vec<std::sync::Mutex<&mut [f32]>> = out
+        .chunks_mut(rows_per_block * row_len)
+        .map(std::sync::Mutex::new)
+        .collect();
+    candle_core::utils::barrier_pool().execute_chunked(blocks.len(), |range| {
+        for b in range {
+            if let Ok(mut dst) = blocks[b].lock() {
+                vectorized(
+                    #[inline(always)]
+                    || f(b * rows_per_block, &mut dst),
+                );
+            }
+        }
+    });
+}
+
 /// The widest instruction set the kernels use here: `avx512`, `avx2` or `baseline` (logs, benches).
 pub fn vector_isa() -> &'static str {
     match arch() {

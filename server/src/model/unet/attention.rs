@@ -9,7 +9,7 @@ use std::sync::Arc;
 use super::Ctx;
 use super::checkpoint::checkpointed;
 use crate::model::lora::{AdapterBatch, LoraLinear, LoraTarget, LoraWeights};
-use crate::model::nn::{GroupNorm, LayerNorm, Linear, attention, gelu_erf};
+use crate::model::nn::{GroupNorm, LayerNorm, Linear, attention, geglu};
 
 /// Multi-head attention (`Attention` in diffusers) with LoRA-capable projections.
 #[derive(Debug, Clone)]
@@ -73,7 +73,6 @@ impl Attention {
 struct FeedForward {
     proj: Linear,
     out: Linear,
-    inner: usize,
 }
 
 impl FeedForward {
@@ -82,18 +81,11 @@ impl FeedForward {
         Ok(Self {
             proj: Linear::new(dim, inner * 2, true, vb.pp("net.0.proj"))?,
             out: Linear::new(inner, dim, true, vb.pp("net.2"))?,
-            inner,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.proj.forward(x)?;
-        let last = h.rank() - 1;
-        let hidden = h.narrow(last, 0, self.inner)?;
-        let gate = h
-            .narrow(last, self.inner, self.inner)
-            .and_then(|g| gelu_erf(&g))?;
-        self.out.forward(&(hidden * gate)?)
+        self.out.forward(&geglu(&self.proj.forward(x)?)?)
     }
 }
 
