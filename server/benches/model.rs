@@ -4,7 +4,8 @@
 //! SD-1.5-size UNet (inference, LoRA training and a D3PO step: several minutes and about 8 GB),
 //! `BENCH_TINY=0` to run only those (`BENCH_TINY=d3po`: of the tiny ones only the D3PO step, for
 //! profiling), `BENCH_SD15_TRAINING=0` to skip their training workloads,
-//! `BENCH_ITERS` to change repetitions, `BENCH_STAT=min` to report minimums. The last line
+//! `BENCH_ITERS` to change repetitions (`BENCH_SD15_ITERS` for the SD-1.5 forwards),
+//! `BENCH_STAT=min` to report minimums. The last line
 //! is one JSON object of medians in ms, keyed as the PyTorch peer's (`../shared/bench/peer`), for
 //! `scripts/bench-vs-pytorch.sh`.
 
@@ -27,6 +28,14 @@ fn iters() -> usize {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(5)
+}
+
+/// Timed SD-1.5 forwards per batch size (`BENCH_SD15_ITERS`, default 1: each takes seconds).
+fn sd15_iters() -> usize {
+    std::env::var("BENCH_SD15_ITERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1)
 }
 
 /// Runs `f` once to warm up, then `n` times; returns the median (the minimum with
@@ -140,7 +149,7 @@ fn main() -> anyhow::Result<()> {
         );
         let sd = sd15_unet()?;
         for batch in [1, 2] {
-            let t = unet_forward(&sd, batch, 64, 77, 1);
+            let t = unet_forward(&sd, batch, 64, 77, sd15_iters());
             println!("batch {batch}: {}", ms(t));
             json.insert(format!("sd15_unet_fwd_b{batch}_ms"), millis(t));
         }

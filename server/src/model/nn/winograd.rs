@@ -6,7 +6,7 @@
 //! additions over contiguous channels.
 //!
 //! Used where the weights are constants (serving, and training an adapter: the convolutions carry
-//! no LoRA) and both channel counts are large (SD-1.5's first two levels): small channel counts
+//! no LoRA) and both channel counts are large (SD-1.5's 64x64 and 32x32 levels): small channel counts
 //! make the 16 products too thin, and the transformed weights take 16/9 of the weights' memory.
 //! The algorithm is chosen from the layer and the input's shape, never from whether the input is
 //! tracked, so D3PO's policy and reference forwards run the same kernel (d3po.md's pitfall). The
@@ -26,9 +26,11 @@ use super::simd::vectorized;
 
 /// Fewest input and output channels for which the transform pays.
 pub(super) const MIN_CHANNELS: usize = 128;
-/// Most `in * out` channel pairs (the transformed weights take `16 * in * out` floats: 26 MiB at
-/// 640 x 640).
-pub(super) const MAX_CHANNEL_PAIRS: usize = 1 << 19;
+/// Most `in * out` channel pairs: the transformed weights take `16 * in * out` floats, 100 MiB at
+/// 1280 x 1280. This takes in SD-1.5's 32x32 level up to its 1280-channel upsampler (79 of its
+/// 215 GFLOP of other 3x3 convolutions, for 275 MiB); the 16x16 and 8x8 levels, whose
+/// convolutions have too few tiles per image for the transforms to pay, would cost over 1 GiB.
+pub(super) const MAX_CHANNEL_PAIRS: usize = 1 << 21;
 /// Tiles per band: enough rows for the 16 gemms to run at full rate and to repack each
 /// transformed weight rarely, few enough that a band's scratch stays a few MiB.
 const BAND_TILES: usize = 128;
