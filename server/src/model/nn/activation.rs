@@ -310,9 +310,15 @@ impl CustomOp2 for GegluGrad {
                 {
                     let (hidden, gate) = row.split_at(inner);
                     let (d_hidden, d_gate) = d.split_at_mut(inner);
-                    for j in 0..inner {
-                        d_hidden[j] = g[j] * gelu_f32(gate[j]);
-                        d_gate[j] = gelu_grad_f32(gate[j], g[j] * hidden[j]);
+                    for ((((dh, dg), &a), &b), &g) in d_hidden
+                        .iter_mut()
+                        .zip(d_gate.iter_mut())
+                        .zip(hidden)
+                        .zip(gate)
+                        .zip(g)
+                    {
+                        *dh = g * gelu_f32(b);
+                        *dg = gelu_grad_f32(b, g * a);
                     }
                 }
             },
