@@ -30,12 +30,13 @@ fn iters() -> usize {
         .unwrap_or(5)
 }
 
-/// Timed SD-1.5 forwards per batch size (`BENCH_SD15_ITERS`, default 1: each takes seconds).
+/// Timed SD-1.5 forwards per batch size (`BENCH_SD15_ITERS`), by default 3 as the PyTorch peer
+/// times them: the median of three, where one run alone was at the mercy of a noisy host.
 fn sd15_iters() -> usize {
     std::env::var("BENCH_SD15_ITERS")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(1)
+        .unwrap_or(3)
 }
 
 /// Runs `f` once to warm up, then `n` times; returns the median (the minimum with
