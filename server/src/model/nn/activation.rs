@@ -8,7 +8,7 @@ use candle_core::cpu_backend::{binary_map_vec_par, unary_map_vec_par};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
 use super::contiguous_slice;
-use super::simd::{for_row_blocks, vectorized};
+use super::simd::{for_row_blocks, map_rows, vectorized};
 
 /// `e^x` for f32, relative error below 3e-7 (about 2 ulp) on [-87, 88] (below: a tiny positive number, not 0; above: the
 /// largest finite power). Range reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, then a degree-6
@@ -352,19 +352,8 @@ impl CustomOp1 for SoftmaxRows {
             candle_core::bail!("softmax-rows: f32 expected");
         };
         let x = contiguous_slice(data, layout)?;
-        let cols = self.cols.max(1);
-        let mut out = vec![0f32; x.len()];
-        for_row_blocks(
-            &mut out,
-            cols,
-            #[inline(always)]
-            |first, dst| {
-                let src = &x[first * cols..][..dst.len()];
-                for (row, out) in src.chunks(cols).zip(dst.chunks_mut(cols)) {
-                    softmax_row(row, out);
-                }
-            },
-        );
+        // `softmax_row` is `#[inline(always)]`, so it is vectorised inside the rows' driver.
+        let out = map_rows(x, self.cols, softmax_row);
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

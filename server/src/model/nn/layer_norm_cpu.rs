@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::activation::{dot16, reduce16};
-use super::simd::for_row_blocks;
+use super::simd::{for_row_blocks, map_rows};
 use super::{Mode, contiguous_slice};
 
 /// `LayerNorm(x) * w + b` over the last dimension of an f32 CPU `x`; differentiable in
@@ -87,20 +87,15 @@ impl CustomOp3 for LayerNormOp {
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (x, w, b) = slices(self.name(), (x, lx), (w, lw), (b, lb))?;
-        let cols = w.len();
-        let mut out = vec![0f32; x.len()];
         let eps = self.eps;
-        for_row_blocks(
-            &mut out,
-            cols,
+        let out = map_rows(
+            x,
+            w.len(),
             #[inline(always)]
-            |first, dst| {
-                let src = &x[first * cols..][..dst.len()];
-                for (y, row) in dst.chunks_exact_mut(cols).zip(src.chunks_exact(cols)) {
-                    let (_, rstd) = centre(row, y, eps);
-                    for ((y, &w), &b) in y.iter_mut().zip(w).zip(b) {
-                        *y = *y * rstd * w + b;
-                    }
+            |row, y| {
+                let (_, rstd) = centre(row, y, eps);
+                for ((y, &w), &b) in y.iter_mut().zip(w).zip(b) {
+                    *y = *y * rstd * w + b;
                 }
             },
         );

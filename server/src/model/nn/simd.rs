@@ -75,6 +75,25 @@ pub(crate) fn for_row_blocks(
     });
 }
 
+/// A new buffer of `x`'s length whose every row of `cols` values is `f(row of x, row of out)`,
+/// over [`for_row_blocks`]; `f` must be `#[inline(always)]` to be vectorised.
+pub(crate) fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
+    let cols = cols.max(1);
+    let mut out = vec![0f32; x.len()];
+    for_row_blocks(
+        &mut out,
+        cols,
+        #[inline(always)]
+        |first, dst| {
+            let src = &x[first * cols..][..dst.len()];
+            for (row, out) in src.chunks_exact(cols).zip(dst.chunks_exact_mut(cols)) {
+                f(row, out);
+            }
+        },
+    );
+    out
+}
+
 /// The widest instruction set the kernels use here: `avx512`, `avx2` or `baseline` (logs, benches).
 pub fn vector_isa() -> &'static str {
     match arch() {
