@@ -66,6 +66,29 @@ impl Blocks {
     fn count(&self, batch: usize) -> usize {
         batch * self.per_item_blocks
     }
+
+    /// `f(item, dst, src)` for every block of `outputs` (from [`Self::split`]), `src` being the
+    /// same rows of `x`, over candle's pool; `f` runs inside [`vectorized`], so it must be
+    /// `#[inline(always)]`.
+    fn each(
+        &self,
+        outputs: &[Mutex<&mut [f32]>],
+        x: &[f32],
+        f: impl Fn(usize, &mut [f32], &[f32]) + Sync,
+    ) {
+        candle_core::utils::barrier_pool().execute_chunked(outputs.len(), |range| {
+            for t in range {
+                let Ok(mut dst) = outputs[t].lock() else {
+                    continue;
+                };
+                let src = &x[self.rows_of(t).start * self.channels..][..dst.len()];
+                vectorized(
+                    #[inline(always)]
+                    || f(t / self.per_item_blocks, &mut dst, src),
+                );
+            }
+        });
+    }
 }
 
 /// Per block, two sums per channel over its rows, kept in f32 for [`FOLD_ROWS`] rows at a time
@@ -178,34 +201,27 @@ pub(super) fn forward(x: &[f32], w: &[f32], b: &[f32], p: Problem) -> Vec<f32> {
     let blocks = Blocks::of(x.len(), channels, p.batch);
     let affine = scale_shift(&statistics(x, p, blocks), w, b);
     let outputs = blocks.split(&mut out);
-    candle_core::utils::barrier_pool().execute_chunked(outputs.len(), |range| {
-        for t in range {
-            let Ok(mut dst) = outputs[t].lock() else {
-                continue;
-            };
-            let (scale, shift) = &affine[t / blocks.per_item_blocks];
-            let src = &x[blocks.rows_of(t).start * channels..][..dst.len()];
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (d_row, s_row) in dst
-                        .chunks_exact_mut(channels)
-                        .zip(src.chunks_exact(channels))
-                    {
-                        for (((d, &v), &a), &s) in d_row.iter_mut().zip(s_row).zip(scale).zip(shift)
-                        {
-                            *d = v * a + s;
-                        }
-                        if p.silu {
-                            d_row
-                                .iter_mut()
-                                .for_each(|d| *d = super::activation::silu_f32(*d));
-                        }
-                    }
-                },
-            );
-        }
-    });
+    blocks.each(
+        &outputs,
+        x,
+        #[inline(always)]
+        |item, dst, src| {
+            let (scale, shift) = &affine[item];
+            for (d_row, s_row) in dst
+                .chunks_exact_mut(channels)
+                .zip(src.chunks_exact(channels))
+            {
+                for (((d, &v), &a), &s) in d_row.iter_mut().zip(s_row).zip(scale).zip(shift) {
+                    *d = v * a + s;
+                }
+                if p.silu {
+                    d_row
+                        .iter_mut()
+                        .for_each(|d| *d = super::activation::silu_f32(*d));
+                }
+            }
+        },
+    );
     drop(outputs);
     out
 }
@@ -330,30 +346,23 @@ pub(super) fn backward(x: &[f32], w: &[f32], b: &[f32], dy: &[f32], p: Problem) 
     }
 
     // Pass 2: dx = g P + x Q + R, in place.
-    candle_core::utils::barrier_pool().execute_chunked(outputs.len(), |range| {
-        for t in range {
-            let Ok(mut dst) = outputs[t].lock() else {
-                continue;
-            };
-            let (pc, qc, rc) = &coefficients[t / blocks.per_item_blocks];
-            let src = &x[blocks.rows_of(t).start * channels..][..dst.len()];
-            vectorized(
-                #[inline(always)]
-                || {
-                    for (d_row, x_row) in dst
-                        .chunks_exact_mut(channels)
-                        .zip(src.chunks_exact(channels))
-                    {
-                        for ((((d, &v), &p), &q), &r) in
-                            d_row.iter_mut().zip(x_row).zip(pc).zip(qc).zip(rc)
-                        {
-                            *d = *d * p + v * q + r;
-                        }
-                    }
-                },
-            );
-        }
-    });
+    blocks.each(
+        &outputs,
+        x,
+        #[inline(always)]
+        |item, dst, src| {
+            let (pc, qc, rc) = &coefficients[item];
+            for (d_row, x_row) in dst
+                .chunks_exact_mut(channels)
+                .zip(src.chunks_exact(channels))
+            {
+                for ((((d, &v), &p), &q), &r) in d_row.iter_mut().zip(x_row).zip(pc).zip(qc).zip(rc)
+                {
+                    *d = *d * p + v * q + r;
+                }
+            }
+        },
+    );
     drop(outputs);
     packed
 }

@@ -33,31 +33,25 @@ struct LayerNormOp {
     eps: f32,
 }
 
-/// The three f32 slices of an op over `(x, w, b)`-shaped arguments, checked against each other.
-fn slices<'a>(
-    name: &str,
-    (x, lx): (&'a CpuStorage, &Layout),
-    (w, lw): (&'a CpuStorage, &Layout),
-    (b, lb): (&'a CpuStorage, &Layout),
-) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
-    let (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) = (x, w, b) else {
-        candle_core::bail!("{name}: f32 tensors expected");
+/// The contiguous f32 values of one operand of `op`.
+fn f32_values<'a>(op: &str, storage: &'a CpuStorage, layout: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: f32 tensors expected");
     };
-    let (x, w, b) = (
-        contiguous_slice(x, lx)?,
-        contiguous_slice(w, lw)?,
-        contiguous_slice(b, lb)?,
-    );
+    contiguous_slice(data, layout)
+}
+
+/// That each per-column operand (weight, bias) has one value per column of `x`.
+fn check_columns(op: &str, lx: &Layout, per_column: &[&Layout]) -> Result<()> {
     let cols = lx.dims().last().copied().unwrap_or(0);
-    if w.len() != cols || b.len() != cols {
+    if let Some(bad) = per_column.iter().find(|l| l.shape().elem_count() != cols) {
         candle_core::bail!(
-            "{name}: weight {:?} and bias {:?} do not match the last dimension of {:?}",
-            lw.dims(),
-            lb.dims(),
+            "{op}: {:?} does not match the last dimension of {:?}",
+            bad.dims(),
             lx.dims()
         );
     }
-    Ok((x, w, b))
+    Ok(())
 }
 
 /// Mean and `1 / sqrt(var + eps)` of a row, with its centred values left in `centred`.
@@ -86,7 +80,12 @@ impl CustomOp3 for LayerNormOp {
         b: &CpuStorage,
         lb: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (x, w, b) = slices(self.name(), (x, lx), (w, lw), (b, lb))?;
+        check_columns(self.name(), lx, &[lw, lb])?;
+        let (x, w, b) = (
+            f32_values(self.name(), x, lx)?,
+            f32_values(self.name(), w, lw)?,
+            f32_values(self.name(), b, lb)?,
+        );
         let eps = self.eps;
         let out = map_rows(
             x,
@@ -153,11 +152,12 @@ impl CustomOp3 for LayerNormGrad {
                 ldy.dims()
             );
         }
-        let (x, w, _) = slices(self.name(), (x, lx), (w, lw), (w, lw))?;
-        let CpuStorage::F32(dy) = dy else {
-            candle_core::bail!("layer-norm backward: f32 gradient expected");
-        };
-        let dy = contiguous_slice(dy, ldy)?;
+        check_columns(self.name(), lx, &[lw])?;
+        let (x, w, dy) = (
+            f32_values(self.name(), x, lx)?,
+            f32_values(self.name(), w, lw)?,
+            f32_values(self.name(), dy, ldy)?,
+        );
         let cols = w.len();
         let n = cols as f32;
         let mut out = vec![0f32; x.len()];
