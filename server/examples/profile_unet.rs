@@ -1,5 +1,5 @@
 //! Runs UNet forwards in a loop, for a profiler:
-//! `BATCH=8 perf record cargo run --release --example profile_unet [sd15]`.
+//! `BATCH=8 REPS=20 perf record cargo run --release --example profile_unet [sd15]`.
 
 use candle_core::{DType, Device, Tensor};
 use imagegen_server::model::seeded::SeededWeights;
@@ -12,9 +12,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 fn main() -> anyhow::Result<()> {
     let sd15 = std::env::args().any(|a| a == "sd15");
     let (config, side, reps) = if sd15 {
-        (UNetConfig::sd15(), 64, 1)
+        (UNetConfig::sd15(), 64, reps_from_env(1))
     } else {
-        (UNetConfig::tiny(), 32, 20)
+        (UNetConfig::tiny(), 32, reps_from_env(20))
     };
     let batch: usize = std::env::var("BATCH")
         .ok()
@@ -42,4 +42,12 @@ fn main() -> anyhow::Result<()> {
         per / batch as f64
     );
     Ok(())
+}
+
+/// Timed forwards after the warm-up one (`REPS`, default `default`).
+fn reps_from_env(default: usize) -> usize {
+    std::env::var("REPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
