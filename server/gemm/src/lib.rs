@@ -5,7 +5,12 @@
 //! Two backends behind one checked, safe function: OpenBLAS, when the build found it (see
 //! `build.rs`), and the pure-Rust gemm crate, which also takes the strided views OpenBLAS cannot.
 //! The workspace forbids unsafe code; the two FFI-style calls below are the exception, each after
-//! the bounds it relies on are checked.
+//! the bounds it relies on are checked, and so is [`fresh_buffer`], the kernels' output buffers
+//! zeroed piece by piece by the threads that write them.
+
+mod fresh;
+
+pub use fresh::{Pieces, fresh_buffer, nested_pieces};
 
 /// Why a product was refused (the caller's shapes, never the data).
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]

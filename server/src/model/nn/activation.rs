@@ -8,7 +8,7 @@ use candle_core::cpu_backend::{binary_map_vec_par, unary_map_vec_par};
 use candle_core::{CpuStorage, CustomOp1, CustomOp2, D, DType, Layout, Result, Shape, Tensor};
 
 use super::contiguous_slice;
-use super::simd::{for_row_blocks, map_rows, vectorized};
+use super::simd::{fill_row_blocks, map_rows, vectorized};
 
 /// `e^x` for f32, relative error below 3e-7 (about 2 ulp) on [-87, 88] (below: a tiny positive number, not 0; above: the
 /// largest finite power). Range reduction `x = n ln2 + r`, `|r| <= ln2 / 2`, then a degree-6
@@ -237,9 +237,8 @@ impl CustomOp1 for Geglu {
         };
         let h = contiguous_slice(data, layout)?;
         let inner = self.inner;
-        let mut out = vec![0f32; h.len() / 2];
-        for_row_blocks(
-            &mut out,
+        let out = fill_row_blocks(
+            h.len() / 2,
             inner,
             #[inline(always)]
             |first, dst| {
@@ -295,9 +294,8 @@ impl CustomOp2 for GegluGrad {
                 lh.shape()
             );
         }
-        let mut out = vec![0f32; h.len()];
-        for_row_blocks(
-            &mut out,
+        let out = fill_row_blocks(
+            h.len(),
             2 * inner,
             #[inline(always)]
             |first, dst| {

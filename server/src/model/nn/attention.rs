@@ -244,10 +244,10 @@ impl CustomOp3 for FusedAttention {
         };
         let s = Shapes::of(lq.dims(), lk.dims(), lv.dims(), self.heads)?;
         let width = s.heads * s.dv;
-        let mut out = vec![0f32; s.batch * s.n * width];
+        let len = s.batch * s.n * width;
         let shape = Shape::from((s.batch, s.n, width));
-        if out.is_empty() {
-            return Ok((CpuStorage::F32(out), shape));
+        if len == 0 {
+            return Ok((CpuStorage::F32(Vec::new()), shape));
         }
         let band = band_rows(s);
         // Tasks are groups of bands of one item (all heads of each row: a contiguous block of
@@ -259,52 +259,54 @@ impl CustomOp3 for FusedAttention {
             .min(s.n.div_ceil(band))
             .max(1);
         let group_rows = s.n.div_ceil(groups).div_ceil(band) * band;
-        let tasks: Vec<Mutex<(usize, usize, &mut [f32])>> = out
-            .chunks_mut(s.n * width)
-            .enumerate()
-            .flat_map(|(item, rows)| {
-                rows.chunks_mut(group_rows * width)
-                    .enumerate()
-                    .map(move |(g, o)| Mutex::new((item, g * group_rows, o)))
-            })
+        // Task `t` writes piece `t` of the output, zeroed by the worker that takes it.
+        let groups_per_item = s.n.div_ceil(group_rows);
+        let tasks: Vec<Mutex<(usize, usize, usize)>> = (0..s.batch * groups_per_item)
+            .map(|t| Mutex::new((t, t / groups_per_item, (t % groups_per_item) * group_rows)))
             .collect();
+        let pieces = imagegen_gemm::nested_pieces(len, s.n * width, group_rows * width);
         let scale = self.scale;
-        on_pool(
-            &tasks,
-            || (Vec::new(), Vec::new()),
-            |(item, first, o), (scores, sums)| {
-                let group = o.len() / width;
-                for h in 0..s.heads {
-                    let kh = head_view(k, lk, *item, h, 0..s.m, s.d);
-                    let vh = head_view(v, lv, *item, h, 0..s.m, s.dv);
-                    for start in (0..group).step_by(band) {
-                        let rows = band.min(group - start);
-                        let row0 = *first + start;
-                        let qb = head_view(q, lq, *item, h, row0..row0 + rows, s.d);
-                        scores.resize(rows * s.m, 0.0);
-                        imagegen_gemm::sgemm(qb, transpose(kh), scores, s.m)?;
-                        sums.clear();
-                        vectorized(
-                            #[inline(always)]
-                            || {
-                                for row in scores.chunks_mut(s.m) {
-                                    sums.push(super::activation::exp_row_in_place(row, scale));
-                                }
-                            },
-                        );
-                        let oh = &mut o[start * width + h * s.dv..];
-                        imagegen_gemm::sgemm(strided(scores, rows, s.m, s.m), vh, oh, width)?;
-                        // The softmax's denominators, on the dv outputs, not the m scores.
-                        for (row, sum) in oh.chunks_mut(width).zip(sums.iter()) {
-                            let inv = 1.0 / sum;
-                            row[..s.dv].iter_mut().for_each(|x| *x *= inv);
+        let (out, done) = imagegen_gemm::fresh_buffer(len, pieces, |out| {
+            on_pool(
+                &tasks,
+                || (Vec::new(), Vec::new()),
+                |&mut (t, item, first), (scores, sums)| {
+                    let Some(o) = out.take(t) else {
+                        return Ok(());
+                    };
+                    let group = o.len() / width;
+                    for h in 0..s.heads {
+                        let kh = head_view(k, lk, item, h, 0..s.m, s.d);
+                        let vh = head_view(v, lv, item, h, 0..s.m, s.dv);
+                        for start in (0..group).step_by(band) {
+                            let rows = band.min(group - start);
+                            let row0 = first + start;
+                            let qb = head_view(q, lq, item, h, row0..row0 + rows, s.d);
+                            scores.resize(rows * s.m, 0.0);
+                            imagegen_gemm::sgemm(qb, transpose(kh), scores, s.m)?;
+                            sums.clear();
+                            vectorized(
+                                #[inline(always)]
+                                || {
+                                    for row in scores.chunks_mut(s.m) {
+                                        sums.push(super::activation::exp_row_in_place(row, scale));
+                                    }
+                                },
+                            );
+                            let oh = &mut o[start * width + h * s.dv..];
+                            imagegen_gemm::sgemm(strided(scores, rows, s.m, s.m), vh, oh, width)?;
+                            // The softmax's denominators, on the dv outputs, not the m scores.
+                            for (row, sum) in oh.chunks_mut(width).zip(sums.iter()) {
+                                let inv = 1.0 / sum;
+                                row[..s.dv].iter_mut().for_each(|x| *x *= inv);
+                            }
                         }
                     }
-                }
-                Ok(())
-            },
-        )?;
-        drop(tasks);
+                    Ok(())
+                },
+            )
+        });
+        done?;
         Ok((CpuStorage::F32(out), shape))
     }
 

@@ -99,11 +99,6 @@ impl CustomOp3 for FusedConv {
         let Some(rows_per_band) = self.band_rows(b, c, out_ch) else {
             candle_core::bail!("conv2d: {b}x{oh}x{ow} outputs are too few to split into bands");
         };
-        let mut out = vec![0f32; b * oh * ow * out_ch];
-        let bands: Vec<Mutex<&mut [f32]>> = out
-            .chunks_mut(rows_per_band * ow * out_ch)
-            .map(Mutex::new)
-            .collect();
         let weights = MatRef {
             data: w,
             rows: kkc,
@@ -113,48 +108,51 @@ impl CustomOp3 for FusedConv {
         };
         let per_img = h * wd * c;
         let error = Mutex::new(None);
-        candle_core::utils::barrier_pool().execute_chunked(bands.len(), |range| {
-            for band in range {
-                let Ok(mut dst) = bands[band].lock() else {
-                    continue;
-                };
-                let first = band * rows_per_band;
-                let rows = dst.len() / (ow * out_ch).max(1);
-                let result = COLUMNS.with(|scratch| {
-                    let mut scratch = scratch.borrow_mut();
-                    if scratch.len() < rows * ow * kkc {
-                        scratch.resize(rows * ow * kkc, 0.0);
-                    }
-                    let cols = &mut scratch[..rows * ow * kkc];
-                    // The band's rows, image by image (a band may straddle two).
-                    let mut done = 0;
-                    while done < rows {
-                        let (img, oy) = ((first + done) / oh, (first + done) % oh);
-                        let n = (oh - oy).min(rows - done);
-                        g.fill_rows(
-                            &x[img * per_img..][..per_img],
-                            oy..oy + n,
-                            c,
-                            &mut cols[done * ow * kkc..(done + n) * ow * kkc],
-                        );
-                        done += n;
-                    }
-                    let a = MatRef {
-                        data: cols,
-                        rows: rows * ow,
-                        cols: kkc,
-                        row_stride: kkc,
-                        col_stride: 1,
+        // Each band zeroed by the worker that writes it, not the whole output up front.
+        let band_len = std::iter::repeat(rows_per_band * ow * out_ch);
+        let (out, ()) = imagegen_gemm::fresh_buffer(b * oh * ow * out_ch, band_len, |bands| {
+            candle_core::utils::barrier_pool().execute_chunked(bands.len(), |range| {
+                for band in range {
+                    let Some(dst) = bands.take(band) else {
+                        continue;
                     };
-                    imagegen_gemm::sgemm(a, weights, &mut dst[..], out_ch)
-                });
-                match result {
-                    Ok(()) => add_bias_rows(&mut dst[..], bias),
-                    Err(e) => record_first(&error, e),
+                    let first = band * rows_per_band;
+                    let rows = dst.len() / (ow * out_ch).max(1);
+                    let result = COLUMNS.with(|scratch| {
+                        let mut scratch = scratch.borrow_mut();
+                        if scratch.len() < rows * ow * kkc {
+                            scratch.resize(rows * ow * kkc, 0.0);
+                        }
+                        let cols = &mut scratch[..rows * ow * kkc];
+                        // The band's rows, image by image (a band may straddle two).
+                        let mut done = 0;
+                        while done < rows {
+                            let (img, oy) = ((first + done) / oh, (first + done) % oh);
+                            let n = (oh - oy).min(rows - done);
+                            g.fill_rows(
+                                &x[img * per_img..][..per_img],
+                                oy..oy + n,
+                                c,
+                                &mut cols[done * ow * kkc..(done + n) * ow * kkc],
+                            );
+                            done += n;
+                        }
+                        let a = MatRef {
+                            data: cols,
+                            rows: rows * ow,
+                            cols: kkc,
+                            row_stride: kkc,
+                            col_stride: 1,
+                        };
+                        imagegen_gemm::sgemm(a, weights, dst, out_ch)
+                    });
+                    match result {
+                        Ok(()) => add_bias_rows(dst, bias),
+                        Err(e) => record_first(&error, e),
+                    }
                 }
-            }
+            });
         });
-        drop(bands);
         output_or_first_error(error, out, Shape::from((b, oh, ow, out_ch)))
     }
 

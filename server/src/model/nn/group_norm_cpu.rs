@@ -6,7 +6,8 @@
 //! The composites they replace made a dozen passes each, every one a separate tensor, and the
 //! scalar f64 backward before this one was a fifth of a tiny D3PO step's backward.
 
-use std::sync::Mutex;
+use std::ops::{Deref, DerefMut};
+use std::sync::{Mutex, MutexGuard};
 
 use super::simd::vectorized;
 
@@ -63,22 +64,32 @@ impl Blocks {
             .collect()
     }
 
+    /// The blocks' lengths in values, in order (the pieces of a new output).
+    fn lengths(&self, len: usize) -> impl Iterator<Item = usize> {
+        imagegen_gemm::nested_pieces(
+            len,
+            self.per_item * self.channels,
+            self.rows * self.channels,
+        )
+    }
+
     fn count(&self, batch: usize) -> usize {
         batch * self.per_item_blocks
     }
 
-    /// `f(item, dst, src)` for every block of `outputs` (from [`Self::split`]), `src` being the
-    /// same rows of `x`, over candle's pool; `f` runs inside [`vectorized`], so it must be
-    /// `#[inline(always)]`.
-    fn each(
+    /// `f(item, dst, src)` for each of the `count` blocks, `dst` being `take(t)` (block `t` of an
+    /// output, skipped when `None`) and `src` the same rows of `x`, over candle's pool; `f` runs
+    /// inside [`vectorized`], so it must be `#[inline(always)]`.
+    fn each<D: DerefMut<Target = [f32]>>(
         &self,
-        outputs: &[Mutex<&mut [f32]>],
+        count: usize,
+        take: impl Fn(usize) -> Option<D> + Sync,
         x: &[f32],
         f: impl Fn(usize, &mut [f32], &[f32]) + Sync,
     ) {
-        candle_core::utils::barrier_pool().execute_chunked(outputs.len(), |range| {
+        candle_core::utils::barrier_pool().execute_chunked(count, |range| {
             for t in range {
-                let Ok(mut dst) = outputs[t].lock() else {
+                let Some(mut dst) = take(t) else {
                     continue;
                 };
                 let src = &x[self.rows_of(t).start * self.channels..][..dst.len()];
@@ -88,6 +99,22 @@ impl Blocks {
                 );
             }
         });
+    }
+}
+
+/// A block of an output [`Blocks::split`] put behind a lock, for [`Blocks::each`].
+struct Locked<'g, 'a>(MutexGuard<'g, &'a mut [f32]>);
+
+impl Deref for Locked<'_, '_> {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        &self.0
+    }
+}
+
+impl DerefMut for Locked<'_, '_> {
+    fn deref_mut(&mut self) -> &mut [f32] {
+        &mut self.0
     }
 }
 
@@ -194,35 +221,36 @@ fn scale_shift(stats: &[Vec<(f64, f64)>], w: &[f32], b: &[f32]) -> Vec<(Vec<f32>
 /// `GroupNorm(x) * w + b` (then SiLU when asked) for channels-last `x`.
 pub(super) fn forward(x: &[f32], w: &[f32], b: &[f32], p: Problem) -> Vec<f32> {
     let channels = w.len();
-    let mut out = vec![0f32; x.len()];
     if x.is_empty() || channels == 0 || p.batch == 0 {
-        return out;
+        return vec![0f32; x.len()];
     }
     let blocks = Blocks::of(x.len(), channels, p.batch);
     let affine = scale_shift(&statistics(x, p, blocks), w, b);
-    let outputs = blocks.split(&mut out);
-    blocks.each(
-        &outputs,
-        x,
-        #[inline(always)]
-        |item, dst, src| {
-            let (scale, shift) = &affine[item];
-            for (d_row, s_row) in dst
-                .chunks_exact_mut(channels)
-                .zip(src.chunks_exact(channels))
-            {
-                for (((d, &v), &a), &s) in d_row.iter_mut().zip(s_row).zip(scale).zip(shift) {
-                    *d = v * a + s;
+    // Each block zeroed by the worker that writes it, not the whole output up front.
+    let (out, ()) = imagegen_gemm::fresh_buffer(x.len(), blocks.lengths(x.len()), |outputs| {
+        blocks.each(
+            outputs.len(),
+            |t| outputs.take(t),
+            x,
+            #[inline(always)]
+            |item, dst, src| {
+                let (scale, shift) = &affine[item];
+                for (d_row, s_row) in dst
+                    .chunks_exact_mut(channels)
+                    .zip(src.chunks_exact(channels))
+                {
+                    for (((d, &v), &a), &s) in d_row.iter_mut().zip(s_row).zip(scale).zip(shift) {
+                        *d = v * a + s;
+                    }
+                    if p.silu {
+                        d_row
+                            .iter_mut()
+                            .for_each(|d| *d = super::activation::silu_f32(*d));
+                    }
                 }
-                if p.silu {
-                    d_row
-                        .iter_mut()
-                        .for_each(|d| *d = super::activation::silu_f32(*d));
-                }
-            }
-        },
-    );
-    drop(outputs);
+            },
+        );
+    });
     out
 }
 
@@ -347,7 +375,8 @@ pub(super) fn backward(x: &[f32], w: &[f32], b: &[f32], dy: &[f32], p: Problem) 
 
     // Pass 2: dx = g P + x Q + R, in place.
     blocks.each(
-        &outputs,
+        outputs.len(),
+        |t| outputs[t].lock().ok().map(Locked),
         x,
         #[inline(always)]
         |item, dst, src| {

@@ -8,7 +8,7 @@
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::activation::{dot16, reduce16};
-use super::simd::{for_row_blocks, map_rows};
+use super::simd::{fill_row_blocks, map_rows};
 use super::{Mode, contiguous_slice};
 
 /// `LayerNorm(x) * w + b` over the last dimension of an f32 CPU `x`; differentiable in
@@ -160,10 +160,9 @@ impl CustomOp3 for LayerNormGrad {
         );
         let cols = w.len();
         let n = cols as f32;
-        let mut out = vec![0f32; x.len()];
         let eps = self.0.eps;
-        for_row_blocks(
-            &mut out,
+        let out = fill_row_blocks(
+            x.len(),
             cols,
             #[inline(always)]
             |first, dst| {

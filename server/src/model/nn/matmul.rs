@@ -106,8 +106,7 @@ fn product(
             b: view(b, lb, ob),
         })
         .collect();
-    let mut out = vec![0f32; problems.len() * m * n];
-    run(&problems, m, n, &mut out, bias)?;
+    let out = run(&problems, m, n, bias)?;
     let mut shape = da.to_vec();
     shape[r - 1] = n;
     Ok((CpuStorage::F32(out), Shape::from(shape)))
@@ -212,31 +211,28 @@ pub(super) fn add_bias_rows(rows: &mut [f32], bias: &[f32]) {
     }
 }
 
-/// Every problem's `m x n` result into its block of `out`, plus `bias` (`n` values) on every row
+/// Every problem's `m x n` result, one after the other, plus `bias` (`n` values) on every row
 /// when given, each piece's bias added while its result is still in cache. Split into about two
-/// pieces per pool thread: whole problems when there are enough, else bands of rows (or of
-/// columns, into scratch, when the result is wide and short, as a bias gradient's `1 x C`).
-fn run(
-    problems: &[Problem<'_>],
-    m: usize,
-    n: usize,
-    out: &mut [f32],
-    bias: Option<&[f32]>,
-) -> Result<()> {
+/// pieces per pool thread: whole problems when there are enough, else bands of rows, each zeroed
+/// by the worker that writes it (or of columns, into scratch, when the result is wide and short,
+/// as a bias gradient's `1 x C`).
+fn run(problems: &[Problem<'_>], m: usize, n: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
     if bias.is_some_and(|b| b.len() != n) {
         candle_core::bail!("matmul: a bias of {n} values expected");
     }
     let k = problems.first().map_or(0, |p| p.a.cols);
     let threads = pool_threads();
     let flops = problems.len() * m * n * k;
+    let len = problems.len() * m * n;
     if threads == 1 || flops < PARALLEL_MIN_FLOPS || m * n == 0 {
+        let mut out = vec![0f32; len];
         for (p, c) in problems.iter().zip(out.chunks_mut((m * n).max(1))) {
             imagegen_gemm::sgemm(p.a, p.b, c, n).map_err(gemm_error)?;
             if let Some(bias) = bias {
                 add_bias_rows(c, bias);
             }
         }
-        return Ok(());
+        return Ok(out);
     }
     let pieces_per_problem = (2 * threads).div_ceil(problems.len());
     let error = Mutex::new(None);
@@ -245,25 +241,24 @@ fn run(
             slot.get_or_insert(e);
         }
     };
-    if pieces_per_problem <= 1 || m >= n {
-        // Bands of rows: each a contiguous slice of `out`.
+    let out = if pieces_per_problem <= 1 || m >= n {
+        // Bands of rows: task `t` writes piece `t`, a contiguous slice of the output.
         let band = m.div_ceil(pieces_per_problem).max(1);
-        let mut tasks = Vec::new();
-        for (p, c) in problems.iter().zip(out.chunks_mut(m * n)) {
-            for (i, rows) in c.chunks_mut(band * n).enumerate() {
-                let a = MatRef {
-                    data: &p.a.data[(i * band * p.a.row_stride).min(p.a.data.len())..],
-                    rows: rows.len() / n,
-                    ..p.a
-                };
-                tasks.push(Mutex::new((a, p.b, rows)));
-            }
-        }
-        candle_core::utils::barrier_pool().execute_chunked(tasks.len(), |range| {
-            for t in range {
-                if let Ok(mut task) = tasks[t].lock() {
-                    let (a, b, ref mut c) = *task;
-                    match imagegen_gemm::sgemm(a, b, c, n) {
+        let bands_per_problem = m.div_ceil(band);
+        let pieces = imagegen_gemm::nested_pieces(len, m * n, band * n);
+        let (out, ()) = imagegen_gemm::fresh_buffer(len, pieces, |bands| {
+            candle_core::utils::barrier_pool().execute_chunked(bands.len(), |range| {
+                for t in range {
+                    let Some(c) = bands.take(t) else {
+                        continue;
+                    };
+                    let (p, i) = (&problems[t / bands_per_problem], t % bands_per_problem);
+                    let a = MatRef {
+                        data: &p.a.data[(i * band * p.a.row_stride).min(p.a.data.len())..],
+                        rows: c.len() / n,
+                        ..p.a
+                    };
+                    match imagegen_gemm::sgemm(a, p.b, c, n) {
                         Ok(()) => {
                             if let Some(bias) = bias {
                                 add_bias_rows(c, bias);
@@ -272,10 +267,12 @@ fn run(
                         Err(e) => fail(e),
                     }
                 }
-            }
+            });
         });
+        out
     } else {
         // Bands of columns, each into its own scratch, copied into place after.
+        let mut out = vec![0f32; len];
         let band = n.div_ceil(pieces_per_problem).max(1);
         let mut tasks = Vec::new();
         for (pi, p) in problems.iter().enumerate() {
@@ -313,9 +310,10 @@ fn run(
                 dst[start..start + b.cols].copy_from_slice(src);
             }
         }
-    }
+        out
+    };
     match error.into_inner() {
-        Ok(None) => Ok(()),
+        Ok(None) => Ok(out),
         Ok(Some(e)) => Err(gemm_error(e)),
         Err(_) => candle_core::bail!("matmul: a worker panicked"),
     }

@@ -45,43 +45,43 @@ pub(crate) fn vectorized<R>(f: impl FnOnce() -> R) -> R {
     arch().dispatch(f)
 }
 
-/// Values per block of [`for_row_blocks`]: enough to amortise the pool's hand-off, small
+/// Values per block of [`fill_row_blocks`]: enough to amortise the pool's hand-off, small
 /// enough that a layer's rows spread over every thread.
 const BLOCK_VALUES: usize = 16_384;
 
-/// Runs `f(first_row, block)` over `out` cut into blocks of whole rows of `row_len` values,
-/// spread over candle's thread pool; each block's lock is taken once, by the worker given it.
-/// `f` is run inside [`vectorized`].
-pub(crate) fn for_row_blocks(
-    out: &mut [f32],
+/// A new buffer of `len` values whose blocks of whole rows of `row_len` values are written by
+/// `f(first_row, block)`, spread over candle's thread pool; each block is zeroed by the worker
+/// given it, right before `f` (`imagegen_gemm::fresh_buffer`: zeroing the whole output up front on
+/// the calling thread was a serial pass over it). `f` is run inside [`vectorized`].
+pub(crate) fn fill_row_blocks(
+    len: usize,
     row_len: usize,
     f: impl Fn(usize, &mut [f32]) + Sync,
-) {
+) -> Vec<f32> {
     let row_len = row_len.max(1);
     let rows_per_block = (BLOCK_VALUES / row_len).max(1);
-    let blocks: Vec<std::sync::Mutex<&mut [f32]>> = out
-        .chunks_mut(rows_per_block * row_len)
-        .map(std::sync::Mutex::new)
-        .collect();
-    candle_core::utils::barrier_pool().execute_chunked(blocks.len(), |range| {
-        for b in range {
-            if let Ok(mut dst) = blocks[b].lock() {
-                vectorized(
-                    #[inline(always)]
-                    || f(b * rows_per_block, &mut dst),
-                );
+    let block = std::iter::repeat(rows_per_block * row_len);
+    let (out, ()) = imagegen_gemm::fresh_buffer(len, block, |blocks| {
+        candle_core::utils::barrier_pool().execute_chunked(blocks.len(), |range| {
+            for b in range {
+                if let Some(dst) = blocks.take(b) {
+                    vectorized(
+                        #[inline(always)]
+                        || f(b * rows_per_block, dst),
+                    );
+                }
             }
-        }
+        });
     });
+    out
 }
 
 /// A new buffer of `x`'s length whose every row of `cols` values is `f(row of x, row of out)`,
-/// over [`for_row_blocks`]; `f` must be `#[inline(always)]` to be vectorised.
+/// over [`fill_row_blocks`]; `f` must be `#[inline(always)]` to be vectorised.
 pub(crate) fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut [f32]) + Sync) -> Vec<f32> {
     let cols = cols.max(1);
-    let mut out = vec![0f32; x.len()];
-    for_row_blocks(
-        &mut out,
+    fill_row_blocks(
+        x.len(),
         cols,
         #[inline(always)]
         |first, dst| {
@@ -90,8 +90,7 @@ pub(crate) fn map_rows(x: &[f32], cols: usize, f: impl Fn(&[f32], &mut [f32]) + 
                 f(row, out);
             }
         },
-    );
-    out
+    )
 }
 
 /// The widest instruction set the kernels use here: `avx512`, `avx2` or `baseline` (logs, benches).

@@ -142,70 +142,65 @@ impl CustomOp3 for WinogradConv {
         let k = wt.out_ch;
         let (tiles_y, tiles_x) = (h.div_ceil(2), w.div_ceil(2));
         let tile_rows = (BAND_TILES / tiles_x).max(1);
-        let mut out = vec![0f32; b * h * w * k];
-        // Bands of tile rows within one image: output rows 2 * tile_rows at a time.
-        let bands: Vec<Mutex<(usize, usize, &mut [f32])>> = out
-            .chunks_mut((h * w * k).max(1))
-            .enumerate()
-            .flat_map(|(img, rows)| {
-                rows.chunks_mut(2 * tile_rows * w * k)
-                    .enumerate()
-                    .map(move |(i, o)| Mutex::new((img, i * tile_rows, o)))
-            })
-            .collect();
+        // Bands of tile rows within one image: output rows 2 * tile_rows at a time, each zeroed
+        // by the worker that writes it rather than the whole output up front.
+        let (image_len, band_len) = (h * w * k, 2 * tile_rows * w * k);
+        let bands_per_image = image_len.div_ceil(band_len.max(1)).max(1);
+        let band_lens = imagegen_gemm::nested_pieces(b * image_len, image_len, band_len);
         let error = Mutex::new(None);
         let per_img = h * w * c;
-        candle_core::utils::barrier_pool().execute_chunked(bands.len(), |range| {
-            for band in range {
-                let Ok(mut task) = bands[band].lock() else {
-                    continue;
-                };
-                let (img, ty0, ref mut dst) = *task;
-                let rows = tile_rows.min(tiles_y - ty0);
-                let tiles = rows * tiles_x;
-                let geometry = Tiles {
-                    h,
-                    w,
-                    c,
-                    k,
-                    tiles_x,
-                };
-                let result = SCRATCH.with(|scratch| {
-                    let (v, m) = &mut *scratch.borrow_mut();
-                    v.resize(16 * tiles * c, 0.0);
-                    m.resize(16 * tiles * k, 0.0);
-                    let image = &x[img * per_img..][..per_img];
-                    vectorized(
-                        #[inline(always)]
-                        || geometry.input_transform(image, ty0, rows, v),
-                    );
-                    for xi in 0..16 {
-                        let a = MatRef {
-                            data: &v[xi * tiles * c..(xi + 1) * tiles * c],
-                            rows: tiles,
-                            cols: c,
-                            row_stride: c,
-                            col_stride: 1,
-                        };
-                        imagegen_gemm::sgemm(
-                            a,
-                            wt.tap(xi),
-                            &mut m[xi * tiles * k..][..tiles * k],
-                            k,
-                        )?;
+        let (out, ()) = imagegen_gemm::fresh_buffer(b * image_len, band_lens, |bands| {
+            candle_core::utils::barrier_pool().execute_chunked(bands.len(), |range| {
+                for band in range {
+                    let Some(dst) = bands.take(band) else {
+                        continue;
+                    };
+                    let (img, ty0) = (band / bands_per_image, (band % bands_per_image) * tile_rows);
+                    let rows = tile_rows.min(tiles_y - ty0);
+                    let tiles = rows * tiles_x;
+                    let geometry = Tiles {
+                        h,
+                        w,
+                        c,
+                        k,
+                        tiles_x,
+                    };
+                    let result = SCRATCH.with(|scratch| {
+                        let (v, m) = &mut *scratch.borrow_mut();
+                        v.resize(16 * tiles * c, 0.0);
+                        m.resize(16 * tiles * k, 0.0);
+                        let image = &x[img * per_img..][..per_img];
+                        vectorized(
+                            #[inline(always)]
+                            || geometry.input_transform(image, ty0, rows, v),
+                        );
+                        for xi in 0..16 {
+                            let a = MatRef {
+                                data: &v[xi * tiles * c..(xi + 1) * tiles * c],
+                                rows: tiles,
+                                cols: c,
+                                row_stride: c,
+                                col_stride: 1,
+                            };
+                            imagegen_gemm::sgemm(
+                                a,
+                                wt.tap(xi),
+                                &mut m[xi * tiles * k..][..tiles * k],
+                                k,
+                            )?;
+                        }
+                        vectorized(
+                            #[inline(always)]
+                            || geometry.output_transform(m, bias, ty0, rows, dst),
+                        );
+                        Ok::<(), imagegen_gemm::GemmError>(())
+                    });
+                    if let Err(e) = result {
+                        record_first(&error, e);
                     }
-                    vectorized(
-                        #[inline(always)]
-                        || geometry.output_transform(m, bias, ty0, rows, dst),
-                    );
-                    Ok::<(), imagegen_gemm::GemmError>(())
-                });
-                if let Err(e) = result {
-                    record_first(&error, e);
                 }
-            }
+            });
         });
-        drop(bands);
         output_or_first_error(error, out, Shape::from((b, h, w, k)))
     }
 
