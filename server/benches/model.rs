@@ -2,8 +2,8 @@
 //!
 //! `cargo bench -p imagegen-server --bench model` runs everything; set `BENCH_SD15=0` to skip the
 //! SD-1.5-size UNet (inference, LoRA training and a D3PO step: several minutes and about 8 GB),
-//! `BENCH_TINY=0` to run only those (`BENCH_TINY=d3po` / `pipe4`: of the tiny ones only the D3PO
-//! step / the four-image pipeline, for profiling), `BENCH_SD15_TRAINING=0` to skip their training workloads,
+//! `BENCH_TINY=0` to run only those (`BENCH_TINY=d3po` / `pipe1` / `pipe4`: of the tiny ones only the D3PO
+//! step / the one- or four-image pipeline, for profiling), `BENCH_SD15_TRAINING=0` to skip their training workloads,
 //! `BENCH_ITERS` to change repetitions (`BENCH_SD15_ITERS` for the SD-1.5 forwards),
 //! `BENCH_STAT=min` to report minimums. The last line
 //! is one JSON object of medians in ms, keyed as the PyTorch peer's (`../shared/bench/peer`), for
@@ -184,10 +184,11 @@ fn tiny_workloads(
     let model = DiffusionModel::load(dir.path(), DType::F32, &Device::Cpu)?;
     match std::env::var("BENCH_TINY").as_deref() {
         Ok("d3po") => {}
-        Ok("pipe4") => {
-            let t = time_generation(&model, 4, n, 5.0);
-            println!("tiny pipeline, 4 images: {}", ms(t));
-            json.insert("tiny_pipe_4img_20steps_ms".into(), millis(t));
+        Ok(only @ ("pipe1" | "pipe4")) => {
+            let images = if only == "pipe1" { 1 } else { 4 };
+            let t = time_generation(&model, images, n, 5.0);
+            println!("tiny pipeline, {images} image(s): {}", ms(t));
+            json.insert(format!("tiny_pipe_{images}img_20steps_ms"), millis(t));
             return Ok(());
         }
         _ => tiny_inference_workloads(json, &model, n)?,

@@ -104,6 +104,15 @@ pub fn sgemm_accumulate(
     product(a, b, c, ldc, true)
 }
 
+/// Whether `c = a b` can be taken straight into uninitialised memory (OpenBLAS, dense enough
+/// views): then `c` holds the product, every value initialised; otherwise nothing is written.
+fn product_uninit(a: &MatRef<'_>, b: &MatRef<'_>, c: &mut [std::mem::MaybeUninit<f32>]) -> bool {
+    backend() == Backend::OpenBlas
+        && a.check("lhs").is_ok()
+        && b.check("rhs").is_ok()
+        && openblas::sgemm_uninit(a, b, c)
+}
+
 fn product(
     a: MatRef<'_>,
     b: MatRef<'_>,
@@ -279,6 +288,49 @@ mod openblas {
         }
         true
     }
+
+    /// `c = a b` into `c`, uninitialised, of exactly `a.rows x b.cols` values (rows `b.cols`
+    /// apart), each of which it then holds; `false`, nothing written, when CBLAS cannot take
+    /// the views and sizes or the inner size is 0.
+    pub(super) fn sgemm_uninit(
+        a: &MatRef<'_>,
+        b: &MatRef<'_>,
+        c: &mut [std::mem::MaybeUninit<f32>],
+    ) -> bool {
+        let dims = [a.rows, b.cols, a.cols].map(|d| i32::try_from(d).ok());
+        let (Some((ta, lda)), Some((tb, ldb)), [Some(m), Some(n), Some(k)]) =
+            (operand(a), operand(b), dims)
+        else {
+            return false;
+        };
+        if k == 0 || b.rows != a.cols || a.rows.checked_mul(b.cols) != Some(c.len()) {
+            return false;
+        }
+        // SAFETY: as in `sgemm`, the views fit their slices (checked by the caller) and `c` holds
+        // exactly m rows of n at `ldc = n`. With beta 0, BLAS defines C as output only ("C need
+        // not be set on input"): OpenBLAS stores every element of the m x n block (its beta
+        // kernel zeroes C before accumulating, its small-matrix kernels store each result)
+        // and never reads what was there, so every value of `c` is initialised when it returns.
+        unsafe {
+            cblas_sgemm(
+                ROW_MAJOR,
+                ta,
+                tb,
+                m,
+                n,
+                k,
+                1.0,
+                a.data.as_ptr(),
+                lda,
+                b.data.as_ptr(),
+                ldb,
+                0.0,
+                c.as_mut_ptr().cast::<f32>(),
+                n,
+            );
+        }
+        true
+    }
 }
 
 #[cfg(not(imagegen_openblas))]
@@ -286,6 +338,15 @@ mod openblas {
     use super::MatRef;
 
     pub(super) fn init() {}
+
+    /// Not linked: never takes the product.
+    pub(super) fn sgemm_uninit(
+        _: &MatRef<'_>,
+        _: &MatRef<'_>,
+        _: &mut [std::mem::MaybeUninit<f32>],
+    ) -> bool {
+        false
+    }
 
     /// Not linked: never takes the product.
     pub(super) fn sgemm(_: &MatRef<'_>, _: &MatRef<'_>, _: &mut [f32], _: usize, _: bool) -> bool {

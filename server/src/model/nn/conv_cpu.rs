@@ -108,16 +108,13 @@ impl CustomOp3 for FusedConv {
         };
         let per_img = h * wd * c;
         let error = Mutex::new(None);
-        // Each band zeroed by the worker that writes it, not the whole output up front.
+        // Each band's product written straight into fresh memory by the worker given it.
         let band_len = std::iter::repeat(rows_per_band * ow * out_ch);
         let (out, ()) = imagegen_gemm::fresh_buffer(b * oh * ow * out_ch, band_len, |bands| {
             candle_core::utils::barrier_pool().execute_chunked(bands.len(), |range| {
                 for band in range {
-                    let Some(dst) = bands.take(band) else {
-                        continue;
-                    };
                     let first = band * rows_per_band;
-                    let rows = dst.len() / (ow * out_ch).max(1);
+                    let rows = rows_per_band.min(b * oh - first);
                     let result = COLUMNS.with(|scratch| {
                         let mut scratch = scratch.borrow_mut();
                         if scratch.len() < rows * ow * kkc {
@@ -144,10 +141,11 @@ impl CustomOp3 for FusedConv {
                             row_stride: kkc,
                             col_stride: 1,
                         };
-                        imagegen_gemm::sgemm(a, weights, dst, out_ch)
+                        bands.take_product(band, a, weights)
                     });
                     match result {
-                        Ok(()) => add_bias_rows(dst, bias),
+                        Ok(Some(dst)) => add_bias_rows(dst, bias),
+                        Ok(None) => {}
                         Err(e) => record_first(&error, e),
                     }
                 }

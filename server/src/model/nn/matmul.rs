@@ -213,9 +213,9 @@ pub(super) fn add_bias_rows(rows: &mut [f32], bias: &[f32]) {
 
 /// Every problem's `m x n` result, one after the other, plus `bias` (`n` values) on every row
 /// when given, each piece's bias added while its result is still in cache. Split into about two
-/// pieces per pool thread: whole problems when there are enough, else bands of rows, each zeroed
-/// by the worker that writes it (or of columns, into scratch, when the result is wide and short,
-/// as a bias gradient's `1 x C`).
+/// pieces per pool thread: whole problems when there are enough, else bands of rows, each written
+/// straight into fresh memory by the worker given it (`Pieces::take_product`), or of columns, into
+/// scratch, when the result is wide and short, as a bias gradient's `1 x C`.
 fn run(problems: &[Problem<'_>], m: usize, n: usize, bias: Option<&[f32]>) -> Result<Vec<f32>> {
     if bias.is_some_and(|b| b.len() != n) {
         candle_core::bail!("matmul: a bias of {n} values expected");
@@ -249,21 +249,19 @@ fn run(problems: &[Problem<'_>], m: usize, n: usize, bias: Option<&[f32]>) -> Re
         let (out, ()) = imagegen_gemm::fresh_buffer(len, pieces, |bands| {
             candle_core::utils::barrier_pool().execute_chunked(bands.len(), |range| {
                 for t in range {
-                    let Some(c) = bands.take(t) else {
-                        continue;
-                    };
                     let (p, i) = (&problems[t / bands_per_problem], t % bands_per_problem);
                     let a = MatRef {
                         data: &p.a.data[(i * band * p.a.row_stride).min(p.a.data.len())..],
-                        rows: c.len() / n,
+                        rows: band.min(m - i * band),
                         ..p.a
                     };
-                    match imagegen_gemm::sgemm(a, p.b, c, n) {
-                        Ok(()) => {
+                    match bands.take_product(t, a, p.b) {
+                        Ok(Some(c)) => {
                             if let Some(bias) = bias {
                                 add_bias_rows(c, bias);
                             }
                         }
+                        Ok(None) => {}
                         Err(e) => fail(e),
                     }
                 }
