@@ -15,7 +15,7 @@
 #
 #   BENCH_PEER_ONLY=tiny,d3po,sd15,sd15train   peer benchmarks (default: all; sd15train needs ~9 GB)
 #   BENCH_SD15=0                              skip the SD-1.5-size workloads on both sides
-#   BENCH_ROUNDS=n                            rounds of both sides (default 2; 1 = one each)
+#   BENCH_ROUNDS=n                            rounds of both sides (default 3; 1 = one each)
 #   PEER_DIR=dir                              the peer (default ../shared/bench/peer)
 # An AVX2-only CPU's code paths on an AVX-512 machine, both sides capped in one run (ours: the
 # element-wise kernels and OpenBLAS; PyTorch: ATen, MKL and oneDNN):
@@ -37,7 +37,7 @@ cpu="$(lscpu | sed -n 's/^Model name: *//p' | head -n 1)"
 flags="$(grep -m1 -o -w -E 'avx512f|avx2|fma' /proc/cpuinfo | sort -u | tr '\n' ' ')"
 echo "== CPU: $cpu ($(nproc) cores; ${flags:-no AVX2})" >&2
 
-rounds="${BENCH_ROUNDS:-2}"
+rounds="${BENCH_ROUNDS:-3}"
 [[ "$rounds" =~ ^[1-9][0-9]*$ ]] || { echo "BENCH_ROUNDS must be a positive integer, not '$rounds'" >&2; exit 1; }
 cargo bench -q -p imagegen-server --bench model --no-run 2>"$work/build.err" || { cat "$work/build.err" >&2; exit 1; }
 
