@@ -146,6 +146,7 @@ pub fn nested_pieces(len: usize, outer: usize, inner: usize) -> impl Iterator<It
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::tests::dense;
 
     #[test]
     fn taken_pieces_hold_what_was_written_and_the_rest_is_zero() {
@@ -222,16 +223,6 @@ mod tests {
             4.0, 5.0, 10.0, 11.0, 0.0, 0.0, 0.0, 0.0, 4.0, 5.0, 10.0, 11.0,
         ];
         assert_eq!(buffer, expected, "backend {}", crate::backend().name());
-    }
-
-    fn dense(data: &[f32], rows: usize, cols: usize) -> MatRef<'_> {
-        MatRef {
-            data,
-            rows,
-            cols,
-            row_stride: cols,
-            col_stride: 1,
-        }
     }
 
     #[test]

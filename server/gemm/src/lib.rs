@@ -259,15 +259,51 @@ mod openblas {
         ldc: usize,
         accumulate: bool,
     ) -> bool {
+        // SAFETY: the caller checked that the views fit their slices (`MatRef::check`) and that
+        // `c` holds m rows of n at `ldc`.
+        unsafe { product(a, b, c.as_mut_ptr(), ldc, accumulate) }
+    }
+
+    /// `c = a b` into `c`, uninitialised, of exactly `a.rows x b.cols` values (rows `b.cols`
+    /// apart), each of which it then holds; `false`, nothing written, when CBLAS cannot take
+    /// the views and sizes or the inner size is 0.
+    pub(super) fn sgemm_uninit(
+        a: &MatRef<'_>,
+        b: &MatRef<'_>,
+        c: &mut [std::mem::MaybeUninit<f32>],
+    ) -> bool {
+        if a.cols == 0 || b.rows != a.cols || a.rows.checked_mul(b.cols) != Some(c.len()) {
+            return false;
+        }
+        // SAFETY: the views fit their slices (checked by the caller) and `c` holds exactly m
+        // rows of n at `ldc = n`. With beta 0, BLAS defines C as output only ("C need not be
+        // set on input"): OpenBLAS stores every element of the m x n block (its beta kernel
+        // zeroes C before accumulating, its small-matrix kernels store each result) and never
+        // reads what was there, so every value of `c` is initialised when it returns `true`.
+        unsafe { product(a, b, c.as_mut_ptr().cast::<f32>(), b.cols, false) }
+    }
+
+    /// `c = a b` (beta 0) or `c += a b` (beta 1) through CBLAS; `false`, nothing written, when
+    /// it cannot take the views or sizes.
+    ///
+    /// # Safety
+    /// `a` and `b` fit their slices, and `c` points to `a.rows` rows of `b.cols` writable values
+    /// `ldc` apart, exclusively for the call; `operand` checks that the leading dimensions
+    /// describe those same views, and OpenBLAS touches nothing outside them.
+    unsafe fn product(
+        a: &MatRef<'_>,
+        b: &MatRef<'_>,
+        c: *mut f32,
+        ldc: usize,
+        accumulate: bool,
+    ) -> bool {
         let dims = [a.rows, b.cols, a.cols, ldc].map(|d| i32::try_from(d).ok());
         let (Some((ta, lda)), Some((tb, ldb)), [Some(m), Some(n), Some(k), Some(ldc)]) =
             (operand(a), operand(b), dims)
         else {
             return false;
         };
-        // SAFETY: the caller checked that the views fit their slices (`MatRef::check`) and that
-        // `c` holds m rows of n at `ldc`; `operand` that the leading dimensions describe those
-        // same views; OpenBLAS reads a and b and writes c only within those bounds.
+        // SAFETY: the caller's contract above.
         unsafe {
             cblas_sgemm(
                 ROW_MAJOR,
@@ -282,51 +318,8 @@ mod openblas {
                 b.data.as_ptr(),
                 ldb,
                 if accumulate { 1.0 } else { 0.0 },
-                c.as_mut_ptr(),
+                c,
                 ldc,
-            );
-        }
-        true
-    }
-
-    /// `c = a b` into `c`, uninitialised, of exactly `a.rows x b.cols` values (rows `b.cols`
-    /// apart), each of which it then holds; `false`, nothing written, when CBLAS cannot take
-    /// the views and sizes or the inner size is 0.
-    pub(super) fn sgemm_uninit(
-        a: &MatRef<'_>,
-        b: &MatRef<'_>,
-        c: &mut [std::mem::MaybeUninit<f32>],
-    ) -> bool {
-        let dims = [a.rows, b.cols, a.cols].map(|d| i32::try_from(d).ok());
-        let (Some((ta, lda)), Some((tb, ldb)), [Some(m), Some(n), Some(k)]) =
-            (operand(a), operand(b), dims)
-        else {
-            return false;
-        };
-        if k == 0 || b.rows != a.cols || a.rows.checked_mul(b.cols) != Some(c.len()) {
-            return false;
-        }
-        // SAFETY: as in `sgemm`, the views fit their slices (checked by the caller) and `c` holds
-        // exactly m rows of n at `ldc = n`. With beta 0, BLAS defines C as output only ("C need
-        // not be set on input"): OpenBLAS stores every element of the m x n block (its beta
-        // kernel zeroes C before accumulating, its small-matrix kernels store each result)
-        // and never reads what was there, so every value of `c` is initialised when it returns.
-        unsafe {
-            cblas_sgemm(
-                ROW_MAJOR,
-                ta,
-                tb,
-                m,
-                n,
-                k,
-                1.0,
-                a.data.as_ptr(),
-                lda,
-                b.data.as_ptr(),
-                ldb,
-                0.0,
-                c.as_mut_ptr().cast::<f32>(),
-                n,
             );
         }
         true
@@ -355,10 +348,10 @@ mod openblas {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    fn dense(data: &[f32], rows: usize, cols: usize) -> MatRef<'_> {
+    pub(crate) fn dense(data: &[f32], rows: usize, cols: usize) -> MatRef<'_> {
         MatRef {
             data,
             rows,

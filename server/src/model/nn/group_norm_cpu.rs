@@ -6,8 +6,7 @@
 //! The composites they replace made a dozen passes each, every one a separate tensor, and the
 //! scalar f64 backward before this one was a fifth of a tiny D3PO step's backward.
 
-use std::ops::{Deref, DerefMut};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::Mutex;
 
 use super::simd::vectorized;
 
@@ -56,11 +55,12 @@ impl Blocks {
         first..(first + self.rows).min((item + 1) * self.per_item)
     }
 
-    /// `out` cut into the blocks' rows, each behind a lock taken once by the worker given it.
-    fn split<'a>(&self, out: &'a mut [f32]) -> Vec<Mutex<&'a mut [f32]>> {
+    /// `out` cut into the blocks' rows, each behind a lock taken by the worker given it (and
+    /// taken out of it by the last pass, through [`Self::each`]).
+    fn split<'a>(&self, out: &'a mut [f32]) -> Vec<Mutex<Option<&'a mut [f32]>>> {
         out.chunks_mut(self.per_item * self.channels)
             .flat_map(|rows| rows.chunks_mut(self.rows * self.channels))
-            .map(Mutex::new)
+            .map(|block| Mutex::new(Some(block)))
             .collect()
     }
 
@@ -80,41 +80,25 @@ impl Blocks {
     /// `f(item, dst, src)` for each of the `count` blocks, `dst` being `take(t)` (block `t` of an
     /// output, skipped when `None`) and `src` the same rows of `x`, over candle's pool; `f` runs
     /// inside [`vectorized`], so it must be `#[inline(always)]`.
-    fn each<D: DerefMut<Target = [f32]>>(
+    fn each<'a>(
         &self,
         count: usize,
-        take: impl Fn(usize) -> Option<D> + Sync,
+        take: impl Fn(usize) -> Option<&'a mut [f32]> + Sync,
         x: &[f32],
         f: impl Fn(usize, &mut [f32], &[f32]) + Sync,
     ) {
         candle_core::utils::barrier_pool().execute_chunked(count, |range| {
             for t in range {
-                let Some(mut dst) = take(t) else {
+                let Some(dst) = take(t) else {
                     continue;
                 };
                 let src = &x[self.rows_of(t).start * self.channels..][..dst.len()];
                 vectorized(
                     #[inline(always)]
-                    || f(t / self.per_item_blocks, &mut dst, src),
+                    || f(t / self.per_item_blocks, dst, src),
                 );
             }
         });
-    }
-}
-
-/// A block of an output [`Blocks::split`] put behind a lock, for [`Blocks::each`].
-struct Locked<'g, 'a>(MutexGuard<'g, &'a mut [f32]>);
-
-impl Deref for Locked<'_, '_> {
-    type Target = [f32];
-    fn deref(&self) -> &[f32] {
-        &self.0
-    }
-}
-
-impl DerefMut for Locked<'_, '_> {
-    fn deref_mut(&mut self) -> &mut [f32] {
-        &mut self.0
     }
 }
 
@@ -287,7 +271,10 @@ pub(super) fn backward(x: &[f32], w: &[f32], b: &[f32], dy: &[f32], p: Problem) 
     let outputs = blocks.split(dx);
     let partials = channel_sums(blocks, p.batch, |rows, g_sum, gx_sum| {
         let t = block_of(blocks, rows.start);
-        let Ok(mut dst) = outputs[t].lock() else {
+        let Ok(mut block) = outputs[t].lock() else {
+            return;
+        };
+        let Some(dst) = block.as_deref_mut() else {
             return;
         };
         let item = t / blocks.per_item_blocks;
@@ -376,7 +363,7 @@ pub(super) fn backward(x: &[f32], w: &[f32], b: &[f32], dy: &[f32], p: Problem) 
     // Pass 2: dx = g P + x Q + R, in place.
     blocks.each(
         outputs.len(),
-        |t| outputs[t].lock().ok().map(Locked),
+        |t| outputs[t].lock().ok().and_then(|mut block| block.take()),
         x,
         #[inline(always)]
         |item, dst, src| {
